@@ -1,0 +1,265 @@
+"""ST-MEM: spatio-temporal masked ECG modelling (Na et al., ICLR 2024).
+
+A ViT over per-lead patches. Each lead becomes [SEP, patch_1 .. patch_N, SEP]; all leads share the
+patch embedding and a fixed 1-D sin-cos time table (SEP rows zero), and each lead adds its own learned
+lead embedding. All C*(N+2) tokens attend to each other. Pretraining is a masked autoencoder with
+per-lead independent random masking and a lead-wise shared decoder.
+
+Parameter names follow the official checkpoints (``block{i}.attn.fn.to_qkv`` and so on), so that
+their state dicts load unchanged.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StMemConfig:
+    seq_len: int = 2250
+    patch_size: int = 75
+    num_leads: int = 12
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    dim_head: int = 64
+    mlp_dim: int = 3072
+    qkv_bias: bool = True
+    decoder_width: int = 256
+    decoder_depth: int = 4
+    decoder_heads: int = 4
+    norm_pix_loss: bool = True
+
+    @property
+    def num_patches(self) -> int:
+        return self.seq_len // self.patch_size
+
+
+SIZES: dict[str, StMemConfig] = {
+    # tiny: for tests and CPU demos; small = ViT-S/75; base = ViT-B/75 (the published encoder)
+    "tiny": StMemConfig(width=64, depth=2, heads=2, dim_head=32, mlp_dim=256, decoder_width=64,
+                        decoder_depth=1, decoder_heads=2),
+    "small": StMemConfig(width=384, depth=12, heads=6, dim_head=64, mlp_dim=1536),
+    "base": StMemConfig(width=768, depth=12, heads=12, dim_head=64, mlp_dim=3072),
+}  # fmt: skip
+
+
+def sincos_table(width: int, num_patches: int) -> torch.Tensor:
+    """(num_patches + 2, width): row 0 and the last row (SEP slots) zero; rows 1..N sin | cos of index."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
+    angles = torch.arange(num_patches, dtype=torch.float64)[:, None] * omega[None, :]
+    table = torch.cat([angles.sin(), angles.cos()], dim=1)
+    zero = torch.zeros(1, width, dtype=torch.float64)
+    return torch.cat([zero, table, zero]).float()
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer block (pre-LN), named like the original: attn = PreNorm(Attention), ff = PreNorm(MLP)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, qkv_bias: bool):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.to_qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, n, dh)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, n, dh)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, qkv_bias: bool):
+        super().__init__()
+        self.attn = PreNorm(dim, Attention(dim, heads, dim_head, qkv_bias))
+        self.ff = PreNorm(dim, FeedForward(dim, mlp_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.ff(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+
+
+class PatchEmbedding(nn.Sequential):
+    """(B, C, L) -> (B, C, N, width): split each lead into patches, LN -> Linear -> LN."""
+
+    def __init__(self, patch_size: int, width: int):
+        super().__init__(
+            nn.Identity(), nn.LayerNorm(patch_size), nn.Linear(patch_size, width), nn.LayerNorm(width)
+        )
+        self.patch_size = patch_size
+
+    def forward(self, series: torch.Tensor) -> torch.Tensor:
+        b, c, length = series.shape
+        return super().forward(series.reshape(b, c, length // self.patch_size, self.patch_size))
+
+
+class StMemEncoder(nn.Module):
+    """The ST-MEM ViT; ``forward`` returns the (B, width) embedding: mean over patch tokens, then LN."""
+
+    def __init__(self, cfg: StMemConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.to_patch_embedding = PatchEmbedding(cfg.patch_size, cfg.width)
+        self.pos_embedding = nn.Parameter(sincos_table(cfg.width, cfg.num_patches)[None], requires_grad=False)
+        self.sep_embedding = nn.Parameter(torch.zeros(cfg.width))
+        self.lead_embeddings = nn.ParameterList(
+            nn.Parameter(torch.zeros(cfg.width)) for _ in range(cfg.num_leads)
+        )
+        for i in range(cfg.depth):
+            self.add_module(
+                f"block{i}", TransformerBlock(cfg.width, cfg.heads, cfg.dim_head, cfg.mlp_dim, cfg.qkv_bias)
+            )
+        self.norm = nn.LayerNorm(cfg.width)
+
+    @property
+    def blocks(self) -> list[TransformerBlock]:
+        return [getattr(self, f"block{i}") for i in range(self.cfg.depth)]
+
+    def add_sep_and_leads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, n, D) patch tokens (positions already added) -> (B, C*(n+2), D) with SEP + lead embeddings."""
+        b, c, _, d = x.shape
+        sep = self.sep_embedding.expand(b, c, 1, d)
+        left = sep + self.pos_embedding[:, :1].unsqueeze(1)
+        right = sep + self.pos_embedding[:, -1:].unsqueeze(1)
+        x = torch.cat([left, x, right], dim=2)  # (B, C, n+2, D)
+        leads = torch.stack(list(self.lead_embeddings))[:c]  # (C, D)
+        x = x + leads[None, :, None, :]
+        return x.reshape(b, -1, d)
+
+    def forward_tokens(self, series: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> (B, C, N, D) patch tokens after the blocks (SEP tokens dropped)."""
+        x = self.to_patch_embedding(series)  # (B, C, N, D)
+        b, c, n, d = x.shape
+        x = x + self.pos_embedding[:, 1 : n + 1].unsqueeze(1)
+        x = self.add_sep_and_leads(x)  # (B, C*(N+2), D)
+        for block in self.blocks:
+            x = block(x)
+        return x.reshape(b, c, n + 2, d)[:, :, 1:-1]
+
+    def forward(self, series: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.forward_tokens(series).mean(dim=(1, 2)))  # (B, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked autoencoder
+
+
+class StMemMae(nn.Module):
+    """ST-MEM pretraining: encode the kept patches of every lead, decode each lead, MSE on masked patches."""
+
+    def __init__(self, cfg: StMemConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = StMemEncoder(cfg)
+        self.to_patch_embedding = self.encoder.to_patch_embedding  # shared, as in the official checkpoint
+        self.to_decoder_embedding = nn.Linear(cfg.width, cfg.decoder_width)
+        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
+        self.decoder_pos_embed = nn.Parameter(
+            sincos_table(cfg.decoder_width, cfg.num_patches)[None], requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            TransformerBlock(cfg.decoder_width, cfg.decoder_heads, 64, cfg.decoder_width * 4, cfg.qkv_bias)
+            for _ in range(cfg.decoder_depth)
+        )
+        self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=1e-6)
+        self.decoder_head = nn.Linear(cfg.decoder_width, cfg.patch_size)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for p in [self.encoder.sep_embedding, self.mask_embedding, *self.encoder.lead_embeddings]:
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def random_masking(x: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sample and per lead, keep a random int(N*(1-ratio)) patches.
+
+        x: (B, C, N, D) -> kept (B, C, keep, D), mask (B, C, N) with 1 = masked, ids_restore (B, C, N)
+        """
+        b, c, n, d = x.shape
+        keep = int(n * (1 - mask_ratio))
+        ids_shuffle = torch.rand(b, c, n, device=x.device).argsort(dim=2)
+        ids_restore = ids_shuffle.argsort(dim=2)
+        kept = torch.gather(x, 2, ids_shuffle[..., :keep, None].expand(-1, -1, -1, d))
+        mask = torch.ones(b, c, n, device=x.device)
+        mask[..., :keep] = 0
+        return kept, torch.gather(mask, 2, ids_restore), ids_restore
+
+    def forward_encoder(self, series: torch.Tensor, mask_ratio: float):
+        enc = self.encoder
+        x = enc.to_patch_embedding(series)  # (B, C, N, D)
+        n = x.shape[2]
+        x = x + enc.pos_embedding[:, 1 : n + 1].unsqueeze(1)
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)  # (B, C, keep, D)
+        x = enc.add_sep_and_leads(x)  # (B, C*(keep+2), D)
+        for block in enc.blocks:
+            x = block(x)
+        return enc.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        b, c, n = ids_restore.shape
+        x = self.to_decoder_embedding(latent).reshape(b, c, -1, self.cfg.decoder_width)  # (B, C, keep+2, Dd)
+        d = x.shape[-1]
+        masks = self.mask_embedding.expand(b, c, n - (x.shape[2] - 2), d)
+        patches = torch.cat([x[:, :, 1:-1], masks], dim=2)  # (B, C, N, Dd), shuffled order
+        patches = torch.gather(patches, 2, ids_restore[..., None].expand(-1, -1, -1, d))
+        patches = patches + self.decoder_pos_embed[:, 1 : n + 1].unsqueeze(1)
+        left = x[:, :, :1] + self.decoder_pos_embed[:, :1].unsqueeze(1)
+        right = x[:, :, -1:] + self.decoder_pos_embed[:, -1:].unsqueeze(1)
+        x = torch.cat([left, patches, right], dim=2).reshape(b * c, n + 2, d)  # lead-wise: leads as batch
+        for block in self.decoder_blocks:
+            x = block(x)
+        pred = self.decoder_head(self.decoder_norm(x))  # (B*C, N+2, P)
+        return pred.reshape(b, c, n + 2, -1)[:, :, 1:-1]  # (B, C, N, P)
+
+    def loss(self, series: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE per patch over masked patches only; targets normalised per patch when norm_pix_loss."""
+        b, c, length = series.shape
+        target = series.reshape(b, c, length // self.cfg.patch_size, self.cfg.patch_size)
+        if self.cfg.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, C, N)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(self, series: torch.Tensor, mask_ratio: float = 0.75) -> torch.Tensor:
+        latent, mask, ids_restore = self.forward_encoder(series, mask_ratio)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.loss(series, pred, mask)

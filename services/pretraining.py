@@ -1,0 +1,261 @@
+"""Pretraining jobs: parameters, and the run that trains, exports, checks and registers an encoder."""
+
+import logging
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field, field_validator
+
+from services.config import get_settings
+from services.datasets import load_signals, resolve_data_path
+from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
+from services.db.session import session_scope
+from services.ecg.preprocess import InputSpec, standardise
+from services.errors import ClientError
+from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
+from services.models.st_mem import SIZES, StMemMae
+from services.registry import register_model_version
+from services.training.loop import Cancelled, CropDataset, Progress, TrainConfig, pick_device, train
+
+log = logging.getLogger(__name__)
+
+
+class PretrainParams(BaseModel):
+    """What a pretraining job needs; validated by the API and again by the worker."""
+
+    dataset: str = Field(
+        ...,
+        description="dataset path under the data root: a PTB-XL folder (ptbxl_database.csv) or a .npz",
+        examples=["ptbxl-500"],
+    )
+    method: Literal["st_mem"] = Field("st_mem", description="self-supervised method")
+    model_size: Literal["tiny", "small", "base"] = Field("tiny", description="tiny (CPU demo), small, base")
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
+    )
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float | None = Field(
+        None, gt=0, le=1.0, description="peak lr; default 1.5e-4 x batch_size / 256 (ST-MEM's rule)"
+    )
+    weight_decay: float = Field(0.01, ge=0, le=1.0)
+    warmup_epochs: float = Field(3.0, ge=0)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+    record_limit: int | None = Field(None, ge=2, description="use at most this many records")
+    folds: list[int] | None = Field(
+        None, description="PTB-XL strat_fold values to use (e.g. 1-8 to keep 9/10 unseen); default all"
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="records held out for the per-epoch val_loss")
+    checkpoint_every: int = Field(5, ge=1)
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
+        if folds is not None and (not folds or any(f < 1 or f > 10 for f in folds)):
+            raise ValueError("folds must be a non-empty list of PTB-XL strat_fold values 1-10")
+        return folds
+
+    @property
+    def peak_lr(self) -> float:
+        return self.learning_rate or 1.5e-4 * self.batch_size / 256
+
+    @property
+    def registry_name(self) -> str:
+        return self.model_name or f"{self.method}-{self.model_size}"
+
+
+def validate_dataset(params: PretrainParams) -> Path:
+    """The dataset path, resolved inside the data root, or a ClientError naming the problem."""
+    from services.datasets import detect_kind
+
+    path = resolve_data_path(get_settings().data_root, params.dataset)
+    detect_kind(path)
+    return path
+
+
+class JobReporter:
+    """Writes a job's progress into the database (throttled) and answers 'was a cancel requested?'."""
+
+    def __init__(self, job_id: uuid.UUID, cancel_poll_s: float = 0.5):
+        self.job_id = job_id
+        self.cancel_poll_s = cancel_poll_s
+        self._last_poll = 0.0
+        self._cancelled = False
+
+    def update(self, **fields) -> None:
+        with session_scope() as s:
+            job = s.get(Job, self.job_id)
+            for key, value in fields.items():
+                setattr(job, key, value)
+
+    def phase(self, text: str) -> None:
+        log.info("job %s: %s", self.job_id, text)
+        self.update(phase=text)
+
+    def progress(self, p: Progress) -> None:
+        self.update(
+            epoch=p.epoch,
+            epochs=p.epochs,
+            step=p.step,
+            total_steps=p.total_steps,
+            last_loss=p.loss,
+            learning_rate=p.lr,
+            samples_per_s=p.samples_per_s,
+            eta_s=p.eta_s,
+        )
+
+    def epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
+        with session_scope() as s:
+            for name, value in metrics.items():
+                s.merge(JobMetric(job_id=self.job_id, epoch=epoch, name=name, value=float(value)))
+            job = s.get(Job, self.job_id)
+            job.epoch = epoch
+            job.phase = f"training: epoch {epoch}/{job.epochs} done, train_loss {metrics['train_loss']:.4f}"
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_poll >= self.cancel_poll_s:
+            self._last_poll = now
+            with session_scope() as s:
+                self._cancelled = bool(s.get(Job, self.job_id).cancel_requested)
+        return self._cancelled
+
+
+def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
+    """Run one pretraining job to its end and record the outcome; returns the final status."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist; dropping the task", job_id)
+            return "missing"
+        if job.status in FINISHED:
+            return job.status
+        if job.cancel_requested:
+            job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
+            return job.status
+        job.status, job.worker, job.started_at, job.error = JobStatus.running, worker, utcnow(), None
+        params = PretrainParams.model_validate(job.params)
+
+    reporter = JobReporter(job_id)
+    try:
+        _pretrain(job_id, params, reporter)
+        status, error, phase = JobStatus.succeeded, None, "done"
+    except Cancelled as exc:
+        status, error, phase = JobStatus.cancelled, None, str(exc)
+    except ClientError as exc:
+        status, error, phase = JobStatus.failed, str(exc), "failed"
+    except Exception as exc:  # any failure is recorded on the job, never lost
+        log.exception("job %s failed", job_id)
+        status, error, phase = JobStatus.failed, f"{type(exc).__name__}: {exc}", "failed"
+        error += "\n" + traceback.format_exc(limit=5)
+    reporter.update(
+        status=status,
+        error=error,
+        phase=phase,
+        finished_at=utcnow(),
+        eta_s=0.0 if status == "succeeded" else None,
+    )
+    return status
+
+
+def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> None:
+    settings = get_settings()
+    device = pick_device(settings.device)
+    cfg = SIZES[params.model_size]
+    spec = InputSpec(samples=cfg.seq_len)
+    job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
+
+    reporter.phase("loading and preprocessing records")
+    path = validate_dataset(params)
+    folds = tuple(params.folds) if params.folds else None
+    data = load_signals(
+        path,
+        spec,
+        limit=params.record_limit,
+        folds=folds,
+        on_progress=lambda done, total: reporter.phase(f"preprocessing records: {done}/{total}"),
+    )
+    rng = np.random.default_rng(params.seed)
+    order = rng.permutation(len(data.signals))
+    n_val = int(round(len(order) * params.val_fraction)) if len(order) >= 10 else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if len(train_idx) < 2:
+        raise ClientError(
+            f"dataset '{params.dataset}' has {len(train_idx)} usable training record(s); need >= 2"
+        )
+
+    torch.manual_seed(params.seed)
+    model = StMemMae(cfg)
+    mask_ratio = params.mask_ratio
+    objective = _MaskedObjective(model, mask_ratio)
+    reporter.phase(f"training on {device.type}: {len(train_idx)} records, {len(val_idx)} held out")
+    train(
+        objective,
+        CropDataset(data.signals[train_idx], spec.samples, random_crop=True, seed=params.seed),
+        TrainConfig(
+            epochs=params.epochs,
+            batch_size=params.batch_size,
+            learning_rate=params.peak_lr,
+            weight_decay=params.weight_decay,
+            warmup_epochs=params.warmup_epochs,
+            seed=params.seed,
+            checkpoint_every=params.checkpoint_every,
+        ),
+        device,
+        checkpoint_path=job_dir / "checkpoint.pt",
+        val_set=CropDataset(data.signals[val_idx], spec.samples, random_crop=False) if n_val else None,
+        on_progress=reporter.progress,
+        on_epoch=reporter.epoch_metrics,
+        should_cancel=reporter.should_cancel,
+    )
+
+    reporter.phase("exporting the encoder to ONNX")
+    encoder = model.encoder.to("cpu").eval()
+    centre = (data.signals.shape[-1] - spec.samples) // 2
+    check_idx = val_idx[:8] if len(val_idx) else train_idx[:8]
+    windows = standardise(data.signals[check_idx, :, centre : centre + spec.samples])  # real records
+    onnx_path = job_dir / "encoder.onnx"
+    export_encoder(encoder, torch.from_numpy(windows[:1]), onnx_path)
+    parity = parity_max_abs_diff(encoder, onnx_path, windows)
+    if parity > 1e-3:
+        raise RuntimeError(f"ONNX export disagrees with PyTorch: max abs difference {parity:.2e} > 1e-3")
+
+    with session_scope() as s:
+        history = s.get(Job, job_id).metrics
+        final = {m.name: m.value for m in history if m.epoch == params.epochs}
+        register_model_version(
+            s,
+            name=params.registry_name,
+            method=params.method,
+            source_job_id=job_id,
+            onnx_path=str(onnx_path.resolve()),
+            sha256=sha256_file(onnx_path),
+            input_spec=spec.to_dict(),
+            embedding_dim=cfg.width,
+            parity_max_abs_diff=parity,
+            metrics={
+                **final,
+                "records": len(data.signals),
+                "train_records": len(train_idx),
+                "skipped_records": len(data.skipped),
+                "model_size": params.model_size,
+            },
+        )
+
+
+class _MaskedObjective(torch.nn.Module):
+    """Adapter so the training loop sees ``model(batch) -> loss`` with the job's mask ratio."""
+
+    def __init__(self, mae: StMemMae, mask_ratio: float):
+        super().__init__()
+        self.mae = mae
+        self.mask_ratio = mask_ratio
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.mae(batch, self.mask_ratio)
