@@ -5,78 +5,23 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field, field_validator
 
 from services.config import get_settings
-from services.datasets import load_signals, resolve_data_path
+from services.datasets import load_signals
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, standardise
 from services.errors import ClientError
 from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
+from services.jobs import PretrainParams, validate_dataset
 from services.models.st_mem import SIZES, StMemMae
 from services.registry import register_model_version
 from services.training.loop import Cancelled, CropDataset, Progress, TrainConfig, pick_device, train
 
 log = logging.getLogger(__name__)
-
-
-class PretrainParams(BaseModel):
-    """What a pretraining job needs; validated by the API and again by the worker."""
-
-    dataset: str = Field(
-        ...,
-        description="dataset path under the data root: a PTB-XL folder (ptbxl_database.csv) or a .npz",
-        examples=["ptbxl-500"],
-    )
-    method: Literal["st_mem"] = Field("st_mem", description="self-supervised method")
-    model_size: Literal["tiny", "small", "base"] = Field("tiny", description="tiny (CPU demo), small, base")
-    model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
-    )
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="peak lr; default 1.5e-4 x batch_size / 256 (ST-MEM's rule)"
-    )
-    weight_decay: float = Field(0.01, ge=0, le=1.0)
-    warmup_epochs: float = Field(3.0, ge=0)
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
-    seed: int = Field(0, ge=0)
-    record_limit: int | None = Field(None, ge=2, description="use at most this many records")
-    folds: list[int] | None = Field(
-        None, description="PTB-XL strat_fold values to use (e.g. 1-8 to keep 9/10 unseen); default all"
-    )
-    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="records held out for the per-epoch val_loss")
-    checkpoint_every: int = Field(5, ge=1)
-
-    @field_validator("folds")
-    @classmethod
-    def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
-        if folds is not None and (not folds or any(f < 1 or f > 10 for f in folds)):
-            raise ValueError("folds must be a non-empty list of PTB-XL strat_fold values 1-10")
-        return folds
-
-    @property
-    def peak_lr(self) -> float:
-        return self.learning_rate or 1.5e-4 * self.batch_size / 256
-
-    @property
-    def registry_name(self) -> str:
-        return self.model_name or f"{self.method}-{self.model_size}"
-
-
-def validate_dataset(params: PretrainParams) -> Path:
-    """The dataset path, resolved inside the data root, or a ClientError naming the problem."""
-    from services.datasets import detect_kind
-
-    path = resolve_data_path(get_settings().data_root, params.dataset)
-    detect_kind(path)
-    return path
 
 
 class JobReporter:

@@ -145,7 +145,7 @@ class StMemEncoder(nn.Module):
         return [getattr(self, f"block{i}") for i in range(self.cfg.depth)]
 
     def add_sep_and_leads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, n, D) patch tokens (positions already added) -> (B, C*(n+2), D) with SEP + lead embeddings."""
+        """(B, C, n, D) patch tokens (positions added) -> (B, C*(n+2), D) with SEP and lead embeddings."""
         b, c, _, d = x.shape
         sep = self.sep_embedding.expand(b, c, 1, d)
         left = sep + self.pos_embedding[:, :1].unsqueeze(1)

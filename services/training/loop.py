@@ -55,7 +55,7 @@ class TrainResult:
 
 
 class CropDataset(Dataset):
-    """Prepared signals (N, C, T) -> standardised windows of ``window`` samples (random crop when training)."""
+    """Prepared signals (N, C, T) -> standardised windows of ``window`` samples (random crop to train)."""
 
     def __init__(self, signals: np.ndarray, window: int, random_crop: bool, seed: int = 0):
         self.signals = signals

@@ -1,0 +1,29 @@
+"""The FastAPI gateway: HTTP only; it queues work and serves ONNX models, it never trains."""
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from api.routers import embed, health, jobs, models
+from services.errors import ClientError
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="ECG self-supervised learning service",
+        version="0.1.0",
+        description=(
+            "Pretrain 12-lead ECG encoders with self-supervised methods (ST-MEM), follow the jobs, and "
+            "get embeddings of uploaded ECGs from the exported ONNX encoders."
+        ),
+    )
+
+    @app.exception_handler(ClientError)
+    async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+    for router in (jobs.router, models.router, embed.router, health.router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,104 @@
+"""Request and response bodies of the HTTP API."""
+
+import uuid
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.pretraining import PretrainParams
+
+
+class PretrainRequest(PretrainParams):
+    """Queue a self-supervised pretraining job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobCreated(BaseModel):
+    job_id: uuid.UUID
+    status: str
+    url: str = Field(description="where to watch the job")
+
+
+class EpochMetrics(BaseModel):
+    epoch: int
+    values: dict[str, float]
+
+
+class JobProgress(BaseModel):
+    phase: str | None
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    last_loss: float | None
+    learning_rate: float | None
+    samples_per_s: float | None
+    eta_s: float | None
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    kind: str
+    status: str
+    params: dict
+    progress: JobProgress
+    metrics: list[EpochMetrics] = Field(default_factory=list, description="one entry per finished epoch")
+    error: str | None
+    cancel_requested: bool
+    worker: str | None
+    model_version: str | None = Field(None, description="'name@version' registered by this job")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+
+
+class ModelVersionOut(BaseModel):
+    name: str
+    version: int
+    ref: str
+    method: str
+    source_job_id: uuid.UUID | None
+    sha256: str
+    input_spec: dict
+    embedding_dim: int
+    parity_max_abs_diff: float
+    metrics: dict
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    name: str
+    method: str
+    versions: list[ModelVersionOut]
+
+
+class ModelList(BaseModel):
+    models: list[ModelOut]
+
+
+class RecordInfo(BaseModel):
+    source: str
+    fs: float
+    duration_s: float
+    channels: list[str]
+    windows: int = Field(description="windows of the model's length averaged into the embedding")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    version: int
+    dimension: int
+    embedding: list[float]
+    record: RecordInfo
+
+
+class HealthOut(BaseModel):
+    status: str
+    database: str
+    broker: str
+    workers: list[str]

@@ -1,0 +1,103 @@
+"""Jobs: what a pretraining job takes, and the queries behind the jobs API (no torch imported here)."""
+
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.config import get_settings
+from services.datasets import detect_kind, resolve_data_path
+from services.db.models import FINISHED, Job, JobStatus, utcnow
+from services.errors import ConflictError, NotFoundError
+
+
+class PretrainParams(BaseModel):
+    """What a pretraining job needs; validated by the API and again by the worker."""
+
+    dataset: str = Field(
+        ...,
+        description="dataset path under the data root: a PTB-XL folder (ptbxl_database.csv) or a .npz",
+        examples=["ptbxl-500"],
+    )
+    method: Literal["st_mem"] = Field("st_mem", description="self-supervised method")
+    model_size: Literal["tiny", "small", "base"] = Field("tiny", description="tiny (CPU demo), small, base")
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
+    )
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    learning_rate: float | None = Field(
+        None, gt=0, le=1.0, description="peak lr; default 1.5e-4 x batch_size / 256 (ST-MEM's rule)"
+    )
+    weight_decay: float = Field(0.01, ge=0, le=1.0)
+    warmup_epochs: float = Field(3.0, ge=0)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    seed: int = Field(0, ge=0)
+    record_limit: int | None = Field(None, ge=2, description="use at most this many records")
+    folds: list[int] | None = Field(
+        None, description="PTB-XL strat_fold values to use (e.g. 1-8 to keep 9/10 unseen); default all"
+    )
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="records held out for the per-epoch val_loss")
+    checkpoint_every: int = Field(5, ge=1)
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
+        if folds is not None and (not folds or any(f < 1 or f > 10 for f in folds)):
+            raise ValueError("folds must be a non-empty list of PTB-XL strat_fold values 1-10")
+        return folds
+
+    @property
+    def peak_lr(self) -> float:
+        return self.learning_rate or 1.5e-4 * self.batch_size / 256
+
+    @property
+    def registry_name(self) -> str:
+        return self.model_name or f"{self.method}-{self.model_size}"
+
+
+def validate_dataset(params: PretrainParams) -> Path:
+    """The dataset path, resolved inside the data root, or a ClientError naming the problem."""
+    path = resolve_data_path(get_settings().data_root, params.dataset)
+    detect_kind(path)
+    return path
+
+
+def create_job(session: Session, kind: str, params: BaseModel, epochs: int) -> Job:
+    job = Job(kind=kind, status=JobStatus.queued, params=params.model_dump(mode="json"), epochs=epochs)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: uuid.UUID) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"job {job_id} does not exist")
+    return job
+
+
+def list_jobs(session: Session, status: str | None = None, limit: int = 50) -> list[Job]:
+    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))
+
+
+def request_cancel(session: Session, job_id: uuid.UUID) -> Job:
+    """A queued job is cancelled at once; a running one stops at its next step (the worker checks)."""
+    job = get_job(session, job_id)
+    if job.status in FINISHED:
+        raise ConflictError(f"job {job_id} has already finished ({job.status}); nothing to cancel")
+    job.cancel_requested = True
+    if job.status == JobStatus.queued:
+        job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
+    return job
+
+
+def fail_job(session: Session, job_id: uuid.UUID, error: str) -> None:
+    job = get_job(session, job_id)
+    job.status, job.error, job.finished_at, job.phase = JobStatus.failed, error, utcnow(), "failed"

@@ -1,0 +1,12 @@
+"""Task wrappers: each calls one services function (imported lazily: the API never loads torch)."""
+
+import uuid
+
+from worker.celery_app import celery_app, worker_name
+
+
+@celery_app.task(name="ecgssl.pretrain")
+def pretrain(job_id: str) -> str:
+    from services.pretraining import run_pretrain_job
+
+    return run_pretrain_job(uuid.UUID(job_id), worker_name())
