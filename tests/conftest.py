@@ -6,6 +6,7 @@ database (dropped at the end) and its own Redis database index; every test that 
 """
 
 import os
+import random
 import shutil
 import tempfile
 import uuid
@@ -35,7 +36,7 @@ def fresh_postgres_url() -> str:
     return f"{base}/{name}"
 
 
-_redis_db = 1
+_redis_db = random.randint(1, 15)  # concurrent local runs rarely share an index
 
 
 def fresh_redis_url() -> str:

@@ -98,6 +98,8 @@ def read_npy(data: bytes, fs: float | None, lead_names: list[str] | None, source
             f"{source}: expected a numeric 2-D array of leads x samples, got shape {array.shape} "
             f"of {array.dtype}"
         )
+    if array.size == 0:
+        raise EcgInputError(f"{source}: the array holds no samples (shape {array.shape})")
     if array.shape[0] > array.shape[1]:
         raise EcgInputError(
             f"{source}: shape {array.shape} looks like samples x leads; expected leads x samples "

@@ -1,0 +1,42 @@
+"""The alembic migration runs on PostgreSQL and SQLite and matches the SQLAlchemy models."""
+
+from pathlib import Path
+
+import pytest
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, inspect
+
+from tests.conftest import ROOT, fresh_postgres_url
+
+TABLES = {"datasets", "jobs", "job_metrics", "models", "model_versions", "workers", "alembic_version"}
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    config.attributes["database_url"] = url
+    return config
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return fresh_postgres_url() if request.param == "postgresql" else f"sqlite:///{tmp_path / 'ecgssl.db'}"
+
+
+def test_migration_upgrade_check_and_downgrade(empty_database: str) -> None:
+    config = alembic_config(empty_database)
+    command.upgrade(config, "head")
+    engine = create_engine(empty_database)
+    try:
+        inspector = inspect(engine)
+        assert set(inspector.get_table_names()) == TABLES
+        job_columns = {c["name"] for c in inspector.get_columns("jobs")}
+        assert {"status", "epoch", "step", "total_steps", "last_loss", "samples_per_s", "eta_s", "error"} <= job_columns
+        version_columns = {c["name"] for c in inspector.get_columns("model_versions")}
+        assert {"onnx_path", "sha256", "input_spec", "embedding_dim", "parity_max_abs_diff"} <= version_columns
+        command.check(config)  # raises if the models and the migration disagree
+        command.downgrade(config, "base")
+        assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
