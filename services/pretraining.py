@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from services.config import get_settings
 from services.datasets import load_signals
@@ -85,20 +86,20 @@ def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
             job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
             return job.status
         job.status, job.worker, job.started_at, job.error = JobStatus.running, worker, utcnow(), None
-        params = PretrainParams.model_validate(job.params)
+        raw_params = dict(job.params)
 
     reporter = JobReporter(job_id)
     try:
-        _pretrain(job_id, params, reporter)
+        _pretrain(job_id, PretrainParams.model_validate(raw_params), reporter)
         status, error, phase = JobStatus.succeeded, None, "done"
     except Cancelled as exc:
         status, error, phase = JobStatus.cancelled, None, str(exc)
-    except ClientError as exc:
+    except (ClientError, ValidationError) as exc:
         status, error, phase = JobStatus.failed, str(exc), "failed"
     except Exception as exc:  # any failure is recorded on the job, never lost
         log.exception("job %s failed", job_id)
-        status, error, phase = JobStatus.failed, f"{type(exc).__name__}: {exc}", "failed"
-        error += "\n" + traceback.format_exc(limit=5)
+        status, phase = JobStatus.failed, "failed"
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
     reporter.update(
         status=status,
         error=error,

@@ -90,7 +90,15 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def test_openapi_docs_list_the_endpoints(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ["/jobs/pretrain", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/models", "/embed", "/health"]:
+    for path in [
+        "/jobs/pretrain",
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/models",
+        "/embed",
+        "/health",
+    ]:
         assert path in paths, path
 
 
@@ -133,16 +141,22 @@ def test_pretrain_is_queued_on_the_broker_and_can_be_cancelled(client: TestClien
         ({"dataset": "ptb-diagnostic"}, "neither a PTB-XL folder"),
     ],
 )
-def test_bad_pretrain_requests_get_422_naming_the_problem(client: TestClient, body: dict, expected: str) -> None:
+def test_bad_pretrain_requests_get_422_naming_the_problem(
+    client: TestClient, body: dict, expected: str
+) -> None:
     before = len(client.get("/jobs", params={"limit": 500}).json()["jobs"])
     response = client.post("/jobs/pretrain", json=body)
     assert response.status_code == 422, response.text
     assert expected in response.text
-    assert len(client.get("/jobs", params={"limit": 500}).json()["jobs"]) == before, "a rejected job was stored"
+    assert len(client.get("/jobs", params={"limit": 500}).json()["jobs"]) == before, (
+        "a rejected job was stored"
+    )
 
 
 def test_malformed_json_and_unknown_jobs(client: TestClient) -> None:
-    response = client.post("/jobs/pretrain", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/jobs/pretrain", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert client.get(f"/jobs/{uuid.uuid4()}").status_code == 404
     assert client.get("/jobs/not-a-uuid").status_code == 422
@@ -157,7 +171,9 @@ def test_embed_ptb_record_matches_pytorch(
     client: TestClient, tiny_model: tuple[str, StMemEncoder], ptb_record: Path
 ) -> None:
     ref, encoder = tiny_model
-    response = client.post("/embed", params={"model": ref}, files=wfdb_files(ptb_record, ".hea", ".dat", ".xyz"))
+    response = client.post(
+        "/embed", params={"model": ref}, files=wfdb_files(ptb_record, ".hea", ".dat", ".xyz")
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert f"{body['model']}@{body['version']}" == ref
@@ -193,7 +209,9 @@ def test_embed_centre_crop_and_padding(
     ref, _ = tiny_model
     signal = read_wfdb((data_dir / HR_RECORD).with_suffix(".hea")).signal
     files = [("files", ("ecg.npy", npy_bytes(signal)))]
-    centre = client.post("/embed", params={"model": ref, "windowing": "center"}, files=files, data={"fs": "500"})
+    centre = client.post(
+        "/embed", params={"model": ref, "windowing": "center"}, files=files, data={"fs": "500"}
+    )
     assert centre.status_code == 200 and centre.json()["record"]["windows"] == 1
     short = [("files", ("short.npy", npy_bytes(signal[:, :2000])))]  # 4 s at 500 Hz, model needs 9 s
     refused = client.post("/embed", params={"model": ref}, files=short, data={"fs": "500"})
@@ -233,7 +251,11 @@ def _with_inf(record: Path) -> list:
 
 
 BAD_UPLOADS = {
-    "text file posing as an ECG": (lambda r: [("files", ("notes.txt", b"hello, not an ECG"))], {}, "cannot read"),
+    "text file posing as an ECG": (
+        lambda r: [("files", ("notes.txt", b"hello, not an ECG"))],
+        {},
+        "cannot read",
+    ),
     "binary file posing as a header": (
         lambda r: [("files", ("x.hea", os.urandom(512))), ("files", ("x.dat", os.urandom(512)))],
         {},
@@ -243,7 +265,11 @@ BAD_UPLOADS = {
     "truncated .dat": (_truncated_dat, {}, "00001_hr.hea"),
     "header whose sample count lies": (_lying_header, {}, "00001_hr.hea"),
     "npy without fs": (lambda r: _npy(read_wfdb(r.with_suffix(".hea")).signal), {}, "'fs'"),
-    "npy samples x leads": (lambda r: _npy(read_wfdb(r.with_suffix(".hea")).signal.T), {"fs": "500"}, "transpose"),
+    "npy samples x leads": (
+        lambda r: _npy(read_wfdb(r.with_suffix(".hea")).signal.T),
+        {"fs": "500"},
+        "transpose",
+    ),
     "npy with NaN": (_with_nan, {"fs": "500"}, "NaN"),
     "npy with inf": (_with_inf, {"fs": "500"}, "lead(s) I"),
     "npy of text": (lambda r: [("files", ("x.npy", b"1,2,3\n4,5,6"))], {"fs": "500"}, "not a NumPy"),
@@ -265,19 +291,28 @@ def test_bad_uploads_get_4xx_naming_the_problem(
 ) -> None:
     make_files, form, expected = BAD_UPLOADS[case]
     leftovers_before = set(Path(tempfile.gettempdir()).glob("ecgssl-upload-*"))
-    response = client.post("/embed", params={"model": tiny_model[0]}, files=make_files(data_dir / HR_RECORD), data=form)
+    response = client.post(
+        "/embed", params={"model": tiny_model[0]}, files=make_files(data_dir / HR_RECORD), data=form
+    )
     assert 400 <= response.status_code < 500, f"{case}: {response.status_code} {response.text}"
     detail = response.json()["detail"]
     assert expected in str(detail), detail
-    assert set(Path(tempfile.gettempdir()).glob("ecgssl-upload-*")) == leftovers_before, "upload files left behind"
+    assert set(Path(tempfile.gettempdir()).glob("ecgssl-upload-*")) == leftovers_before, (
+        "upload files left behind"
+    )
     assert client.get("/models").status_code == 200  # the server is still serving
 
 
 def test_upload_over_the_size_limit_is_413(
-    client: TestClient, tiny_model: tuple[str, StMemEncoder], ptb_record: Path, settings_env: pytest.MonkeyPatch
+    client: TestClient,
+    tiny_model: tuple[str, StMemEncoder],
+    ptb_record: Path,
+    settings_env: pytest.MonkeyPatch,
 ) -> None:
     settings_env.setenv("ECGSSL_UPLOAD_MAX_BYTES", "100000")
-    response = client.post("/embed", params={"model": tiny_model[0]}, files=wfdb_files(ptb_record, ".hea", ".dat"))
+    response = client.post(
+        "/embed", params={"model": tiny_model[0]}, files=wfdb_files(ptb_record, ".hea", ".dat")
+    )
     assert response.status_code == 413 and "100000 bytes" in response.json()["detail"]
 
 

@@ -32,9 +32,24 @@ def test_migration_upgrade_check_and_downgrade(empty_database: str) -> None:
         inspector = inspect(engine)
         assert set(inspector.get_table_names()) == TABLES
         job_columns = {c["name"] for c in inspector.get_columns("jobs")}
-        assert {"status", "epoch", "step", "total_steps", "last_loss", "samples_per_s", "eta_s", "error"} <= job_columns
+        assert {
+            "status",
+            "epoch",
+            "step",
+            "total_steps",
+            "last_loss",
+            "samples_per_s",
+            "eta_s",
+            "error",
+        } <= job_columns
         version_columns = {c["name"] for c in inspector.get_columns("model_versions")}
-        assert {"onnx_path", "sha256", "input_spec", "embedding_dim", "parity_max_abs_diff"} <= version_columns
+        assert {
+            "onnx_path",
+            "sha256",
+            "input_spec",
+            "embedding_dim",
+            "parity_max_abs_diff",
+        } <= version_columns
         command.check(config)  # raises if the models and the migration disagree
         command.downgrade(config, "base")
         assert set(inspect(engine).get_table_names()) == {"alembic_version"}

@@ -1,7 +1,6 @@
 """The Celery application: training tasks on the ``gpu`` queue, one at a time per worker process."""
 
 import logging
-import socket
 import threading
 
 from celery import Celery
@@ -40,18 +39,17 @@ celery_app.conf.update(
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
-
-
-def worker_name() -> str:
-    return f"worker@{socket.gethostname()}"
+_node: dict[str, str] = {}
 
 
 @worker_ready.connect
-def _start_heartbeat(**_kwargs) -> None:
+def _start_heartbeat(sender, **_kwargs) -> None:  # noqa: ANN001
+    _node["name"] = sender.hostname  # the Celery node name, e.g. worker1@host (-n)
+
     def loop() -> None:
         while not _stop.is_set():
             try:
-                beat(worker_name())
+                beat(_node["name"])
             except Exception:  # the database may be briefly away; keep beating
                 log.exception("worker heartbeat failed")
             _stop.wait(settings.worker_heartbeat_s)
@@ -62,4 +60,5 @@ def _start_heartbeat(**_kwargs) -> None:
 @worker_shutdown.connect
 def _stop_heartbeat(**_kwargs) -> None:
     _stop.set()
-    forget(worker_name())
+    if "name" in _node:
+        forget(_node["name"])

@@ -1,0 +1,267 @@
+"""End to end: uvicorn and a Celery worker as real subprocesses, real broker and database, real ECGs.
+
+1. PostgreSQL + Redis (the production components), worker started as in docker-compose.yml.
+2. The embedded default (SQLite + Celery's SQLAlchemy transport), started by the README's run command.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from celery import Celery
+from sqlalchemy import create_engine, text
+
+from tests.conftest import DATA, ROOT, fresh_postgres_url, fresh_redis_url
+
+pytestmark = pytest.mark.e2e
+
+TINY_JOB = {"dataset": "ptbxl-500", "epochs": 2, "record_limit": 32, "batch_size": 8, "learning_rate": 1e-3}
+
+
+@dataclass
+class Service:
+    url: str
+    database_url: str
+    broker_url: str
+    processes: list[subprocess.Popen]
+    logs: list[Path]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(env: dict[str, str], commands: list[list[str]], tmp: Path) -> Service:
+    port = free_port()
+    logs, processes = [], []
+    for i, command in enumerate(commands):
+        command = [part.replace("{port}", str(port)) for part in command]
+        log = tmp / f"process{i}.log"
+        logs.append(log)
+        processes.append(
+            subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log.open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+    service = Service(
+        f"http://127.0.0.1:{port}", env["ECGSSL_DATABASE_URL"], env["ECGSSL_BROKER_URL"], processes, logs
+    )
+    deadline = time.monotonic() + 120
+    with service.client() as client:
+        while time.monotonic() < deadline:
+            for p in processes:
+                if p.poll() is not None:
+                    stop_service(service)
+                    pytest.fail(f"a service process exited early:\n{dump_logs(service)}")
+            try:
+                if client.get("/health").status_code == 200:  # database, broker and a worker heartbeat
+                    return service
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    stop_service(service)
+    pytest.fail(f"the service did not become healthy in 120 s:\n{dump_logs(service)}")
+
+
+def stop_service(service: Service) -> None:
+    for p in service.processes:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in service.processes:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def dump_logs(service: Service) -> str:
+    return "\n".join(f"--- {log.name}\n{log.read_text()[-4000:]}" for log in service.logs)
+
+
+def base_env(tmp: Path, database_url: str, broker_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ECGSSL_")}
+    env.update(
+        ECGSSL_DATABASE_URL=database_url,
+        ECGSSL_BROKER_URL=broker_url,
+        ECGSSL_ARTIFACT_DIR=str(tmp / "artifacts"),
+        ECGSSL_DATA_ROOT=str(DATA),
+        ECGSSL_WORKER_HEARTBEAT_S="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def production_service(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Service]:
+    """api (uvicorn) + a prefork Celery worker on the machine's PostgreSQL and Redis."""
+    tmp = tmp_path_factory.mktemp("prod")
+    env = base_env(tmp, fresh_postgres_url(), fresh_redis_url())
+    py = sys.executable
+    migrate = subprocess.run([py, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, capture_output=True)
+    assert migrate.returncode == 0, migrate.stderr.decode()
+    service = start_service(
+        env,
+        [
+            [py, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"],
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-Q",
+                "gpu",
+                "-c",
+                "1",
+                "--prefetch-multiplier",
+                "1",
+                "-n",
+                "e2e@%h",
+                "-l",
+                "info",
+            ],
+        ],  # fmt: skip
+        tmp,
+    )
+    yield service
+    stop_service(service)
+
+
+@pytest.fixture(scope="module")
+def embedded_service(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Service]:
+    """The README's run command (`python -m api --with-worker`) on SQLite and the SQLAlchemy broker."""
+    tmp = tmp_path_factory.mktemp("embedded")
+    env = base_env(tmp, f"sqlite:///{tmp / 'ecgssl.db'}", f"sqla+sqlite:///{tmp / 'broker.db'}")
+    service = start_service(env, [[sys.executable, "-m", "api", "--port", "{port}", "--with-worker"]], tmp)
+    yield service
+    stop_service(service)
+
+
+def wait_for(client: httpx.Client, job_id: str, done: Callable[[dict], bool], timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not get there in {timeout_s} s; last state: {job}")
+
+
+def pretrain_then_embed(service: Service, ptb_record: Path) -> None:
+    with service.client() as client:
+        created = client.post("/jobs/pretrain", json=TINY_JOB)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["job_id"]
+        job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
+        assert job["status"] == "succeeded", f"{job}\n{dump_logs(service)}"
+        assert job["progress"]["step"] == job["progress"]["total_steps"] > 0
+        assert job["model_version"] is not None
+
+        # the run log, read from the database itself
+        engine = create_engine(service.database_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    text(
+                        "SELECT epoch, name, value FROM job_metrics WHERE job_id = :id ORDER BY epoch, name"
+                    ),
+                    {"id": job_id.replace("-", "") if service.database_url.startswith("sqlite") else job_id},
+                ).all()
+        finally:
+            engine.dispose()
+        losses = {epoch: value for epoch, name, value in rows if name == "train_loss"}
+        assert sorted(losses) == [1, 2], rows
+        assert all(np.isfinite(v) and v > 0 for v in losses.values())
+        assert {name for _, name, _ in rows} >= {"train_loss", "val_loss", "lr", "samples_per_s"}
+
+        model = job["model_version"]
+        files = [
+            ("files", (ptb_record.with_suffix(s).name, ptb_record.with_suffix(s).read_bytes()))
+            for s in (".hea", ".dat")
+        ]
+        embedded = client.post("/embed", params={"model": model}, files=files)
+        assert embedded.status_code == 200, embedded.text
+        body = embedded.json()
+        assert f"{body['model']}@{body['version']}" == model
+        assert body["dimension"] == 64 == len(body["embedding"])
+        assert np.isfinite(body["embedding"]).all() and np.linalg.norm(body["embedding"]) > 0
+        assert body["record"]["windows"] == 5
+
+        version = next(
+            v for m in client.get("/models").json()["models"] for v in m["versions"] if v["ref"] == model
+        )
+        assert version["parity_max_abs_diff"] < 1e-3
+        assert version["input_spec"]["leads"][0] == "I" and version["input_spec"]["samples"] == 2250
+
+
+def test_pretrain_and_embed_on_postgres_and_redis(production_service: Service, ptb_record: Path) -> None:
+    pretrain_then_embed(production_service, ptb_record)
+
+
+def test_cancel_a_running_job_then_the_worker_takes_the_next(production_service: Service) -> None:
+    with production_service.client() as client:
+        long_job = {**TINY_JOB, "epochs": 500, "record_limit": 48}
+        job_id = client.post("/jobs/pretrain", json=long_job).json()["job_id"]
+        wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] > 0, 120)
+        requested = time.monotonic()
+        assert client.post(f"/jobs/{job_id}/cancel").status_code == 200
+        job = wait_for(client, job_id, lambda j: j["status"] != "running", 30)
+        assert job["status"] == "cancelled", job
+        assert time.monotonic() - requested < 10, "cancel took longer than 10 s"
+        assert job["progress"]["epoch"] < 500 and job["model_version"] is None
+
+        next_id = client.post("/jobs/pretrain", json={**TINY_JOB, "epochs": 1}).json()["job_id"]
+        done = wait_for(client, next_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
+        assert done["status"] == "succeeded", done
+
+
+def test_a_job_that_fails_on_the_worker_records_why(production_service: Service) -> None:
+    """A dataset that vanished between submission and run: the worker marks the job failed, with the reason."""
+    job_id = uuid.uuid4()
+    engine = create_engine(production_service.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO jobs (id, kind, status, params, epoch, epochs, step, total_steps, cancel_requested,"
+                    " created_at, updated_at) VALUES (:id, 'pretrain', 'queued', :params, 0, 1, 0, 0, false,"
+                    " now(), now())"
+                ),
+                {"id": job_id, "params": json.dumps({**TINY_JOB, "dataset": "ptbxl-500-since-removed"})},
+            )
+    finally:
+        engine.dispose()
+    broker = Celery(broker=production_service.broker_url)
+    broker.send_task("ecgssl.pretrain", args=[str(job_id)], queue="gpu")
+    with production_service.client() as client:
+        job = wait_for(client, str(job_id), lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 60)
+        assert job["status"] == "failed", job
+        assert "ptbxl-500-since-removed" in job["error"] and "does not exist" in job["error"], job["error"]
+        assert job["finished_at"] is not None
+
+
+def test_pretrain_and_embed_on_the_embedded_default(embedded_service: Service, ptb_record: Path) -> None:
+    pretrain_then_embed(embedded_service, ptb_record)
