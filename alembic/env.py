@@ -3,6 +3,7 @@
 from logging.config import fileConfig
 
 from alembic import context
+
 from services.config import get_settings
 from services.db.models import Base
 from services.db.session import get_engine

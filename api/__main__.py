@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import uvicorn
+from alembic import command
 from alembic.config import Config
 
-from alembic import command
 from services.config import get_settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
 
 from api.main import create_app
 from services.config import get_settings
@@ -83,6 +84,19 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def queued_tasks(broker_url: str) -> list[tuple[str, list]]:
+    """(task name, args) of the messages waiting on the 'gpu' queue, read from the broker's own storage."""
+    if broker_url.startswith("redis"):
+        raw = redis.Redis.from_url(broker_url).lrange("gpu", 0, -1)
+    else:  # Celery's SQLAlchemy transport keeps messages in a table
+        engine = create_engine(broker_url.removeprefix("sqla+"))
+        with engine.connect() as conn:
+            raw = conn.execute(text("SELECT payload FROM kombu_message WHERE visible")).scalars().all()
+        engine.dispose()
+    messages = [json.loads(m) for m in raw]
+    return [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in messages]
+
+
 # --------------------------------------------------------------------------------------------------
 # docs, jobs
 
@@ -108,10 +122,7 @@ def test_pretrain_is_queued_on_the_broker_and_can_be_cancelled(client: TestClien
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
 
-    broker = redis.Redis.from_url(get_settings().broker_url)
-    queued = [json.loads(m) for m in broker.lrange("gpu", 0, -1)]
-    tasks = [(m["headers"]["task"], json.loads(base64.b64decode(m["body"]))[0]) for m in queued]
-    assert ("ecgssl.pretrain", [job_id]) in tasks, "the task is not on the 'gpu' queue"
+    assert ("ecgssl.pretrain", [job_id]) in queued_tasks(get_settings().broker_url), "not on the 'gpu' queue"
 
     job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "queued"

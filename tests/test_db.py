@@ -7,7 +7,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, inspect
 
-from tests.conftest import ROOT, fresh_postgres_url
+from tests.conftest import ROOT, fresh_postgres_url, needs_servers
 
 TABLES = {"datasets", "jobs", "job_metrics", "models", "model_versions", "workers", "alembic_version"}
 
@@ -19,7 +19,7 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=needs_servers), "sqlite"])
 def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return fresh_postgres_url() if request.param == "postgresql" else f"sqlite:///{tmp_path / 'ecgssl.db'}"
 

@@ -22,7 +22,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import create_engine, text
 
-from tests.conftest import DATA, ROOT, fresh_postgres_url, fresh_redis_url
+from tests.conftest import DATA, ROOT, fresh_postgres_url, fresh_redis_url, needs_servers
 
 pytestmark = pytest.mark.e2e
 
@@ -217,10 +217,12 @@ def pretrain_then_embed(service: Service, ptb_record: Path) -> None:
         assert version["input_spec"]["leads"][0] == "I" and version["input_spec"]["samples"] == 2250
 
 
+@needs_servers
 def test_pretrain_and_embed_on_postgres_and_redis(production_service: Service, ptb_record: Path) -> None:
     pretrain_then_embed(production_service, ptb_record)
 
 
+@needs_servers
 def test_cancel_a_running_job_then_the_worker_takes_the_next(production_service: Service) -> None:
     with production_service.client() as client:
         long_job = {**TINY_JOB, "epochs": 500, "record_limit": 48}
@@ -238,17 +240,18 @@ def test_cancel_a_running_job_then_the_worker_takes_the_next(production_service:
         assert done["status"] == "succeeded", done
 
 
+@needs_servers
 def test_a_job_that_fails_on_the_worker_records_why(production_service: Service) -> None:
-    """A dataset that vanished between submission and run: the worker marks the job failed, with the reason."""
+    """A dataset that vanished between submission and run: the worker marks the job failed, saying why."""
     job_id = uuid.uuid4()
     engine = create_engine(production_service.database_url)
     try:
         with engine.begin() as conn:
             conn.execute(
                 text(
-                    "INSERT INTO jobs (id, kind, status, params, epoch, epochs, step, total_steps, cancel_requested,"
-                    " created_at, updated_at) VALUES (:id, 'pretrain', 'queued', :params, 0, 1, 0, 0, false,"
-                    " now(), now())"
+                    "INSERT INTO jobs (id, kind, status, params, epoch, epochs, step, total_steps,"
+                    " cancel_requested, created_at, updated_at)"
+                    " VALUES (:id, 'pretrain', 'queued', :params, 0, 1, 0, 0, false, now(), now())"
                 ),
                 {"id": job_id, "params": json.dumps({**TINY_JOB, "dataset": "ptbxl-500-since-removed"})},
             )

@@ -8,7 +8,6 @@ Create Date: 2026-11-23 23:58:12.682295
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0001"
