@@ -14,8 +14,7 @@ export ECGSSL_DATA_ROOT ?= $(abspath ../shared/data)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU build of torch (the CUDA build is installed by Dockerfile.gpu from the same pin)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0  # CPU build here; Dockerfile.gpu installs the CUDA build of this pin
 	$(PY) -m pip install -q -e '.[cpu,dev]'
 	touch $@
 
