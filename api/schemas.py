@@ -45,6 +45,7 @@ class JobOut(BaseModel):
     progress: JobProgress
     metrics: list[EpochMetrics] = Field(default_factory=list, description="one entry per finished epoch")
     error: str | None
+    dataset: str | None = Field(None, description="registered dataset (path under the data root)")
     cancel_requested: bool
     worker: str | None
     model_version: str | None = Field(None, description="'name@version' registered by this job")

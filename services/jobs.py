@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.datasets import detect_kind, resolve_data_path
-from services.db.models import FINISHED, Job, JobStatus, utcnow
+from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ConflictError, NotFoundError
 
 
@@ -66,8 +66,29 @@ def validate_dataset(params: PretrainParams) -> Path:
     return path
 
 
-def create_job(session: Session, kind: str, params: BaseModel, epochs: int) -> Job:
-    job = Job(kind=kind, status=JobStatus.queued, params=params.model_dump(mode="json"), epochs=epochs)
+def ensure_dataset(session: Session, path: Path) -> Dataset:
+    """The ``datasets`` row of a resolved dataset path (made on first use, named by its place in the root)."""
+    root = Path(get_settings().data_root).resolve()
+    name = str(path.relative_to(root)) if path != root else "."
+    dataset = session.scalar(select(Dataset).where(Dataset.name == name))
+    if dataset is None:
+        dataset = Dataset(name=name, kind=detect_kind(path), path=str(path), summary={})
+        session.add(dataset)
+        session.flush()
+    return dataset
+
+
+def create_job(
+    session: Session, kind: str, params: BaseModel, epochs: int, dataset_path: Path | None = None
+) -> Job:
+    dataset = ensure_dataset(session, dataset_path) if dataset_path is not None else None
+    job = Job(
+        kind=kind,
+        status=JobStatus.queued,
+        params=params.model_dump(mode="json"),
+        epochs=epochs,
+        dataset_id=dataset.id if dataset else None,
+    )
     session.add(job)
     session.flush()
     return job

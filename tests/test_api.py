@@ -17,10 +17,11 @@ import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
 from api.main import create_app
 from services.config import get_settings
+from services.db.models import Dataset
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.recording import read_wfdb
@@ -127,6 +128,13 @@ def test_pretrain_is_queued_on_the_broker_and_can_be_cancelled(client: TestClien
     job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "queued"
     assert job["params"]["dataset"] == "ptbxl-500" and job["progress"]["epochs"] == 1
+    assert job["dataset"] == "ptbxl-500"
+    with session_scope() as s:
+        dataset = s.scalar(select(Dataset).where(Dataset.name == "ptbxl-500"))
+        assert (
+            dataset.kind == "ptbxl"
+            and Path(dataset.path) == (get_settings().data_root / "ptbxl-500").resolve()
+        )
     assert any(j["id"] == job_id for j in client.get("/jobs", params={"status": "queued"}).json()["jobs"])
 
     cancelled = client.post(f"/jobs/{job_id}/cancel").json()

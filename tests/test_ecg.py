@@ -153,11 +153,6 @@ def test_select_leads_missing_v1(ptbxl_dir: Path):
     assert "V2" not in str(info.value).split("the model needs")[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="leads.py maps the alias '-avr' to aVR without negating: a channel recorded as -aVR "
-    "(Cabrera order, = (I+II)/2) comes back as aVR with the wrong sign",
-)
 def test_inverted_avr_channel_is_negated(ptbxl_dir: Path):
     rec = read_wfdb(_hr(ptbxl_dir, 1))
     avr = rec.lead_names.index("AVR")
@@ -247,13 +242,6 @@ def test_flat_line_gives_zeros_not_nan():
     np.testing.assert_array_equal(preprocess(rec, SPEC), 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="preprocess.resample uses scipy resample_poly with its default zero padding at the edges, so a "
-    "constant (DC) level is pulled towards 0 at both ends; the band-pass turns that step into a transient "
-    "(0.14 mV per 0.5 mV of offset at 500 Hz), and a flat line at a non-zero level is standardised into "
-    "windows of |x| up to ~11 instead of zeros (padtype='line' would fix it)",
-)
 def test_flat_line_at_an_offset_gives_zeros_after_resampling():
     rec = Recording(np.full((12, 5000), 0.5, np.float32), 500.0, list(STANDARD_LEADS), "flat500")
     windows = preprocess(rec, SPEC)
@@ -261,11 +249,6 @@ def test_flat_line_at_an_offset_gives_zeros_after_resampling():
     np.testing.assert_array_equal(windows, 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same resample edge bug: a 1 mV baseline offset on a real 500 Hz record changes the prepared "
-    "signal by up to 0.28 mV near the ends, although the 0.67 Hz high-pass should remove any DC level",
-)
 def test_prepare_signal_ignores_a_dc_offset_on_a_resampled_record(ptbxl_dir: Path):
     rec = read_wfdb(_hr(ptbxl_dir, 1))
     shifted = Recording(rec.signal + 1.0, rec.fs, rec.lead_names, rec.source)
@@ -297,7 +280,9 @@ def test_band_pass_on_a_real_record(ptb: Recording, freq: float, amplitude: floa
         ptb.lead_names,
         ptb.source,
     )
-    unfiltered = resample(select_leads(noisy.signal, noisy.lead_names, SPEC.leads).astype(np.float64), 1000, 250)
+    unfiltered = resample(
+        select_leads(noisy.signal, noisy.lead_names, SPEC.leads).astype(np.float64), 1000, 250
+    )
     filtered = prepare_signal(noisy, SPEC)
     before = _amplitude_at(unfiltered, freq, SPEC.fs, edge_s=2.0)
     after = _amplitude_at(filtered, freq, SPEC.fs, edge_s=2.0)
@@ -378,7 +363,9 @@ def test_read_upload(ptbxl_dir: Path, tmp_path: Path):
 def test_load_signals_ptbxl(ptbxl_dir: Path):
     folds = tuple(range(1, 9))
     progress: list[tuple[int, int]] = []
-    result = load_signals(ptbxl_dir, SPEC, limit=10, folds=folds, on_progress=lambda n, t: progress.append((n, t)))
+    result = load_signals(
+        ptbxl_dir, SPEC, limit=10, folds=folds, on_progress=lambda n, t: progress.append((n, t))
+    )
     assert result.kind == "ptbxl"
     assert result.signals.shape == (10, 12, 2500)
     assert result.signals.dtype == np.float32

@@ -25,6 +25,7 @@ def job_out(job: Job) -> JobOut:
         progress=JobProgress.model_validate(job, from_attributes=True),
         metrics=[EpochMetrics(epoch=e, values=v) for e, v in sorted(by_epoch.items())],
         error=job.error,
+        dataset=job.dataset.name if job.dataset else None,
         cancel_requested=job.cancel_requested,
         worker=job.worker,
         model_version=job.model_version.ref if job.model_version else None,
@@ -44,8 +45,8 @@ def job_out(job: Job) -> JobOut:
 def submit_pretrain(
     body: PretrainRequest, request: Request, session: Session = Depends(db_session)
 ) -> JobCreated:
-    jobs.validate_dataset(body)
-    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs)
+    dataset_path = jobs.validate_dataset(body)
+    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset_path=dataset_path)
     session.commit()  # the worker must find the row as soon as the task arrives
     from worker.tasks import pretrain
 

@@ -9,10 +9,21 @@ STANDARD_LEADS: tuple[str, ...] = (
 )  # fmt: skip
 
 _ALIASES: dict[str, str] = {
-    "i": "I", "ii": "II", "iii": "III", "avr": "aVR", "avl": "aVL", "avf": "aVF",
-    "lead i": "I", "lead ii": "II", "lead iii": "III", "mlii": "II", "dii": "II", "di": "I", "diii": "III",
-    "-avr": "aVR",
-}  # fmt: skip
+    "i": "I",
+    "ii": "II",
+    "iii": "III",
+    "avr": "aVR",
+    "avl": "aVL",
+    "avf": "aVF",
+    "lead i": "I",
+    "lead ii": "II",
+    "lead iii": "III",
+    "mlii": "II",
+    "dii": "II",
+    "di": "I",
+    "diii": "III",
+}
+_INVERTED = {"-avr": "aVR"}  # Cabrera display stores -aVR: negate it back  # fmt: skip
 for _n in range(1, 7):
     _ALIASES[f"v{_n}"] = f"V{_n}"
     _ALIASES[f"lead v{_n}"] = f"V{_n}"
@@ -20,7 +31,8 @@ for _n in range(1, 7):
 
 def canonical_lead_name(name: str) -> str | None:
     """Canonical name of a lead (case-insensitive, common aliases), or None for a non-standard channel."""
-    return _ALIASES.get(name.strip().lower())
+    key = name.strip().lower()
+    return _ALIASES.get(key) or _INVERTED.get(key)
 
 
 def select_leads(signal: np.ndarray, names: list[str], wanted: tuple[str, ...]) -> np.ndarray:
@@ -34,7 +46,7 @@ def select_leads(signal: np.ndarray, names: list[str], wanted: tuple[str, ...]) 
     for row, name in zip(signal, names, strict=True):
         canon = canonical_lead_name(name)
         if canon is not None and canon not in by_name:
-            by_name[canon] = row
+            by_name[canon] = -row if name.strip().lower() in _INVERTED else row
     if "I" in by_name and "II" in by_name:
         lead_i, lead_ii = by_name["I"], by_name["II"]
         by_name.setdefault("III", lead_ii - lead_i)

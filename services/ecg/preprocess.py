@@ -48,11 +48,15 @@ def _bandpass_sos(fs: float, highpass_hz: float, lowpass_hz: float, order: int) 
 
 
 def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
-    """Polyphase resampling along the last axis (anti-aliased)."""
+    """Polyphase resampling along the last axis (anti-aliased).
+
+    ``padtype="line"``: the edges are extended along the signal's trend, not with zeros, so a baseline
+    offset does not turn into a step (and a filter transient) at both ends.
+    """
     if fs_in == fs_out:
         return signal
     ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
-    return sps.resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1)
+    return sps.resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
 
 
 def prepare_signal(recording: Recording, spec: InputSpec) -> np.ndarray:
@@ -70,8 +74,9 @@ def prepare_signal(recording: Recording, spec: InputSpec) -> np.ndarray:
     min_len = 3 * 2 * (2 * spec.filter_order)  # sosfiltfilt's default padding needs this many samples
     if x.shape[1] <= min_len:
         raise EcgInputError(
-            f"{recording.source}: {recording.duration_s:.2f} s is too short to filter; "
-            f"need at least {spec.samples / spec.fs:.1f} s"
+            f"{recording.source}: {recording.duration_s:.2f} s is too short to band-pass; the model's window "
+            f"is {spec.samples / spec.fs:.1f} s (shorter records need pad=true and at least "
+            f"{(min_len + 1) / spec.fs:.2f} s)"
         )
     sos = _bandpass_sos(spec.fs, spec.highpass_hz, spec.lowpass_hz, spec.filter_order)
     return sps.sosfiltfilt(sos, x, axis=-1).astype(np.float32)
