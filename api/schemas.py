@@ -98,6 +98,22 @@ class EmbedResponse(BaseModel):
     record: RecordInfo
 
 
+class DatasetOut(BaseModel):
+    id: int
+    name: str
+    kind: str
+    path: str | None
+    options: dict
+    summary: dict = Field(
+        description="records, sampling_rates, leads, duration_s, label_counts, unlabelled, folds"
+    )
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetOut]
+
+
 class HealthOut(BaseModel):
     status: str
     database: str

@@ -1,17 +1,14 @@
 """Jobs: what a pretraining job takes, and the queries behind the jobs API (no torch imported here)."""
 
 import uuid
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.config import get_settings
-from services.datasets import detect_kind, resolve_data_path
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
-from services.errors import ConflictError, NotFoundError
+from services.errors import ClientError, ConflictError, NotFoundError
 
 
 class PretrainParams(BaseModel):
@@ -19,7 +16,8 @@ class PretrainParams(BaseModel):
 
     dataset: str = Field(
         ...,
-        description="dataset path under the data root: a PTB-XL folder (ptbxl_database.csv) or a .npz",
+        description="a registered dataset's name (POST /datasets), or a path under the data root "
+        "(a PTB-XL folder, a WFDB folder, a .npz), registered on first use",
         examples=["ptbxl-500"],
     )
     method: Literal["st_mem"] = Field("st_mem", description="self-supervised method")
@@ -59,29 +57,20 @@ class PretrainParams(BaseModel):
         return self.model_name or f"{self.method}-{self.model_size}"
 
 
-def validate_dataset(params: PretrainParams) -> Path:
-    """The dataset path, resolved inside the data root, or a ClientError naming the problem."""
-    path = resolve_data_path(get_settings().data_root, params.dataset)
-    detect_kind(path)
-    return path
-
-
-def ensure_dataset(session: Session, path: Path) -> Dataset:
-    """The ``datasets`` row of a resolved dataset path (made on first use, named by its place in the root)."""
-    root = Path(get_settings().data_root).resolve()
-    name = str(path.relative_to(root)) if path != root else "."
-    dataset = session.scalar(select(Dataset).where(Dataset.name == name))
-    if dataset is None:
-        dataset = Dataset(name=name, kind=detect_kind(path), path=str(path), summary={})
-        session.add(dataset)
-        session.flush()
-    return dataset
+def check_params_fit_dataset(params: PretrainParams, dataset: Dataset) -> None:
+    """Refuse, before queueing, what the dataset's summary already shows cannot work."""
+    folds = {int(f) for f in (dataset.summary or {}).get("folds", {})}
+    if params.folds and not folds:
+        raise ClientError(f"'folds' was given but dataset '{dataset.name}' has no folds")
+    if params.folds and not folds & set(params.folds):
+        raise ClientError(
+            f"dataset '{dataset.name}' has no record in folds {params.folds} (it has {sorted(folds)})"
+        )
 
 
 def create_job(
-    session: Session, kind: str, params: BaseModel, epochs: int, dataset_path: Path | None = None
+    session: Session, kind: str, params: BaseModel, epochs: int, dataset: Dataset | None = None
 ) -> Job:
-    dataset = ensure_dataset(session, dataset_path) if dataset_path is not None else None
     job = Job(
         kind=kind,
         status=JobStatus.queued,

@@ -11,13 +11,14 @@ import torch
 from pydantic import ValidationError
 
 from services.config import get_settings
-from services.datasets import load_signals
+from services.dataset_registry import dataset_for_job, open_registered
+from services.datasets.cache import preprocessed
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
 from services.db.session import session_scope
-from services.ecg.preprocess import InputSpec, standardise
+from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
-from services.jobs import PretrainParams, validate_dataset
+from services.jobs import PretrainParams
 from services.models.st_mem import SIZES, StMemMae
 from services.registry import register_model_version
 from services.training.loop import Cancelled, CropDataset, Progress, TrainConfig, pick_device, train
@@ -117,33 +118,43 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
     spec = InputSpec(samples=cfg.seq_len)
     job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
 
-    reporter.phase("loading and preprocessing records")
-    path = validate_dataset(params)
-    folds = tuple(params.folds) if params.folds else None
-    data = load_signals(
-        path,
+    reporter.phase("opening the dataset")
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
+        dataset, identity = open_registered(row)
+    indices = np.arange(len(dataset))
+    if params.folds:
+        if dataset.folds is None:
+            raise ClientError(f"dataset '{params.dataset}' has no folds, so 'folds' cannot select records")
+        indices = indices[np.isin(dataset.folds, params.folds)]
+    indices = indices[: params.record_limit]
+    cache = preprocessed(
+        dataset,
+        identity,
         spec,
-        limit=params.record_limit,
-        folds=folds,
+        Path(settings.artifact_dir) / "cache",
+        indices=indices,
         on_progress=lambda done, total: reporter.phase(f"preprocessing records: {done}/{total}"),
     )
+
+    # hold out whole records (all their segments) for the per-epoch validation loss
     rng = np.random.default_rng(params.seed)
-    order = rng.permutation(len(data.signals))
-    n_val = int(round(len(order) * params.val_fraction)) if len(order) >= 10 else 0
-    val_idx, train_idx = order[:n_val], order[n_val:]
+    records = rng.permutation(len(cache.record_ids))
+    n_val = int(round(len(records) * params.val_fraction)) if len(records) >= 10 else 0
+    val_idx, train_idx = cache.segments_of(records[:n_val]), cache.segments_of(records[n_val:])
     if len(train_idx) < 2:
         raise ClientError(
-            f"dataset '{params.dataset}' has {len(train_idx)} usable training record(s); need >= 2"
+            f"dataset '{params.dataset}' has {len(train_idx)} usable training segment(s); need >= 2"
         )
 
     torch.manual_seed(params.seed)
     model = StMemMae(cfg)
-    mask_ratio = params.mask_ratio
-    objective = _MaskedObjective(model, mask_ratio)
-    reporter.phase(f"training on {device.type}: {len(train_idx)} records, {len(val_idx)} held out")
+    objective = _MaskedObjective(model, params.mask_ratio)
+    reporter.phase(f"training on {device.type}: {len(train_idx)} segments, {len(val_idx)} held out")
     train(
         objective,
-        CropDataset(data.signals[train_idx], spec.samples, random_crop=True, seed=params.seed),
+        CropDataset(cache.signals, spec.samples, random_crop=True, seed=params.seed, indices=train_idx),
         TrainConfig(
             epochs=params.epochs,
             batch_size=params.batch_size,
@@ -155,7 +166,9 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
         ),
         device,
         checkpoint_path=job_dir / "checkpoint.pt",
-        val_set=CropDataset(data.signals[val_idx], spec.samples, random_crop=False) if n_val else None,
+        val_set=CropDataset(cache.signals, spec.samples, random_crop=False, indices=val_idx)
+        if n_val
+        else None,
         on_progress=reporter.progress,
         on_epoch=reporter.epoch_metrics,
         should_cancel=reporter.should_cancel,
@@ -163,9 +176,10 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
 
     reporter.phase("exporting the encoder to ONNX")
     encoder = model.encoder.to("cpu").eval()
-    centre = (data.signals.shape[-1] - spec.samples) // 2
-    check_idx = val_idx[:8] if len(val_idx) else train_idx[:8]
-    windows = standardise(data.signals[check_idx, :, centre : centre + spec.samples])  # real records
+    check = CropDataset(
+        cache.signals, spec.samples, random_crop=False, indices=(val_idx if n_val else train_idx)[:8]
+    )
+    windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
     onnx_path = job_dir / "encoder.onnx"
     export_encoder(encoder, torch.from_numpy(windows[:1]), onnx_path)
     parity = parity_max_abs_diff(encoder, onnx_path, windows)
@@ -187,9 +201,9 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
             parity_max_abs_diff=parity,
             metrics={
                 **final,
-                "records": len(data.signals),
-                "train_records": len(train_idx),
-                "skipped_records": len(data.skipped),
+                "records": len(cache.record_ids),
+                "train_segments": len(train_idx),
+                "skipped_records": len(cache.meta["skipped"]),
                 "model_size": params.model_size,
             },
         )

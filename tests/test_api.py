@@ -157,7 +157,7 @@ def test_pretrain_is_queued_on_the_broker_and_can_be_cancelled(client: TestClien
         ({"dataset": "../../etc"}, "outside the data root"),
         ({"dataset": "/etc"}, "outside the data root"),
         ({"dataset": "no-such-dataset"}, "does not exist"),
-        ({"dataset": "ptb-diagnostic"}, "neither a PTB-XL folder"),
+        ({"dataset": "ptbxl-500/LICENSE.txt"}, "not a .npz array file"),
     ],
 )
 def test_bad_pretrain_requests_get_422_naming_the_problem(

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
 from tests.conftest import ROOT, fresh_postgres_url, needs_servers
 
@@ -53,5 +53,27 @@ def test_migration_upgrade_check_and_downgrade(empty_database: str) -> None:
         command.check(config)  # raises if the models and the migration disagree
         command.downgrade(config, "base")
         assert set(inspect(engine).get_table_names()) == {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_keeps_rows_written_by_the_first_schema(empty_database: str) -> None:
+    """0001 -> head on a database that already holds a dataset and a job: nothing is lost."""
+    config = alembic_config(empty_database)
+    command.upgrade(config, "0001")
+    engine = create_engine(empty_database)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO datasets (name, kind, path, summary, created_at)"
+                    " VALUES ('old', 'ptbxl', '/data/old', '{}', CURRENT_TIMESTAMP)"
+                )
+            )
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            row = conn.execute(text("SELECT name, kind, path, options FROM datasets")).one()
+        assert tuple(row[:3]) == ("old", "ptbxl", "/data/old")
+        assert row[3] in ({}, "{}")
     finally:
         engine.dispose()

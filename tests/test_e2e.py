@@ -170,9 +170,9 @@ def wait_for(client: httpx.Client, job_id: str, done: Callable[[dict], bool], ti
     raise AssertionError(f"job {job_id} did not get there in {timeout_s} s; last state: {job}")
 
 
-def pretrain_then_embed(service: Service, ptb_record: Path) -> None:
+def pretrain_then_embed(service: Service, ptb_record: Path, job: dict = TINY_JOB) -> None:
     with service.client() as client:
-        created = client.post("/jobs/pretrain", json=TINY_JOB)
+        created = client.post("/jobs/pretrain", json=job)
         assert created.status_code == 202, created.text
         job_id = created.json()["job_id"]
         job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
@@ -267,4 +267,11 @@ def test_a_job_that_fails_on_the_worker_records_why(production_service: Service)
 
 
 def test_pretrain_and_embed_on_the_embedded_default(embedded_service: Service, ptb_record: Path) -> None:
-    pretrain_then_embed(embedded_service, ptb_record)
+    """The README quickstart: a synthetic dataset (no download), pretrain, embed a real record."""
+    with embedded_service.client() as client:
+        registered = client.post(
+            "/datasets", json={"name": "synthetic-64", "kind": "synthetic", "options": {"n": 64}}
+        )
+        assert registered.status_code == 201, registered.text
+    job = {"dataset": "synthetic-64", "epochs": 2, "batch_size": 8, "learning_rate": 1e-3}
+    pretrain_then_embed(embedded_service, ptb_record, job)

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.datasets import load_signals, resolve_data_path
+from services.datasets import resolve_data_path
+from services.datasets.cache import preprocessed
+from services.datasets.kinds import open_dataset
 from services.datasets.ptbxl import SUPERCLASSES, PtbxlDataset
 from services.ecg.leads import STANDARD_LEADS, select_leads
 from services.ecg.preprocess import InputSpec, prepare_signal, preprocess, resample
@@ -360,39 +362,41 @@ def test_read_upload(ptbxl_dir: Path, tmp_path: Path):
 # datasets
 
 
-def test_load_signals_ptbxl(ptbxl_dir: Path):
-    folds = tuple(range(1, 9))
+def test_dataset_records_through_the_cache_ptbxl(ptbxl_dir: Path, tmp_path: Path):
+    dataset = open_dataset("ptbxl", ptbxl_dir, {})
+    train = dataset.split("train")[:10]
     progress: list[tuple[int, int]] = []
-    result = load_signals(
-        ptbxl_dir, SPEC, limit=10, folds=folds, on_progress=lambda n, t: progress.append((n, t))
+    cache = preprocessed(
+        dataset,
+        {"path": str(ptbxl_dir)},
+        SPEC,
+        tmp_path,
+        indices=train,
+        on_progress=lambda n, t: progress.append((n, t)),
     )
-    assert result.kind == "ptbxl"
-    assert result.signals.shape == (10, 12, 2500)
-    assert result.signals.dtype == np.float32
-    assert result.skipped == []
-    assert progress[-1] == (10, 10)
-    dataset = PtbxlDataset(ptbxl_dir)
+    assert cache.signals.shape == (10, 12, 2500) and cache.signals.dtype == np.float32
+    assert cache.meta["skipped"] == [] and progress[-1] == (10, 10)
     expected_ids = [int(i) for i in dataset.table.index[dataset.folds <= 8][:10]]
-    assert [int(i) for i in result.record_ids] == expected_ids
+    assert [int(i) for i in cache.record_ids] == expected_ids
     # each row is the record prepared by the one preprocessing function
     first = prepare_signal(read_wfdb(_hr(ptbxl_dir, expected_ids[0])), SPEC)
-    np.testing.assert_array_equal(result.signals[0], first)
-    # fold 10 only: other records
-    test_ids = load_signals(ptbxl_dir, SPEC, limit=3, folds=(10,)).record_ids
-    assert set(test_ids).isdisjoint(result.record_ids)
-    assert all(dataset.table.loc[int(i), "strat_fold"] == 10 for i in test_ids)
+    np.testing.assert_array_equal(cache.signals[0], first)
+    test_ids = [dataset.record_id(int(i)) for i in dataset.split("test")]
+    assert set(test_ids).isdisjoint(cache.record_ids) and len(test_ids) == 66
 
 
-def test_load_signals_npz(data_dir: Path):
+def test_dataset_records_through_the_cache_npz(data_dir: Path, tmp_path: Path):
     path = data_dir / "ptbxl-unlabelled" / "ptbxl_unlabelled_250hz.npz"
-    result = load_signals(path, SPEC, limit=5)
-    assert result.kind == "npz"
-    assert result.signals.shape == (5, 12, 2500)
-    assert np.isfinite(result.signals).all()
-    ids = np.load(path)["ecg_id"][:5]
-    assert result.record_ids == [str(i) for i in ids]
+    cache = preprocessed(
+        open_dataset("npz", path, {}), {"path": str(path)}, SPEC, tmp_path, indices=np.arange(5)
+    )
+    assert cache.signals.shape == (5, 12, 2500) and np.isfinite(cache.signals).all()
+    assert list(cache.record_ids) == [str(i) for i in np.load(path)["ecg_id"][:5]]
     # the same through the folder holding the one .npz
-    np.testing.assert_array_equal(load_signals(path.parent, SPEC, limit=5).signals, result.signals)
+    again = preprocessed(
+        open_dataset("npz", path.parent, {}), {"path": str(path.parent)}, SPEC, tmp_path, indices=np.arange(5)
+    )
+    np.testing.assert_array_equal(again.signals, cache.signals)
 
 
 def test_resolve_data_path(data_dir: Path, tmp_path: Path):

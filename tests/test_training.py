@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from services.datasets import load_signals
+from services.datasets.cache import preprocessed
+from services.datasets.ptbxl import PtbxlDataset
 from services.ecg.preprocess import InputSpec
 from services.models.st_mem import SIZES, StMemMae
 from services.training.loop import Cancelled, CropDataset, TrainConfig, lr_at, train
@@ -31,11 +32,18 @@ class MaeLoss(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def signals(ptbxl_dir: Path) -> np.ndarray:
+def signals(ptbxl_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     """24 real PTB-XL records (train folds), prepared at 250 Hz: (24, 12, 2500)."""
-    result = load_signals(ptbxl_dir, InputSpec(), limit=24, folds=tuple(range(1, 9)))
-    assert result.signals.shape == (24, 12, 2500)
-    return result.signals
+    dataset = PtbxlDataset(ptbxl_dir)
+    cache = preprocessed(
+        dataset,
+        {"path": str(ptbxl_dir)},
+        InputSpec(),
+        tmp_path_factory.mktemp("cache"),
+        indices=dataset.split("train")[:24],
+    )
+    assert cache.signals.shape == (24, 12, 2500)
+    return np.array(cache.signals)
 
 
 def _config(**overrides) -> TrainConfig:

@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from api.deps import db_session, require_api_key
 from api.schemas import EpochMetrics, JobCreated, JobList, JobOut, JobProgress, PretrainRequest
 from services import jobs
+from services.dataset_registry import dataset_for_job
 from services.db.models import Job, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -45,8 +46,9 @@ def job_out(job: Job) -> JobOut:
 def submit_pretrain(
     body: PretrainRequest, request: Request, session: Session = Depends(db_session)
 ) -> JobCreated:
-    dataset_path = jobs.validate_dataset(body)
-    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset_path=dataset_path)
+    dataset = dataset_for_job(session, body.dataset)
+    jobs.check_params_fit_dataset(body, dataset)
+    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset=dataset)
     session.commit()  # the worker must find the row as soon as the task arrives
     from worker.tasks import pretrain
 

@@ -58,7 +58,8 @@ class Dataset(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(32))
-    path: Mapped[str] = mapped_column(Text)
+    path: Mapped[str | None] = mapped_column(Text)  # resolved, inside the data root; None for synthetic
+    options: Mapped[dict] = mapped_column(JSON, default=dict)
     summary: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -55,16 +55,25 @@ class TrainResult:
 
 
 class CropDataset(Dataset):
-    """Prepared signals (N, C, T) -> standardised windows of ``window`` samples (random crop to train)."""
+    """Prepared signals (N, C, T) (e.g. a cache memmap), rows ``indices`` -> standardised windows of
+    ``window`` samples: a random crop to train, the centre crop to evaluate."""
 
-    def __init__(self, signals: np.ndarray, window: int, random_crop: bool, seed: int = 0):
+    def __init__(
+        self,
+        signals: np.ndarray,
+        window: int,
+        random_crop: bool,
+        seed: int = 0,
+        indices: np.ndarray | None = None,
+    ):
         self.signals = signals
+        self.indices = np.arange(len(signals)) if indices is None else np.asarray(indices)
         self.window = window
         self.random_crop = random_crop
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.signals)
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         length = self.signals.shape[-1]
@@ -73,7 +82,8 @@ class CropDataset(Dataset):
             if self.random_crop
             else (length - self.window) // 2
         )
-        return torch.from_numpy(standardise(self.signals[i, :, start : start + self.window]))
+        window = np.asarray(self.signals[self.indices[i], :, start : start + self.window], dtype=np.float32)
+        return torch.from_numpy(standardise(window))
 
 
 def lr_at(step: float, total: int, warmup: float, peak: float, floor: float) -> float:

@@ -1,0 +1,105 @@
+"""Registered datasets: validate a dataset once, keep its summary, open it for jobs."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.config import get_settings
+from services.datasets import resolve_data_path
+from services.datasets.base import EcgDataset
+from services.datasets.kinds import detect_dataset_kind, open_dataset
+from services.db.models import Dataset
+from services.errors import ConflictError, DatasetError, NotFoundError
+
+DatasetKind = Literal["ptbxl", "wfdb_folder", "cinc", "npz", "synthetic"]
+
+
+class DatasetRequest(BaseModel):
+    """Register a dataset under a name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]{1,100}$", examples=["ptbxl-500"])
+    kind: DatasetKind = Field(..., description="layout of the data", examples=["ptbxl"])
+    path: str | None = Field(
+        None, description="path under the data root (not for 'synthetic')", examples=["ptbxl-500"]
+    )
+    options: dict = Field(
+        default_factory=dict,
+        description="per kind: ptbxl {sampling_rate: 100|500}; wfdb_folder {labels_csv}; cinc {mapping_csv}; "
+        "synthetic {n, seed}",
+        examples=[{"sampling_rate": 500}],
+    )
+
+
+def _resolve(kind: str, path: str | None) -> Path | None:
+    if kind == "synthetic":
+        if path:
+            raise DatasetError("a 'synthetic' dataset is generated, it takes no path")
+        return None
+    if not path:
+        raise DatasetError(f"a '{kind}' dataset needs 'path': a folder or file under the data root")
+    return resolve_data_path(get_settings().data_root, path)
+
+
+def register_dataset(session: Session, request: DatasetRequest) -> Dataset:
+    """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken."""
+    if session.scalar(select(Dataset).where(Dataset.name == request.name)) is not None:
+        raise ConflictError(f"a dataset named '{request.name}' is already registered")
+    path = _resolve(request.kind, request.path)
+    dataset = open_dataset(request.kind, path, request.options)
+    row = Dataset(
+        name=request.name,
+        kind=request.kind,
+        path=str(path) if path else None,
+        options=request.options,
+        summary=dataset.summary(),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get_dataset(session: Session, ref: int | str) -> Dataset:
+    row = (
+        session.get(Dataset, ref)
+        if isinstance(ref, int)
+        else session.scalar(select(Dataset).where(Dataset.name == ref))
+    )
+    if row is None:
+        raise NotFoundError(f"dataset '{ref}' is not registered (GET /datasets lists them)")
+    return row
+
+
+def dataset_for_job(session: Session, ref: str) -> Dataset:
+    """A registered dataset by name, or a path under the data root registered on first use."""
+    row = session.scalar(select(Dataset).where(Dataset.name == ref))
+    if row is not None:
+        return row
+    path = resolve_data_path(get_settings().data_root, ref)
+    root = Path(get_settings().data_root).resolve()
+    name = str(path.relative_to(root)) if path != root else "."
+    row = session.scalar(select(Dataset).where(Dataset.name == name))
+    if row is not None:
+        return row
+    request = DatasetRequest.model_construct(
+        name=name, kind=detect_dataset_kind(path), path=str(path), options={}
+    )
+    return register_dataset(session, request)
+
+
+def open_registered(row: Dataset) -> tuple[EcgDataset, dict]:
+    """The dataset object and its identity (what a preprocessed cache of it is keyed by)."""
+    path = Path(row.path) if row.path else None
+    if path is not None and not path.exists():
+        raise DatasetError(f"dataset '{row.name}': its path {row.path} no longer exists")
+    identity = {
+        "kind": row.kind,
+        "path": row.path,
+        "options": row.options,
+        "mtime_ns": path.stat().st_mtime_ns if path is not None else None,
+    }
+    return open_dataset(row.kind, path, row.options), identity

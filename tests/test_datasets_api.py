@@ -1,0 +1,113 @@
+"""Registering datasets over HTTP, and pretraining jobs that use them (real data, real PostgreSQL)."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from services.config import get_settings
+
+
+@pytest.fixture(scope="module")
+def client(data_dir: Path) -> Iterator[TestClient]:
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def ptbxl_100(client: TestClient) -> dict:
+    body = {
+        "name": "ptbxl-500-at-100hz",
+        "kind": "ptbxl",
+        "path": "ptbxl-500",
+        "options": {"sampling_rate": 100},
+    }
+    response = client.post("/datasets", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_register_ptbxl_returns_its_summary(client: TestClient, ptbxl_100: dict) -> None:
+    summary = ptbxl_100["summary"]
+    assert summary["records"] == 500
+    assert summary["label_counts"] == {"NORM": 297, "MI": 73, "STTC": 96, "CD": 78, "HYP": 40}
+    assert summary["unlabelled"] == 12
+    assert summary["sampling_rates"] == {"100": 500}
+    assert summary["folds"]["10"] == 66 and sum(summary["folds"].values()) == 500
+    assert Path(ptbxl_100["path"]) == (get_settings().data_root / "ptbxl-500").resolve()
+
+    listed = client.get("/datasets").json()["datasets"]
+    assert any(d["name"] == "ptbxl-500-at-100hz" for d in listed)
+    assert client.get(f"/datasets/{ptbxl_100['id']}").json()["name"] == "ptbxl-500-at-100hz"
+    assert client.get("/datasets/ptbxl-500-at-100hz").json()["id"] == ptbxl_100["id"]
+    again = client.post(
+        "/datasets", json={"name": "ptbxl-500-at-100hz", "kind": "ptbxl", "path": "ptbxl-500"}
+    )
+    assert again.status_code == 409 and "already registered" in again.json()["detail"]
+
+
+def test_register_npz_and_synthetic(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    npz = client.post(
+        "/datasets",
+        json={"name": "unlabelled", "kind": "npz", "path": "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"},
+    )
+    assert npz.status_code == 201, npz.text
+    assert npz.json()["summary"]["records"] == 1320 and npz.json()["summary"]["label_counts"] == {}
+
+    synthetic = client.post(
+        "/datasets", json={"name": "synthetic-8", "kind": "synthetic", "options": {"n": 8}}
+    )
+    assert synthetic.status_code == 201, synthetic.text
+    assert synthetic.json()["path"] is None and synthetic.json()["summary"]["records"] == 8
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "expected"),
+    [
+        ({"name": "x", "kind": "edf_folder", "path": "ptbxl-500"}, 422, "kind"),
+        ({"name": "x", "kind": "ptbxl", "path": "../../etc"}, 422, "outside the data root"),
+        ({"name": "x", "kind": "ptbxl", "path": "nothing-here"}, 422, "does not exist"),
+        ({"name": "x", "kind": "ptbxl"}, 422, "needs 'path'"),
+        (
+            {"name": "x", "kind": "ptbxl", "path": "ptbxl-500", "options": {"sampling_rate": 250}},
+            422,
+            "sampling_rate",
+        ),
+        ({"name": "x", "kind": "ptbxl", "path": "ptbxl-500", "options": {"bogus": 1}}, 422, "bogus"),
+        ({"name": "x", "kind": "ptbxl", "path": "ptbxl-unlabelled"}, 422, "ptbxl_database.csv"),
+        ({"name": "x", "kind": "synthetic", "path": "ptbxl-500"}, 422, "takes no path"),
+        ({"name": "x", "kind": "synthetic", "options": {"n": 0}}, 422, "n"),
+        ({"name": "bad name!", "kind": "ptbxl", "path": "ptbxl-500"}, 422, "name"),
+        ({"name": "x", "kind": "ptbxl", "path": "ptbxl-500", "extra": True}, 422, "extra"),
+    ],
+)
+def test_bad_dataset_registrations(client: TestClient, body: dict, status: int, expected: str) -> None:
+    before = len(client.get("/datasets").json()["datasets"])
+    response = client.post("/datasets", json=body)
+    assert response.status_code == status, response.text
+    assert expected in response.text
+    assert len(client.get("/datasets").json()["datasets"]) == before
+
+
+def test_unknown_dataset_is_404(client: TestClient) -> None:
+    assert client.get("/datasets/999999").status_code == 404
+    assert client.get("/datasets/no-such-name").status_code == 404
+
+
+def test_pretrain_on_a_registered_dataset(client: TestClient, ptbxl_100: dict) -> None:
+    created = client.post(
+        "/jobs/pretrain", json={"dataset": "ptbxl-500-at-100hz", "epochs": 1, "folds": [1, 2]}
+    )
+    assert created.status_code == 202, created.text
+    job = client.get(f"/jobs/{created.json()['job_id']}").json()
+    assert job["dataset"] == "ptbxl-500-at-100hz"
+    client.post(f"/jobs/{job['id']}/cancel")
+
+
+def test_pretrain_folds_must_fit_the_dataset(client: TestClient) -> None:
+    no_folds = client.post("/jobs/pretrain", json={"dataset": "ptbxl-unlabelled", "folds": [1]})
+    assert no_folds.status_code == 422 and "has no folds" in no_folds.json()["detail"]
