@@ -5,6 +5,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.models.checkpoints import ImportFormat
 from services.pretraining import PretrainParams
 
 
@@ -119,3 +120,22 @@ class HealthOut(BaseModel):
     database: str
     broker: str
     workers: list[str]
+
+
+class ModelImportRequest(BaseModel):
+    """Import a published encoder checkpoint (a file under the data root) as a new model version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: ImportFormat = Field(
+        ..., description="checkpoint format: 'st_mem' = an official ST-MEM encoder or full (MAE) file"
+    )
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="the checkpoint file, relative to the data root (or absolute inside it)",
+        examples=["checkpoints/st_mem_vit_base_encoder.pth"],
+    )
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; a new version if it exists"
+    )

@@ -22,6 +22,7 @@ from services.jobs import PretrainParams
 from services.models.st_mem import SIZES, StMemMae
 from services.registry import register_model_version
 from services.training.loop import Cancelled, CropDataset, Progress, TrainConfig, pick_device, train
+from services.workers import live_instances
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,13 @@ def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
             return "missing"
         if job.status in FINISHED:
             return job.status
+        if (
+            job.status == JobStatus.running
+            and job.worker not in (None, worker)
+            and job.worker in live_instances()
+        ):
+            log.info("job %s is running on live worker %s: this delivery is a duplicate", job_id, job.worker)
+            return "duplicate"
         if job.cancel_requested:
             job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
             return job.status
@@ -151,8 +159,12 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
     torch.manual_seed(params.seed)
     model = StMemMae(cfg)
     objective = _MaskedObjective(model, params.mask_ratio)
-    reporter.phase(f"training on {device.type}: {len(train_idx)} segments, {len(val_idx)} held out")
-    train(
+    checkpoint = job_dir / "checkpoint.pt"
+    resuming = (
+        " (resuming from its last checkpoint: the task was redelivered)" if checkpoint.is_file() else ""
+    )
+    reporter.phase(f"training on {device.type}: {len(train_idx)} segments, {len(val_idx)} held out{resuming}")
+    result = train(
         objective,
         CropDataset(cache.signals, spec.samples, random_crop=True, seed=params.seed, indices=train_idx),
         TrainConfig(
@@ -165,7 +177,7 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
             checkpoint_every=params.checkpoint_every,
         ),
         device,
-        checkpoint_path=job_dir / "checkpoint.pt",
+        checkpoint_path=checkpoint,
         val_set=CropDataset(cache.signals, spec.samples, random_crop=False, indices=val_idx)
         if n_val
         else None,
@@ -204,6 +216,7 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
                 "records": len(cache.record_ids),
                 "train_segments": len(train_idx),
                 "skipped_records": len(cache.meta["skipped"]),
+                "resumed_from_epoch": result.resumed_from_epoch,
                 "model_size": params.model_size,
             },
         )

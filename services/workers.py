@@ -1,11 +1,12 @@
 """Worker heartbeats in the database: how the gateway knows a worker is up, whatever the broker."""
 
+import uuid
 from datetime import timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 
 from services.config import get_settings
-from services.db.models import Worker, utcnow
+from services.db.models import Job, JobStatus, Worker, utcnow
 from services.db.session import session_scope
 
 
@@ -30,3 +31,38 @@ def live_workers() -> list[Worker]:
     cutoff = utcnow() - timedelta(seconds=get_settings().worker_stale_s)
     with session_scope() as s:
         return list(s.scalars(select(Worker).where(Worker.last_seen >= cutoff)))
+
+
+def live_instances() -> set[str]:
+    return {w.hostname for w in live_workers()}
+
+
+def claim_orphaned_jobs() -> list[tuple[uuid.UUID, str]]:
+    """Jobs left ``running`` by a worker instance that stopped beating (killed, lost its machine):
+    put them back to ``queued`` and return (id, kind) for the caller to send again. A conditional
+    UPDATE makes exactly one claimer win when several workers look at once."""
+    stale_s = get_settings().worker_stale_s
+    cutoff = utcnow() - timedelta(seconds=stale_s)
+    alive = live_instances()
+    with session_scope() as s:
+        candidates = s.execute(
+            select(Job.id, Job.kind, Job.worker).where(
+                Job.status == JobStatus.running, Job.updated_at < cutoff
+            )
+        ).all()
+    claimed = []
+    for job_id, kind, worker in candidates:
+        if worker in alive:
+            continue
+        with session_scope() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.running, Job.worker == worker)
+                .values(
+                    status=JobStatus.queued,
+                    phase=f"re-queued: worker {worker} stopped answering; resumes from its last checkpoint",
+                )
+            )
+            if result.rowcount == 1:
+                claimed.append((job_id, kind))
+    return claimed

@@ -26,6 +26,24 @@ from tests.conftest import DATA, ROOT, fresh_postgres_url, fresh_redis_url, need
 
 pytestmark = pytest.mark.e2e
 
+WORKER_COMMAND = [
+    sys.executable,
+    "-m",
+    "celery",
+    "-A",
+    "worker.celery_app",
+    "worker",
+    "-Q",
+    "gpu",
+    "-c",
+    "1",
+    "--prefetch-multiplier",
+    "1",
+    "-n",
+    "e2e@%h",
+    "-l",
+    "info",
+]  # fmt: skip, as in docker-compose.yml
 TINY_JOB = {"dataset": "ptbxl-500", "epochs": 2, "record_limit": 32, "batch_size": 8, "learning_rate": 1e-3}
 
 
@@ -36,6 +54,7 @@ class Service:
     broker_url: str
     processes: list[subprocess.Popen]
     logs: list[Path]
+    env: dict[str, str] | None = None
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
@@ -108,6 +127,7 @@ def base_env(tmp: Path, database_url: str, broker_url: str) -> dict[str, str]:
         ECGSSL_ARTIFACT_DIR=str(tmp / "artifacts"),
         ECGSSL_DATA_ROOT=str(DATA),
         ECGSSL_WORKER_HEARTBEAT_S="1",
+        ECGSSL_WORKER_STALE_S="6",
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -118,6 +138,7 @@ def production_service(tmp_path_factory: pytest.TempPathFactory, data_dir: Path)
     """api (uvicorn) + a prefork Celery worker on the machine's PostgreSQL and Redis."""
     tmp = tmp_path_factory.mktemp("prod")
     env = base_env(tmp, fresh_postgres_url(), fresh_redis_url())
+    env["ECGSSL_VISIBILITY_TIMEOUT_S"] = "8"  # a task lost with its worker is redelivered after 8 s
     py = sys.executable
     migrate = subprocess.run([py, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, capture_output=True)
     assert migrate.returncode == 0, migrate.stderr.decode()
@@ -264,6 +285,40 @@ def test_a_job_that_fails_on_the_worker_records_why(production_service: Service)
         assert job["status"] == "failed", job
         assert "ptbxl-500-since-removed" in job["error"] and "does not exist" in job["error"], job["error"]
         assert job["finished_at"] is not None
+
+
+@needs_servers
+def test_a_job_survives_its_worker_being_killed(production_service: Service, tmp_path: Path) -> None:
+    """SIGKILL the worker mid-job, start another: the task is redelivered and resumes from its checkpoint."""
+    service = production_service
+    with service.client() as client:
+        job_id = client.post(
+            "/jobs/pretrain", json={**TINY_JOB, "epochs": 12, "checkpoint_every": 1, "model_name": "killed"}
+        ).json()["job_id"]
+        wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"]["epoch"] >= 3, 120)
+
+        worker = service.processes[1]
+        os.killpg(worker.pid, signal.SIGKILL)  # the main process and its pool child, no chance to clean up
+        worker.wait()
+        killed_at_epoch = client.get(f"/jobs/{job_id}").json()["progress"]["epoch"]
+        log = tmp_path / "replacement-worker.log"
+        service.logs.append(log)
+        service.processes[1] = subprocess.Popen(
+            WORKER_COMMAND, cwd=ROOT, env=service.env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+        job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 180)
+        assert job["status"] == "succeeded", f"{job}\n{dump_logs(service)}"
+        assert [m["epoch"] for m in job["metrics"]] == list(range(1, 13)), "epochs not counted exactly once"
+        version = next(
+            v
+            for m in client.get("/models").json()["models"]
+            for v in m["versions"]
+            if v["ref"] == job["model_version"]
+        )
+        resumed = version["metrics"]["resumed_from_epoch"]
+        assert 1 <= resumed <= killed_at_epoch, (resumed, killed_at_epoch)  # it did not start over
 
 
 def test_pretrain_and_embed_on_the_embedded_default(embedded_service: Service, ptb_record: Path) -> None:

@@ -1,15 +1,18 @@
 """ST-MEM: layout against the official checkpoints, positional table, masking, loss, encoder forward."""
 
+import importlib.util
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.recording import read_wfdb
-from services.models.st_mem import SIZES, StMemEncoder, StMemMae, sincos_table
+from services.models.st_mem import SIZES, StMemEncoder, StMemMae, attention, sincos_table
 
 CHECKPOINT_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys.txt"
 TINY = SIZES["tiny"]
@@ -262,3 +265,96 @@ def test_encoder_loads_the_mae_encoder_weights(real_windows: torch.Tensor):
     encoder.load_state_dict(mae.encoder.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(encoder.eval()(real_windows), mae.encoder.eval()(real_windows))
+
+
+# --------------------------------------------------------------------------------------------------
+# the plain reference of bench/pretrain_throughput.py: the same results at the same weights
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_throughput", Path(__file__).resolve().parents[1] / "bench" / "pretrain_throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_same_results_as_the_plain_reference(real_windows: torch.Tensor, size: str):
+    # manual softmax attention and the original's lead-by-lead decoding loop, same weights and masks:
+    # the same loss, reconstruction and gradients (fp32; only the summation order differs)
+    torch.manual_seed(0)
+    ours = StMemMae(SIZES[size])
+    plain = _bench().plain_copy(ours)
+    series = real_windows[:2] if size == "small" else real_windows
+
+    torch.manual_seed(1)
+    latent, mask, ids_restore = ours.forward_encoder(series, 0.75)
+    pred = ours.forward_decoder(latent, ids_restore)
+    loss = ours.loss(series, pred, mask)
+    loss.backward()
+    torch.manual_seed(1)
+    ref_loss, ref_pred, ref_mask = plain.forward_all(series, 0.75)
+    ref_loss.backward()
+
+    torch.testing.assert_close(mask, ref_mask, rtol=0, atol=0)
+    torch.testing.assert_close(pred, ref_pred, rtol=1e-4, atol=1e-5)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    ref_params = dict(plain.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.grad is None:
+            assert ref_params[name].grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_cpu_attention_is_sdpa():
+    torch.manual_seed(0)
+    for shape in [(2, 6, 108, 64), (24, 4, 32, 64)]:
+        q, k, v = (torch.randn(shape) for _ in range(3))
+        torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_noise_fixes_the_masks(real_windows: torch.Tensor):
+    torch.manual_seed(0)
+    mae = StMemMae(TINY)
+    noise = torch.rand(4, 12, 30)
+    assert mae(real_windows, noise=noise).item() == mae(real_windows, noise=noise.clone()).item()
+    assert mae(real_windows, noise=noise).item() != mae(real_windows, noise=torch.rand(4, 12, 30)).item()
+    # the kept patches are those of the smallest noise, per lead
+    x = torch.arange(30, dtype=torch.float32)[None, None, :, None].expand(4, 12, 30, 1)
+    kept, mask, _ = StMemMae.random_masking(x, 0.75, noise)
+    smallest = noise.argsort(dim=2)[..., :7]
+    torch.testing.assert_close(kept[..., 0], smallest.float())
+    assert torch.equal(mask == 0, torch.zeros_like(mask, dtype=torch.bool).scatter(2, smallest, True))
+
+
+def test_fidelity_details():
+    """methods.md 1.2-1.3, checked against the original code: norms, init, mask rounding, sizes."""
+    torch.manual_seed(0)
+    mae = StMemMae(SIZES["small"])
+    assert mae.decoder_norm.eps == 1e-6  # the MAE's norm_layer: LayerNorm(eps=1e-6)
+    assert mae.encoder.norm.eps == 1e-5  # the ViT's own LayerNorms keep the default
+    assert all(m.eps == 1e-5 for n, m in mae.encoder.named_modules() if isinstance(m, torch.nn.LayerNorm))
+    assert mae.to_patch_embedding is mae.encoder.to_patch_embedding
+    for name, m in mae.named_modules():
+        if isinstance(m, torch.nn.Linear):  # xavier-uniform weights, zero biases
+            bound = math.sqrt(6.0 / (m.in_features + m.out_features))
+            assert m.weight.abs().max() <= bound and m.weight.abs().max() > 0.9 * bound, name
+            assert m.bias is None or not m.bias.any(), name
+        if isinstance(m, torch.nn.LayerNorm):
+            assert torch.all(m.weight == 1) and not m.bias.any(), name
+    for p in [mae.encoder.sep_embedding, mae.mask_embedding, *mae.encoder.lead_embeddings]:
+        assert 0.01 < float(p.detach().std()) < 0.03  # N(0, 0.02)
+    block = mae.decoder_blocks[0]  # 4 heads x 64 = 256, MLP 4 x 256
+    assert block.attn.fn.heads == 4 and block.attn.fn.to_qkv.out_features == 3 * 256
+    assert block.ff.fn.net[0].out_features == 1024
+    assert len(mae.decoder_blocks) == 4
+    with torch.device("meta"):
+        base = StMemMae(SIZES["base"])
+    decoder = sum(p.numel() for n, p in base.named_parameters() if not n.startswith("encoder."))
+    assert round(decoder / 1e6, 2) == 3.38  # ViT-B/75's decoder (methods.md 1.3)
+    assert int(30 * (1 - 0.75)) == 7  # kept per lead: 23/30 masked
+    _, mask, _ = StMemMae.random_masking(torch.zeros(1, 12, 30, 1), 0.75)
+    assert torch.all(mask.sum(dim=2) == 23)

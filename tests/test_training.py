@@ -1,5 +1,6 @@
 """The training loop on a tiny ST-MEM MAE and real PTB-XL records: learning, cancel, resume, schedule."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -12,7 +13,16 @@ from services.datasets.cache import preprocessed
 from services.datasets.ptbxl import PtbxlDataset
 from services.ecg.preprocess import InputSpec
 from services.models.st_mem import SIZES, StMemMae
-from services.training.loop import Cancelled, CropDataset, TrainConfig, lr_at, train
+from services.training import loop
+from services.training.loop import (
+    Cancelled,
+    CropDataset,
+    TrainConfig,
+    amp_dtype,
+    cpu_has_native_bf16,
+    lr_at,
+    train,
+)
 
 CPU = torch.device("cpu")
 
@@ -205,3 +215,101 @@ def test_lr_applied_per_step(signals: np.ndarray, tmp_path: Path):
     assert [s for s, _ in seen] == list(range(1, steps + 1))
     for step, lr in seen:  # Progress.step counts steps done; the lr was the one of step - 1
         assert lr == pytest.approx(lr_at(step - 1, steps, warmup, 2e-3, 1e-4))
+
+
+# --------------------------------------------------------------------------------------------------
+# crops, precision, compile
+
+
+def test_random_crop_depends_on_seed_epoch_and_row_only(signals: np.ndarray):
+    crops = _crops(signals)
+    crops.set_epoch(1)
+    first = [crops[i] for i in (3, 0, 5)]
+    again = _crops(signals)  # another process or worker, other order: the same crops
+    again.set_epoch(1)
+    for i, expected in zip((3, 0, 5), first, strict=True):
+        assert torch.equal(again[i], expected)
+    again.set_epoch(2)
+    assert not torch.equal(again[3], first[0])  # a new crop each epoch
+    other_seed = _crops(signals, seed=1)
+    other_seed.set_epoch(1)
+    assert not torch.equal(other_seed[3], first[0])
+
+
+def test_amp_dtype(monkeypatch: pytest.MonkeyPatch):
+    assert amp_dtype(CPU, amp=False) is None
+    assert amp_dtype(CPU, amp=True) == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    cuda = torch.device("cuda")
+    assert amp_dtype(cuda, amp=False) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(cuda, amp=True) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp_dtype(cuda, amp=True) == torch.float16
+
+
+def test_amp_trains_like_fp32(signals: np.ndarray, tmp_path: Path):
+    # bf16 autocast where the CPU has it (fp32 otherwise): the same learning, weights stay fp32
+    fp32 = train(MaeLoss(), _crops(signals), _config(epochs=2, amp=False), CPU, tmp_path / "a.pt")
+    model = MaeLoss()
+    amp = train(model, _crops(signals), _config(epochs=2, amp=True), CPU, tmp_path / "b.pt")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    for a, b in zip(fp32.history, amp.history, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-2)
+
+
+def test_fp16_with_grad_scaler(signals: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # the path of GPUs without bf16: fp16 autocast and a GradScaler, whose state is checkpointed
+    monkeypatch.setattr(loop, "amp_dtype", lambda device, amp: torch.float16 if amp else None)
+    cfg = _config(epochs=2, checkpoint_every=1)
+    calls = {"n": 0}
+
+    def cancel_in_epoch_2() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        train(MaeLoss(), _crops(signals), cfg, CPU, tmp_path / "c.pt", should_cancel=cancel_in_epoch_2)
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert state["scaler"]["scale"] > 0
+    result = train(MaeLoss(), _crops(signals), cfg, CPU, tmp_path / "c.pt")
+    assert result.resumed_from_epoch == 1
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+
+
+def test_compile_checkpoints_the_plain_module(
+    signals: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # aot_eager: torch.compile's tracing and autograd without the C++ build (inductor works as well, on
+    # this CPU ~30 s to compile the tiny model: bench/pretrain_throughput.py --compile)
+    monkeypatch.setattr(loop, "COMPILE_BACKEND", "aot_eager")
+    model = MaeLoss()
+    with caplog.at_level(logging.INFO, logger="services.training.loop"):
+        result = train(model, _crops(signals), _config(epochs=1, compile=True), CPU, tmp_path / "d.pt")
+    assert "training with torch.compile" in caplog.text
+    assert math.isfinite(result.history[0]["train_loss"])
+    state = torch.load(tmp_path / "d.pt", weights_only=False)
+    assert list(state["model"]) == list(model.state_dict())  # no _orig_mod. prefixes
+    MaeLoss().load_state_dict(state["model"])
+
+
+def test_compile_failure_falls_back_to_eager(
+    signals: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    class Broken(nn.Module):
+        """Fails late: after drawing masks and leaving gradients behind, as a backward-time failure does."""
+
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            self.model(batch).backward()
+            raise RuntimeError("no C++ compiler")
+
+    eager = train(MaeLoss(), _crops(signals), _config(epochs=2), CPU, tmp_path / "e.pt")
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Broken(model))
+    with caplog.at_level(logging.WARNING, logger="services.training.loop"):
+        fallback = train(MaeLoss(), _crops(signals), _config(epochs=2, compile=True), CPU, tmp_path / "f.pt")
+    assert "torch.compile failed, training without it: RuntimeError: no C++ compiler" in caplog.text
+    # the failed attempt left no trace: the run is the eager one, to the bit
+    assert [h["train_loss"] for h in fallback.history] == [h["train_loss"] for h in eager.history]

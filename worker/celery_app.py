@@ -1,13 +1,14 @@
 """The Celery application: training tasks on the ``gpu`` queue, one at a time per worker process."""
 
 import logging
+import os
 import threading
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from services.config import get_settings
-from services.workers import beat, forget
+from services.workers import beat, claim_orphaned_jobs, forget
 
 settings = get_settings()
 
@@ -18,7 +19,13 @@ def broker_transport_options(broker_url: str) -> dict:
     The SQLAlchemy transport (embedded default) has no such timeout and passes options to its engine.
     """
     if broker_url.startswith(("redis://", "rediss://", "sentinel://")):
-        return {"visibility_timeout": settings.visibility_timeout_s}
+        timeout = settings.visibility_timeout_s
+        # sweep for expired unacknowledged messages often enough for the timeout to mean something
+        return {
+            "visibility_timeout": timeout,
+            "unacked_restore_interval": max(1, min(10, timeout // 4)),
+            "unacked_restore_throttle": 1 if timeout < 600 else 10,
+        }
     return {}
 
 
@@ -39,17 +46,30 @@ celery_app.conf.update(
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
-_node: dict[str, str] = {}
+INSTANCE_ENV = "ECGSSL_WORKER_INSTANCE"
+
+
+def worker_instance() -> str:
+    """This worker process: Celery node name and main process id (set before the pool forks)."""
+    return os.environ.get(INSTANCE_ENV, "unknown")
+
+
+@worker_init.connect
+def _name_instance(sender, **_kwargs) -> None:  # noqa: ANN001
+    os.environ[INSTANCE_ENV] = f"{sender.hostname}#{os.getpid()}"
 
 
 @worker_ready.connect
-def _start_heartbeat(sender, **_kwargs) -> None:  # noqa: ANN001
-    _node["name"] = sender.hostname  # the Celery node name, e.g. worker1@host (-n)
+def _start_heartbeat(**_kwargs) -> None:
+    """Beat every few seconds; with each beat, re-queue the jobs of workers that stopped beating."""
 
     def loop() -> None:
         while not _stop.is_set():
             try:
-                beat(_node["name"])
+                beat(worker_instance())
+                for job_id, kind in claim_orphaned_jobs():
+                    log.warning("re-queueing job %s: its worker stopped answering", job_id)
+                    celery_app.send_task(f"ecgssl.{kind}", args=[str(job_id)], queue="gpu")
             except Exception:  # the database may be briefly away; keep beating
                 log.exception("worker heartbeat failed")
             _stop.wait(settings.worker_heartbeat_s)
@@ -60,5 +80,4 @@ def _start_heartbeat(sender, **_kwargs) -> None:  # noqa: ANN001
 @worker_shutdown.connect
 def _stop_heartbeat(**_kwargs) -> None:
     _stop.set()
-    if "name" in _node:
-        forget(_node["name"])
+    forget(worker_instance())

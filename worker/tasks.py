@@ -2,11 +2,11 @@
 
 import uuid
 
-from worker.celery_app import celery_app
+from worker.celery_app import celery_app, worker_instance
 
 
-@celery_app.task(name="ecgssl.pretrain", bind=True)
-def pretrain(self, job_id: str) -> str:  # noqa: ANN001
+@celery_app.task(name="ecgssl.pretrain")
+def pretrain(job_id: str) -> str:
     from services.pretraining import run_pretrain_job
 
-    return run_pretrain_job(uuid.UUID(job_id), worker=self.request.hostname or "unknown")
+    return run_pretrain_job(uuid.UUID(job_id), worker=worker_instance())

@@ -10,8 +10,8 @@ from sqlalchemy.orm import Session
 from api.deps import db_session, require_api_key
 from api.schemas import EmbedResponse, RecordInfo
 from services.config import get_settings
-from services.ecg.preprocess import InputSpec
-from services.ecg.recording import read_upload
+from services.ecg.preprocess import InputSpec, model_recording
+from services.ecg.recording import ACCEPTED_UPLOADS, read_upload
 from services.errors import ClientError
 from services.inference.embed import ServedModel, embed_recording
 from services.registry import resolve_model_version
@@ -62,18 +62,29 @@ def served_model(session: Session, ref: str | None) -> ServedModel:
     "/embed",
     response_model=EmbedResponse,
     dependencies=[Depends(require_api_key)],
-    summary="Embed one ECG: a WFDB record (.hea + signal files) or a .npy of leads x samples",
+    summary="Embed one ECG: WFDB (.hea + .dat/.mat, or zipped), EDF/BDF, .npy, .npz, CSV or JSON",
+    description=f"Upload {ACCEPTED_UPLOADS}. Signals are read in mV (units in the file are converted).",
 )
 def embed(
     request: Request,
-    files: list[UploadFile] = File(..., description="WFDB .hea plus its .dat (and other) files, or one .npy"),
-    fs: float | None = Form(None, gt=0, description="sampling rate in Hz (needed for .npy)"),
-    leads: str | None = Form(None, description="comma-separated lead names of a .npy's rows"),
+    files: list[UploadFile] = File(
+        ...,
+        description="WFDB .hea plus its .dat/.mat files, or one .zip, .edf, .bdf, .npy, .npz, .csv, .json",
+    ),
+    fs: float | None = Form(
+        None, gt=0, description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one"
+    ),
+    leads: str | None = Form(
+        None, description="comma-separated lead names of the rows/columns (.npy, .npz, .csv, .json)"
+    ),
     model: str | None = Query(None, description="'name' or 'name@version'; default the newest model"),
     windowing: Literal["sliding", "center"] = Query(
         "sliding", description="longer records: mean over sliding windows, or one centre crop"
     ),
     pad: bool = Query(False, description="zero-pad a record shorter than the model's window"),
+    interpolate_nan: bool = Query(
+        False, description="fill NaN/inf samples by linear interpolation instead of refusing the record"
+    ),
     session: Session = Depends(db_session),
 ) -> EmbedResponse:
     served = served_model(session, model)
@@ -81,7 +92,9 @@ def embed(
     lead_names = [name.strip() for name in leads.split(",")] if leads else None
     with tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
         recording = read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
-    vector, n_windows = embed_recording(served, recording, windowing=windowing, pad=pad)
+    # the model's leads, checked: NaN/inf refused or interpolated, an all-flat record refused
+    model_input = model_recording(recording, served.spec, interpolate_nan=interpolate_nan, reject_flat=True)
+    vector, n_windows = embed_recording(served, model_input, windowing=windowing, pad=pad)
     return EmbedResponse(
         model=served.name,
         version=served.version,

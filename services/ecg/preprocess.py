@@ -59,17 +59,98 @@ def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     return sps.resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
 
 
-def prepare_signal(recording: Recording, spec: InputSpec) -> np.ndarray:
-    """Leads in the model's order, at the model's rate, band-passed: (len(spec.leads), T') float32."""
-    x = select_leads(recording.signal, recording.lead_names, spec.leads)
-    if x.shape[1] == 0:
-        raise EcgInputError(f"{recording.source}: the signal has no samples")
+FLAT_STD_MV = 1e-3  # a lead whose standard deviation is below 1 µV carries no ECG
+
+
+def interpolate_gaps(x: np.ndarray) -> np.ndarray:
+    """Each row with its NaN/inf samples replaced by linear interpolation between the nearest finite ones.
+
+    A gap at either end takes the nearest finite value. Rows without a finite sample stay as they are
+    (``check_signal`` refuses them).
+    """
+    out = np.array(x, dtype=np.float64, copy=True)
+    index = np.arange(out.shape[-1])
+    for row in out:
+        bad = ~np.isfinite(row)
+        if bad.any() and not bad.all():
+            row[bad] = np.interp(index[bad], index[~bad], row[~bad])
+    return out.astype(x.dtype, copy=False)
+
+
+def check_signal(
+    x: np.ndarray,
+    lead_names: list[str] | tuple[str, ...],
+    source: str,
+    *,
+    interpolate_nan: bool = False,
+    reject_flat: bool = False,
+) -> np.ndarray:
+    """Refuse what cannot be embedded: (leads, samples) in mV, checked and possibly repaired.
+
+    - no samples: error;
+    - NaN/inf samples: an error naming the leads, unless ``interpolate_nan`` (linear interpolation over
+      each gap); a lead without any finite sample is an error either way;
+    - ``reject_flat``: error when *every* lead is a flat line (std below ``FLAT_STD_MV`` = 1 µV), i.e.
+      nothing was recorded (or the values are in V, not mV). One or a few flat leads are accepted: a
+      disconnected electrode happens in real recordings and the other leads still carry the ECG.
+    """
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise EcgInputError(f"{source}: the signal has no samples")
     bad = ~np.isfinite(x)
     if bad.any():
-        leads = sorted({spec.leads[i] for i in np.nonzero(bad.any(axis=1))[0]})
-        raise EcgInputError(
-            f"{recording.source}: {int(bad.sum())} NaN or infinite sample(s) in lead(s) {', '.join(leads)}"
-        )
+        rows = np.nonzero(bad.any(axis=1))[0]
+        leads = ", ".join(sorted({lead_names[i] for i in rows}))
+        if not interpolate_nan:
+            raise EcgInputError(
+                f"{source}: {int(bad.sum())} NaN or infinite sample(s) (interpolate_nan=true fills such gaps "
+                f"linearly) in lead(s) {leads}"
+            )
+        dead = sorted({lead_names[i] for i in np.nonzero(bad.all(axis=1))[0]})
+        if dead:
+            raise EcgInputError(
+                f"{source}: lead(s) {', '.join(dead)} hold no finite sample at all: "
+                "nothing to interpolate from"
+            )
+        x = interpolate_gaps(x)
+    if reject_flat:
+        std = x.astype(np.float64).std(axis=1)
+        if (std < FLAT_STD_MV).all():
+            raise EcgInputError(
+                f"{source}: flat line: every lead ({', '.join(lead_names)}) is constant (std below 1 µV); "
+                "nothing was recorded, or the values are not in mV"
+            )
+    return x
+
+
+def model_recording(
+    recording: Recording, spec: InputSpec, *, interpolate_nan: bool = False, reject_flat: bool = False
+) -> Recording:
+    """The recording reduced to the model's leads (``spec.leads`` order, limb leads derived) and checked.
+
+    ``prepare_signal`` of the result equals ``prepare_signal`` of ``recording`` with the same options; a
+    caller whose path reaches ``preprocess`` without these options can apply them here first.
+    """
+    x = select_leads(recording.signal, recording.lead_names, spec.leads)
+    x = check_signal(
+        x, spec.leads, recording.source, interpolate_nan=interpolate_nan, reject_flat=reject_flat
+    )
+    return Recording(
+        signal=x.astype(np.float32, copy=False),
+        fs=recording.fs,
+        lead_names=list(spec.leads),
+        source=recording.source,
+        comments=list(recording.comments),
+    )
+
+
+def prepare_signal(
+    recording: Recording, spec: InputSpec, *, interpolate_nan: bool = False, reject_flat: bool = False
+) -> np.ndarray:
+    """Leads in the model's order, at the model's rate, band-passed: (len(spec.leads), T') float32.
+
+    ``interpolate_nan`` and ``reject_flat``: see ``check_signal`` (both off by default, as in training).
+    """
+    x = model_recording(recording, spec, interpolate_nan=interpolate_nan, reject_flat=reject_flat).signal
     x = resample(x.astype(np.float64), recording.fs, spec.fs)
     min_len = 3 * 2 * (2 * spec.filter_order)  # sosfiltfilt's default padding needs this many samples
     if x.shape[1] <= min_len:
@@ -98,10 +179,16 @@ def window_starts(length: int, window: int, windowing: Windowing) -> list[int]:
 
 
 def preprocess(
-    recording: Recording, spec: InputSpec, windowing: Windowing = "sliding", pad: bool = False
+    recording: Recording,
+    spec: InputSpec,
+    windowing: Windowing = "sliding",
+    pad: bool = False,
+    *,
+    interpolate_nan: bool = False,
+    reject_flat: bool = False,
 ) -> np.ndarray:
     """Model-ready windows (n_windows, leads, spec.samples) for one recording."""
-    x = prepare_signal(recording, spec)
+    x = prepare_signal(recording, spec, interpolate_nan=interpolate_nan, reject_flat=reject_flat)
     if x.shape[1] < spec.samples:
         if not pad:
             raise EcgInputError(

@@ -1,6 +1,12 @@
-"""Readers that turn an ECG on disk or an upload into one ``Recording``."""
+"""Readers that turn an ECG on disk or an upload into one ``Recording``.
+
+This module holds the ``Recording`` type, the WFDB and ``.npy`` readers and ``read_upload``, the one entry
+point for uploads; the other formats (EDF/BDF, ``.npz``, CSV, JSON) and ``.zip`` handling live in
+``services.ecg.formats``.
+"""
 
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -8,10 +14,22 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
-from services.ecg.leads import canonical_lead_name
+from services.ecg.leads import STANDARD_LEADS, canonical_lead_name
 from services.errors import EcgInputError
 
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "μv": 1e-3, "µv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
+
+# Sampling rates accepted from any source. Below 50 Hz nothing of the ECG's band survives (and resampling
+# such a record up to the model's rate could take gigabytes); above 100 kHz the rate ratio to the model's
+# rate no longer has a usable rational approximation.
+MIN_FS_HZ = 50.0
+MAX_FS_HZ = 100_000.0
+
+# Bytes one sample takes in each WFDB storage format whose size is fixed (the FLAC formats 508/516/524 are
+# compressed: their length is not checked before reading).
+_WFDB_BYTES_PER_SAMPLE = {
+    "8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3,
+}  # fmt: skip
 
 
 @dataclass
@@ -29,12 +47,72 @@ class Recording:
         return self.signal.shape[1] / self.fs
 
 
-def read_wfdb(header_path: Path) -> Recording:
-    """Read a WFDB record from its ``.hea`` file; signal files are looked up beside it.
+class ContentTooLargeError(EcgInputError):
+    """The content of an upload (e.g. a .zip once expanded) is over the upload size limit."""
 
-    Channels stored in signal files that are absent are skipped when none of them is a standard
-    lead (e.g. the Frank leads of PTB's ``.xyz`` files); a missing file holding a standard lead, or
-    no signal file at all, is an error naming the file.
+    status_code = 413
+
+
+def check_fs(fs: float | None, source: str, hint: str = "") -> float:
+    """The sampling rate as a float, or an ``EcgInputError`` saying why it cannot be used."""
+    if fs is None:
+        raise EcgInputError(f"{source}: the sampling rate is missing{hint}")
+    try:
+        value = float(fs)
+    except (TypeError, ValueError):
+        raise EcgInputError(f"{source}: the sampling rate {fs!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise EcgInputError(f"{source}: the sampling rate must be a positive number of Hz, got {fs!r}")
+    if not MIN_FS_HZ <= value <= MAX_FS_HZ:
+        raise EcgInputError(
+            f"{source}: a sampling rate of {value:g} Hz is outside the accepted "
+            f"{MIN_FS_HZ:g}-{MAX_FS_HZ:g} Hz"
+        )
+    return value
+
+
+def _check_signal_files(header_path: Path, header: wfdb.Record, file_names: list[str]) -> None:
+    """Refuse signal files named with a path, and files too short for the samples the header declares.
+
+    Checked before wfdb reads anything, so that a header claiming 10^12 samples never gets memory
+    allocated for them and the message names the file.
+    """
+    for name in sorted(set(file_names)):
+        if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
+            raise EcgInputError(
+                f"{header_path.name} names the signal file '{name}': only plain file names beside the header "
+                "are accepted"
+            )
+    if not header.sig_len:
+        return  # no length in the header: wfdb infers it from the file size
+    for name in sorted(set(file_names)):
+        path = header_path.parent / name
+        if not path.is_file():
+            continue
+        channels = [i for i, f in enumerate(file_names) if f == name]
+        fmts = [str(header.fmt[i]) for i in channels]
+        if any(fmt not in _WFDB_BYTES_PER_SAMPLE for fmt in fmts):
+            continue
+        spf = [(header.samps_per_frame or [1] * len(file_names))[i] or 1 for i in channels]
+        frame_bytes = sum(_WFDB_BYTES_PER_SAMPLE[fmt] * n for fmt, n in zip(fmts, spf, strict=True))
+        offset = (header.byte_offset or [None] * len(file_names))[channels[0]] or 0
+        available = max(path.stat().st_size - offset, 0)
+        if available < math.floor(header.sig_len * frame_bytes):
+            raise EcgInputError(
+                f"{header_path.name}: the header declares {header.sig_len} samples but signal file '{name}' "
+                f"holds only {int(available // frame_bytes)} (truncated, or the header's sample count "
+                "is wrong)"
+            )
+
+
+def read_wfdb(header_path: Path) -> Recording:
+    """Read a WFDB record from its ``.hea`` file; signal files (.dat, .mat, ...) are looked up beside it.
+
+    Any storage format wfdb reads works, including the MATLAB ``.mat`` signal files of wfdb2mat and of the
+    PhysioNet/CinC challenges (the header gives the byte offset of the matrix). Channels stored in signal
+    files that are absent are skipped when none of them is a standard lead (e.g. the Frank leads of PTB's
+    ``.xyz`` files); a missing file holding a standard lead, or no signal file at all, is an error naming the
+    file. Signal files must be plain names beside the header (no paths).
     """
     header_path = Path(header_path)
     record_name = str(header_path.with_suffix(""))
@@ -42,11 +120,13 @@ def read_wfdb(header_path: Path) -> Recording:
         header = wfdb.rdheader(record_name)
     except Exception as exc:  # wfdb raises many types for a malformed header
         raise EcgInputError(f"{header_path.name}: not a readable WFDB header ({exc})") from exc
-    if not header.n_sig or not header.sig_len:
+    if not header.n_sig or header.sig_len == 0:
         raise EcgInputError(f"{header_path.name}: the header declares no signal samples")
     if not header.fs or header.fs <= 0:
         raise EcgInputError(f"{header_path.name}: the header has no valid sampling frequency")
+    check_fs(header.fs, header_path.name)
     file_names = list(header.file_name or [])
+    _check_signal_files(header_path, header, file_names)
     present = [i for i, name in enumerate(file_names) if (header_path.parent / name).is_file()]
     for name in sorted(set(file_names)):
         if (header_path.parent / name).is_file():
@@ -65,11 +145,13 @@ def read_wfdb(header_path: Path) -> Recording:
             f"(truncated or wrong format?): {exc}"
         ) from exc
     signal = np.asarray(record.p_signal, dtype=np.float64).T  # (channels, samples)
-    if signal.shape[1] != header.sig_len:
+    if header.sig_len and signal.shape[1] != header.sig_len:
         raise EcgInputError(
             f"{header_path.name}: the header declares {header.sig_len} samples but the signal file "
             f"holds {signal.shape[1]}"
         )
+    if signal.shape[1] == 0:
+        raise EcgInputError(f"{header_path.name}: the signal files hold no samples")
     units = record.units or [""] * len(present)
     for row, unit in enumerate(units):
         factor = _UNIT_TO_MV.get((unit or "").strip().lower())
@@ -85,15 +167,36 @@ def read_wfdb(header_path: Path) -> Recording:
     )
 
 
-def read_npy(data: bytes, fs: float | None, lead_names: list[str] | None, source: str) -> Recording:
-    """A ``.npy`` array of leads x samples (mV); the sampling rate must be given."""
-    if fs is None or fs <= 0:
-        raise EcgInputError(f"{source}: a .npy upload needs its sampling rate: send the form field 'fs' (Hz)")
+def load_npy(data: bytes, source: str) -> np.ndarray:
+    """A ``.npy`` array from bytes; refuses pickles and headers that claim more data than the file holds."""
+    stream = io.BytesIO(data)
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     except Exception as exc:
         raise EcgInputError(f"{source}: not a NumPy .npy array ({exc})") from exc
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+    needed = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and needed > len(data) - stream.tell():
+        raise EcgInputError(
+            f"{source}: the array header declares shape {tuple(shape)} of {dtype} ({needed} bytes) but "
+            f"the file holds {len(data) - stream.tell()} bytes of data (truncated?)"
+        )
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:
+        raise EcgInputError(f"{source}: not a NumPy .npy array ({exc})") from exc
+
+
+def recording_from_array(
+    array: np.ndarray, fs: float | None, lead_names: list[str] | None, source: str, fs_hint: str = ""
+) -> Recording:
+    """Check a numeric 2-D array of leads x samples (mV) with its rate and names; return the ``Recording``."""
+    if array.ndim != 2 or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
         raise EcgInputError(
             f"{source}: expected a numeric 2-D array of leads x samples, got shape {array.shape} "
             f"of {array.dtype}"
@@ -105,16 +208,22 @@ def read_npy(data: bytes, fs: float | None, lead_names: list[str] | None, source
             f"{source}: shape {array.shape} looks like samples x leads; expected leads x samples "
             "(transpose it)"
         )
+    fs = check_fs(fs, source, fs_hint)
     names = lead_names or _default_names(array.shape[0], source)
     if len(names) != array.shape[0]:
         raise EcgInputError(f"{source}: {len(names)} lead names given for {array.shape[0]} rows")
-    return Recording(signal=array.astype(np.float32), fs=float(fs), lead_names=names, source=source)
+    return Recording(signal=array.astype(np.float32), fs=fs, lead_names=list(names), source=source)
+
+
+def read_npy(data: bytes, fs: float | None, lead_names: list[str] | None, source: str) -> Recording:
+    """A ``.npy`` array of leads x samples (mV); the sampling rate must be given."""
+    if fs is None or fs <= 0:
+        raise EcgInputError(f"{source}: a .npy upload needs its sampling rate: send the form field 'fs' (Hz)")
+    return recording_from_array(load_npy(data, source), fs, lead_names, source)
 
 
 def _default_names(n_rows: int, source: str) -> list[str]:
     if n_rows == 12:
-        from services.ecg.leads import STANDARD_LEADS
-
         return list(STANDARD_LEADS)
     raise EcgInputError(
         f"{source}: {n_rows} rows without lead names; send 'leads' (comma-separated names) or 12 rows "
@@ -124,19 +233,40 @@ def _default_names(n_rows: int, source: str) -> list[str]:
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
+ACCEPTED_UPLOADS = (
+    "a WFDB record (one .hea plus the signal files it names, e.g. .dat or .mat, sent as separate files or "
+    "together in one .zip), one EDF/EDF+/BDF file (.edf, .bdf), one .npy or .npz array of leads x samples "
+    "(form field 'fs' unless the .npz holds it), one .csv (header row of lead names, one column per lead; "
+    "form field 'fs' or a 'time' column in seconds) or one .json "
+    '({"fs": 500, "leads": ["I", ...], "signal": [[...], ...]})'
+)
+
 
 def read_upload(
     files: dict[str, bytes], workdir: Path, fs: float | None = None, lead_names: list[str] | None = None
 ) -> Recording:
-    """Read one ECG sent as files (name -> content): a WFDB header with its signal files, or a ``.npy``.
+    """Read one ECG sent as files (name -> content); see ``ACCEPTED_UPLOADS`` for what is understood.
 
-    ``workdir`` is an empty temporary directory the caller removes afterwards.
+    ``workdir`` is an empty temporary directory the caller removes afterwards: nothing is written outside
+    it. ``fs`` and ``lead_names`` are the client's form fields: required where the file does not carry them
+    (.npy, CSV without a time column), they override what a .npz or JSON file says, and are ignored for the
+    self-describing WFDB and EDF formats.
     """
+    from services.ecg import formats  # formats imports this module
+
     if not files:
-        raise EcgInputError("no file uploaded: send a WFDB record (.hea with its .dat) or a .npy array")
+        raise EcgInputError(f"no file uploaded: send {ACCEPTED_UPLOADS}")
     for name in files:
         if not _SAFE_NAME.match(name) or name.startswith("."):
             raise EcgInputError(f"file name '{name}' is not allowed: use letters, digits, '.', '_' and '-'")
+    workdir = Path(workdir)
+    zips = [name for name in files if name.lower().endswith(".zip")]
+    if zips:
+        if len(files) > 1:
+            raise EcgInputError(
+                f"a .zip must be uploaded alone (got {', '.join(files)}): put the whole record in the .zip"
+            )
+        return formats.read_zip(files[zips[0]], zips[0], workdir, fs, lead_names)
     headers = [name for name in files if name.lower().endswith(".hea")]
     if len(headers) > 1:
         raise EcgInputError(
@@ -146,11 +276,16 @@ def read_upload(
         for name, content in files.items():
             (workdir / name).write_bytes(content)
         return read_wfdb(workdir / headers[0])
-    npys = [name for name in files if name.lower().endswith(".npy")]
-    if len(npys) == 1 and len(files) == 1:
-        return read_npy(files[npys[0]], fs, lead_names, npys[0])
+    if len(files) == 1:
+        name, content = next(iter(files.items()))
+        recording = formats.read_single_file(name, content, workdir, fs, lead_names)
+        if recording is not None:
+            return recording
     names = ", ".join(files)
-    raise EcgInputError(
-        f"cannot read the upload ({names}): expected a WFDB record (one .hea plus the signal files it "
-        "names, e.g. .dat) or one .npy array of leads x samples with the form field 'fs'"
-    )
+    signal_files = [n for n in files if n.lower().endswith((".dat", ".mat"))]
+    if signal_files:
+        raise EcgInputError(
+            f"cannot read the upload ({names}): WFDB signal files ({', '.join(signal_files)}) need their "
+            f".hea header; expected {ACCEPTED_UPLOADS}"
+        )
+    raise EcgInputError(f"cannot read the upload ({names}): expected {ACCEPTED_UPLOADS}")
