@@ -84,7 +84,7 @@ def start_service(env: dict[str, str], commands: list[list[str]], tmp: Path) -> 
             )
         )
     service = Service(
-        f"http://127.0.0.1:{port}", env["ECGSSL_DATABASE_URL"], env["ECGSSL_BROKER_URL"], processes, logs
+        f"http://127.0.0.1:{port}", env["ECGSSL_DATABASE_URL"], env["ECGSSL_BROKER_URL"], processes, logs, env
     )
     deadline = time.monotonic() + 120
     with service.client() as client:
@@ -138,33 +138,12 @@ def production_service(tmp_path_factory: pytest.TempPathFactory, data_dir: Path)
     """api (uvicorn) + a prefork Celery worker on the machine's PostgreSQL and Redis."""
     tmp = tmp_path_factory.mktemp("prod")
     env = base_env(tmp, fresh_postgres_url(), fresh_redis_url())
-    env["ECGSSL_VISIBILITY_TIMEOUT_S"] = "8"  # a task lost with its worker is redelivered after 8 s
     py = sys.executable
     migrate = subprocess.run([py, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, capture_output=True)
     assert migrate.returncode == 0, migrate.stderr.decode()
     service = start_service(
         env,
-        [
-            [py, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"],
-            [
-                py,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-Q",
-                "gpu",
-                "-c",
-                "1",
-                "--prefetch-multiplier",
-                "1",
-                "-n",
-                "e2e@%h",
-                "-l",
-                "info",
-            ],
-        ],  # fmt: skip
+        [[py, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"], WORKER_COMMAND],
         tmp,
     )
     yield service
