@@ -12,10 +12,14 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 import redis
+
+if TYPE_CHECKING:
+    from fastapi.testclient import TestClient
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -131,3 +135,59 @@ def tmp_artifacts() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ecgssl-art-", dir=_tmp))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator["TestClient"]:
+    """The FastAPI app in-process, on this run's PostgreSQL and Redis."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app()) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Change ECGSSL_* settings for one test; the cached settings are rebuilt before and after."""
+    from services.config import get_settings
+
+    get_settings.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def registered_tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple:
+    """A tiny random-weight ST-MEM encoder exported to ONNX and registered: (name@version, encoder)."""
+    import torch
+
+    from services.db.session import session_scope
+    from services.ecg.preprocess import InputSpec, preprocess
+    from services.ecg.recording import read_wfdb
+    from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
+    from services.models.st_mem import SIZES, StMemEncoder
+    from services.registry import register_model_version
+
+    torch.manual_seed(0)
+    encoder = StMemEncoder(SIZES["tiny"]).eval()
+    spec = InputSpec()
+    windows = preprocess(read_wfdb(data_dir / "ptbxl-500/records500/00000/00001_hr.hea"), spec)
+    path = tmp_path_factory.mktemp("model") / "encoder.onnx"
+    export_encoder(encoder, torch.from_numpy(windows[:1]), path)
+    with session_scope() as s:
+        version = register_model_version(
+            s,
+            name=f"test-tiny-{uuid.uuid4().hex[:6]}",
+            method="st_mem",
+            source_job_id=None,
+            onnx_path=str(path),
+            sha256=sha256_file(path),
+            input_spec=spec.to_dict(),
+            embedding_dim=SIZES["tiny"].width,
+            parity_max_abs_diff=parity_max_abs_diff(encoder, path, windows),
+            metrics={},
+        )
+        return version.ref, encoder

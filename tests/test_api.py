@@ -9,7 +9,6 @@ import json
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,60 +18,20 @@ import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select, text
 
-from api.main import create_app
 from services.config import get_settings
 from services.db.models import Dataset
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.recording import read_wfdb
-from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
 from services.models.st_mem import SIZES, StMemEncoder
-from services.registry import register_model_version
 from services.workers import beat, forget
 
 HR_RECORD = "ptbxl-500/records500/00000/00001_hr"
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with TestClient(create_app()) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """Change ECGSSL_* settings for one test; the cached settings are rebuilt before and after."""
-    get_settings.cache_clear()
-    yield monkeypatch
-    monkeypatch.undo()
-    get_settings.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[str, StMemEncoder]:
-    """A tiny random-weight ST-MEM encoder exported to ONNX and registered: (name@version, encoder)."""
-    torch.manual_seed(0)
-    encoder = StMemEncoder(SIZES["tiny"]).eval()
-    spec = InputSpec()
-    windows = preprocess(read_wfdb(data_dir / f"{HR_RECORD}.hea"), spec)
-    path = tmp_path_factory.mktemp("model") / "encoder.onnx"
-    export_encoder(encoder, torch.from_numpy(windows[:1]), path)
-    name = f"test-tiny-{uuid.uuid4().hex[:6]}"
-    with session_scope() as s:
-        version = register_model_version(
-            s,
-            name=name,
-            method="st_mem",
-            source_job_id=None,
-            onnx_path=str(path),
-            sha256=sha256_file(path),
-            input_spec=spec.to_dict(),
-            embedding_dim=SIZES["tiny"].width,
-            parity_max_abs_diff=parity_max_abs_diff(encoder, path, windows),
-            metrics={},
-        )
-        ref = version.ref
-    return ref, encoder
+def tiny_model(registered_tiny_model: tuple[str, StMemEncoder]) -> tuple[str, StMemEncoder]:
+    return registered_tiny_model
 
 
 def wfdb_files(record: Path, *suffixes: str) -> list[tuple[str, tuple[str, bytes]]]:

@@ -19,17 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from api.main import create_app
 from services.config import get_settings
-from services.db.session import session_scope
-from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.recording import Recording, read_wfdb
-from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
-from services.models.st_mem import SIZES, StMemEncoder
-from services.registry import register_model_version
 from tests.conftest import ROOT
 from tests.test_readers import (
     as_cinc_mat,
@@ -47,43 +40,8 @@ MARK = f"ecgssl-t{uuid.uuid4().hex[:8]}"  # in every uploaded name, to look for 
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with TestClient(create_app()) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """Change ECGSSL_* settings for one test; the cached settings are rebuilt before and after."""
-    get_settings.cache_clear()
-    yield monkeypatch
-    monkeypatch.undo()
-    get_settings.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> str:
-    """A tiny random-weight ST-MEM encoder exported to ONNX and registered: its name@version."""
-    torch.manual_seed(0)
-    encoder = StMemEncoder(SIZES["tiny"]).eval()
-    spec = InputSpec()
-    windows = preprocess(read_wfdb(data_dir / f"{RECORD}.hea"), spec)
-    path = tmp_path_factory.mktemp("model") / "encoder.onnx"
-    export_encoder(encoder, torch.from_numpy(windows[:1]), path)
-    with session_scope() as s:
-        version = register_model_version(
-            s,
-            name=f"test-bad-input-{uuid.uuid4().hex[:6]}",
-            method="st_mem",
-            source_job_id=None,
-            onnx_path=str(path),
-            sha256=sha256_file(path),
-            input_spec=spec.to_dict(),
-            embedding_dim=SIZES["tiny"].width,
-            parity_max_abs_diff=parity_max_abs_diff(encoder, path, windows),
-            metrics={},
-        )
-        return version.ref
+def tiny_model(registered_tiny_model: tuple) -> str:
+    return registered_tiny_model[0]
 
 
 @dataclass

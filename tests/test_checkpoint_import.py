@@ -21,7 +21,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from api.main import create_app
 from services.config import get_settings
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
@@ -182,12 +181,6 @@ def root(reference: dict[str, dict], data_dir: Path) -> Iterator[Root]:
         shutil.rmtree(path, ignore_errors=True)
         if TIMINGS:
             print("\ncheckpoint import timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in TIMINGS.items()))
-
-
-@pytest.fixture(scope="module")
-def client() -> Iterator[TestClient]:
-    with TestClient(create_app()) as test_client:
-        yield test_client
 
 
 @pytest.fixture
