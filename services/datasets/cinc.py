@@ -11,10 +11,9 @@ from services.datasets.base import EcgDataset
 from services.datasets.wfdb_folder import (
     HeaderInfo,
     file_inside,
-    find_headers,
     header_summary,
     read_header_info,
-    record_name,
+    scan_folder,
 )
 from services.ecg.recording import Recording, read_wfdb
 from services.errors import DatasetError
@@ -46,12 +45,7 @@ class CincDataset(EcgDataset):
 
     def __init__(self, root: Path, mapping_csv: str | None = None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"'{self.root.name}' is not a folder of CinC (WFDB) records")
-        self.headers = find_headers(self.root)
-        if not self.headers:
-            raise DatasetError(f"'{self.root.name}': no WFDB header (.hea) found in the folder")
-        self.names = [record_name(self.root, h) for h in self.headers]
+        self.headers, self.names = scan_folder(self.root, "CinC (WFDB)")
         self.infos: list[HeaderInfo] = [read_header_info(h) for h in self.headers]
         self.codes: list[list[str]] = [dx_codes(info.comments) or [] for info in self.infos]
         if mapping_csv is not None:

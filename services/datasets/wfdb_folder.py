@@ -166,6 +166,16 @@ def header_summary(dataset: EcgDataset, infos: Sequence[HeaderInfo]) -> dict:
     )
 
 
+def scan_folder(root: Path, what: str) -> tuple[list[Path], list[str]]:
+    """The WFDB headers under ``root`` (recursive, sorted) and their record names; an error if none."""
+    if not root.is_dir():
+        raise DatasetError(f"'{root.name}' is not a folder of {what} records")
+    headers = find_headers(root)
+    if not headers:
+        raise DatasetError(f"'{root.name}': no WFDB header (.hea) found in the folder")
+    return headers, [record_name(root, h) for h in headers]
+
+
 class WfdbFolderDataset(EcgDataset):
     """Every WFDB record under a folder (recursive, sorted by relative path), optionally labelled.
 
@@ -180,12 +190,7 @@ class WfdbFolderDataset(EcgDataset):
 
     def __init__(self, root: Path, labels_csv: str | None = None):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"'{self.root.name}' is not a folder of WFDB records")
-        self.headers = find_headers(self.root)
-        if not self.headers:
-            raise DatasetError(f"'{self.root.name}': no WFDB header (.hea) found in the folder")
-        self.names = [record_name(self.root, h) for h in self.headers]
+        self.headers, self.names = scan_folder(self.root, "WFDB")
         self._infos: list[HeaderInfo] | None = None
         if labels_csv is not None:
             csv_path = file_inside(self.root, labels_csv, "labels_csv")
