@@ -118,9 +118,7 @@ def main() -> None:
         features = embed_all(encoder.float().cpu(), labelled, spec)
         probe = linear_probe(features, labels, train_idx, val_idx, test_idx, SUPERCLASSES)
         rows.append((name, probe))
-        print(
-            f"{name}: C={probe.c} val AUROC {probe.val_macro_auroc:.3f} test {probe.test_macro_auroc:.3f}"
-        )
+        print(f"{name}: C={probe.c} val AUROC {probe.val_macro_auroc:.3f} test {probe.test_macro_auroc:.3f}")
 
     header = (
         "| encoder | val macro AUROC (fold 9) | test macro AUROC (fold 10) | "
