@@ -19,7 +19,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -29,14 +28,13 @@ from services.db.models import Model, ModelVersion
 from services.ecg.preprocess import InputSpec, preprocess, standardise
 from services.ecg.recording import read_wfdb
 from services.errors import ClientError, ConflictError, DatasetError, EcgInputError
-from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
+from services.export.onnx import export_checked, sha256_file
 from services.models.checkpoints import FORMATS, load_encoder
 from services.registry import register_model_version
 
 log = logging.getLogger(__name__)
 
 PARITY_RECORDS = 4  # one centre window each; a ViT-B forward of 4 windows takes ~3 s on 2 CPU cores
-PARITY_TOLERANCE = 1e-3  # as for trained encoders (services.pretraining)
 _PTBXL_PATTERNS = ("*/records500/*/*_hr.hea", "*/records100/*/*_lr.hea")
 
 
@@ -131,12 +129,7 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
     out_dir = Path(settings.artifact_dir) / "imports" / str(uuid.uuid4())
     onnx_path = out_dir / "encoder.onnx"
     try:
-        export_encoder(encoder, torch.from_numpy(windows[:1]), onnx_path)
-        parity = parity_max_abs_diff(encoder, onnx_path, windows)
-        if not parity <= PARITY_TOLERANCE:
-            raise RuntimeError(
-                f"ONNX export disagrees with PyTorch: max abs difference {parity:.2e} > {PARITY_TOLERANCE}"
-            )
+        parity = export_checked(encoder, windows, onnx_path)
         version = register_model_version(
             session,
             name=name,

@@ -17,7 +17,7 @@ from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
-from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
+from services.export.onnx import export_checked, sha256_file
 from services.jobs import PretrainParams
 from services.models.st_mem import SIZES, StMemMae
 from services.registry import register_model_version
@@ -193,10 +193,7 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
     )
     windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
     onnx_path = job_dir / "encoder.onnx"
-    export_encoder(encoder, torch.from_numpy(windows[:1]), onnx_path)
-    parity = parity_max_abs_diff(encoder, onnx_path, windows)
-    if parity > 1e-3:
-        raise RuntimeError(f"ONNX export disagrees with PyTorch: max abs difference {parity:.2e} > 1e-3")
+    parity = export_checked(encoder, windows, onnx_path)
 
     with session_scope() as s:
         history = s.get(Job, job_id).metrics

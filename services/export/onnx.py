@@ -41,6 +41,21 @@ def parity_max_abs_diff(encoder: nn.Module, path: Path, windows: np.ndarray) -> 
     return float(np.abs(expected - got).max())
 
 
+PARITY_TOLERANCE = 1e-3  # largest PyTorch-vs-ONNX difference a registered model version may have
+
+
+def export_checked(encoder: nn.Module, windows: np.ndarray, path: Path) -> float:
+    """Export ``encoder`` to ``path`` and return its parity on ``windows`` (real records); raise if over
+    ``PARITY_TOLERANCE`` (NaN included)."""
+    export_encoder(encoder, torch.from_numpy(windows[:1]), path)
+    parity = parity_max_abs_diff(encoder, path, windows)
+    if not parity <= PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"ONNX export disagrees with PyTorch: max abs difference {parity:.2e} > {PARITY_TOLERANCE}"
+        )
+    return parity
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
