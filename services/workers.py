@@ -2,6 +2,7 @@
 
 import uuid
 from datetime import timedelta
+from functools import lru_cache
 
 from sqlalchemy import delete, select, update
 
@@ -10,10 +11,15 @@ from services.db.models import Job, JobStatus, Worker, utcnow
 from services.db.session import session_scope
 
 
-def beat(hostname: str) -> None:
+@lru_cache(maxsize=1)
+def _device_name() -> str:
     import torch  # only workers beat; the gateway never loads torch
 
-    device = "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def beat(hostname: str) -> None:
+    device = _device_name()
     with session_scope() as s:
         worker = s.get(Worker, hostname)
         if worker is None:
