@@ -34,6 +34,13 @@ class Settings(BaseSettings):
         48 * 3600, description="broker redelivers an unacknowledged task after this (longer than any job)"
     )
     default_model: str | None = Field(None, description="model served when a request names none")
+    train_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="processes (one per GPU) a training job runs under torchrun; 0 = one per visible CUDA "
+        "GPU, 1 on the CPU; above 1 on the CPU: that many gloo processes",
+    )
 
 
 @lru_cache

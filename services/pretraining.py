@@ -1,9 +1,12 @@
 """Pretraining jobs: parameters, and the run that trains, exports, checks and registers an encoder."""
 
 import logging
+import os
+import sys
 import time
 import traceback
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +15,25 @@ from pydantic import ValidationError
 
 from services.config import get_settings
 from services.dataset_registry import dataset_for_job, open_registered
-from services.datasets.cache import preprocessed
+from services.datasets.cache import PreprocessedCache, preprocessed
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
 from services.jobs import PretrainParams
-from services.models.st_mem import SIZES, StMemMae
+from services.models.st_mem import SIZES, StMemConfig, StMemMae
 from services.registry import register_model_version
-from services.training.loop import Cancelled, CropDataset, Progress, TrainConfig, pick_device, train
+from services.training.distributed import die_with_parent, is_main_process, log_tail, run_torchrun
+from services.training.loop import (
+    Cancelled,
+    CropDataset,
+    Progress,
+    TrainConfig,
+    TrainResult,
+    pick_device,
+    train,
+)
 from services.workers import live_instances
 
 log = logging.getLogger(__name__)
@@ -30,13 +42,16 @@ log = logging.getLogger(__name__)
 class JobReporter:
     """Writes a job's progress into the database (throttled) and answers 'was a cancel requested?'."""
 
-    def __init__(self, job_id: uuid.UUID, cancel_poll_s: float = 0.5):
+    def __init__(self, job_id: uuid.UUID, cancel_poll_s: float = 0.5, writes: bool = True):
         self.job_id = job_id
         self.cancel_poll_s = cancel_poll_s
+        self.writes = writes  # False on the torchrun ranks other than 0: one process reports
         self._last_poll = 0.0
         self._cancelled = False
 
     def update(self, **fields) -> None:
+        if not self.writes:
+            return
         with session_scope() as s:
             job = s.get(Job, self.job_id)
             for key, value in fields.items():
@@ -119,13 +134,56 @@ def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
     return status
 
 
+@dataclass
+class TrainingPlan:
+    """A job's training data, prepared once by the worker; every torchrun process re-opens it."""
+
+    cfg: StMemConfig
+    spec: InputSpec
+    cache: PreprocessedCache
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    job_dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.job_dir / "checkpoint.pt"
+
+
+def training_processes(requested: int, device: torch.device) -> int:
+    """How many processes train a job: the setting, or 0 = one per visible CUDA GPU (1 on the CPU)."""
+    if requested == 0:
+        return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
+    if device.type == "cuda" and requested > torch.cuda.device_count():
+        raise ValueError(
+            f"ECGSSL_TRAIN_PROCESSES={requested} but only {torch.cuda.device_count()} CUDA GPU(s) are visible"
+        )
+    return requested
+
+
 def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> None:
     settings = get_settings()
     device = pick_device(settings.device)
+    processes = training_processes(settings.train_processes, device)
+    if params.batch_size % processes:
+        raise ClientError(
+            f"batch_size {params.batch_size} must be divisible by the {processes} training processes "
+            "of this worker (the global batch is split evenly between them)"
+        )
+    plan = _plan(job_id, params, reporter)
+    if processes > 1:
+        mae, resumed_from = _fit_under_torchrun(job_id, plan, reporter, processes, device)
+    else:
+        mae, result = _fit(plan, params, reporter, device)
+        resumed_from = result.resumed_from_epoch
+    _export_and_register(job_id, params, plan, mae, resumed_from, reporter)
+
+
+def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> TrainingPlan:
+    """Open the dataset, build (or re-open) its preprocessed cache, hold out the validation records."""
+    settings = get_settings()
     cfg = SIZES[params.model_size]
     spec = InputSpec(samples=cfg.seq_len)
-    job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
-
     reporter.phase("opening the dataset")
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -155,18 +213,27 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
         raise ClientError(
             f"dataset '{params.dataset}' has {len(train_idx)} usable training segment(s); need >= 2"
         )
+    job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
+    return TrainingPlan(cfg, spec, cache, train_idx, val_idx, job_dir)
 
+
+def _fit(
+    plan: TrainingPlan, params: PretrainParams, reporter: JobReporter, device: torch.device
+) -> tuple[StMemMae, TrainResult]:
+    """Train the MAE (resuming from the job's checkpoint if there is one); under torchrun every process
+    runs this, and the loop lets only rank 0 report and write checkpoints."""
     torch.manual_seed(params.seed)
-    model = StMemMae(cfg)
-    objective = _MaskedObjective(model, params.mask_ratio)
-    checkpoint = job_dir / "checkpoint.pt"
+    model = StMemMae(plan.cfg)
     resuming = (
-        " (resuming from its last checkpoint: the task was redelivered)" if checkpoint.is_file() else ""
+        " (resuming from its last checkpoint: the task was redelivered)" if plan.checkpoint.is_file() else ""
     )
-    reporter.phase(f"training on {device.type}: {len(train_idx)} segments, {len(val_idx)} held out{resuming}")
+    reporter.phase(
+        f"training on {device.type}: {len(plan.train_idx)} segments, {len(plan.val_idx)} held out{resuming}"
+    )
+    signals, samples = plan.cache.signals, plan.spec.samples
     result = train(
-        objective,
-        CropDataset(cache.signals, spec.samples, random_crop=True, seed=params.seed, indices=train_idx),
+        _MaskedObjective(model, params.mask_ratio),
+        CropDataset(signals, samples, random_crop=True, seed=params.seed, indices=plan.train_idx),
         TrainConfig(
             epochs=params.epochs,
             batch_size=params.batch_size,
@@ -177,22 +244,56 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
             checkpoint_every=params.checkpoint_every,
         ),
         device,
-        checkpoint_path=checkpoint,
-        val_set=CropDataset(cache.signals, spec.samples, random_crop=False, indices=val_idx)
-        if n_val
+        checkpoint_path=plan.checkpoint,
+        val_set=CropDataset(signals, samples, random_crop=False, indices=plan.val_idx)
+        if len(plan.val_idx)
         else None,
         on_progress=reporter.progress,
         on_epoch=reporter.epoch_metrics,
         should_cancel=reporter.should_cancel,
     )
+    return model, result
 
-    reporter.phase("exporting the encoder to ONNX")
-    encoder = model.encoder.to("cpu").eval()
-    check = CropDataset(
-        cache.signals, spec.samples, random_crop=False, indices=(val_idx if n_val else train_idx)[:8]
+
+def _fit_under_torchrun(
+    job_id: uuid.UUID, plan: TrainingPlan, reporter: JobReporter, processes: int, device: torch.device
+) -> tuple[StMemMae, int]:
+    """Train in ``processes`` torchrun processes (``main`` below), then load the final checkpoint."""
+    resumed_from = (
+        int(torch.load(plan.checkpoint, mmap=True, weights_only=False)["epoch"])
+        if plan.checkpoint.is_file()
+        else 0
     )
+    reporter.phase(f"starting {processes} training processes under torchrun on {device.type}")
+    threads = None if device.type == "cuda" else max(1, (os.cpu_count() or 1) // processes)
+    log_path = plan.job_dir / "torchrun.log"
+    code = run_torchrun("services.pretraining", [str(job_id)], processes, log_path, threads)
+    if code != 0:
+        if reporter.should_cancel():
+            raise Cancelled("cancelled during training under torchrun")
+        raise RuntimeError(
+            f"torchrun training exited with code {code}; last lines of {log_path}:\n" + log_tail(log_path)
+        )
+    mae = StMemMae(plan.cfg)
+    state = torch.load(plan.checkpoint, map_location="cpu", weights_only=False)
+    _MaskedObjective(mae, 0.75).load_state_dict(state["model"])
+    return mae, resumed_from
+
+
+def _export_and_register(
+    job_id: uuid.UUID,
+    params: PretrainParams,
+    plan: TrainingPlan,
+    mae: StMemMae,
+    resumed_from: int,
+    reporter: JobReporter,
+) -> None:
+    reporter.phase("exporting the encoder to ONNX")
+    encoder = mae.encoder.to("cpu").eval()
+    check_idx = (plan.val_idx if len(plan.val_idx) else plan.train_idx)[:8]
+    check = CropDataset(plan.cache.signals, plan.spec.samples, random_crop=False, indices=check_idx)
     windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
-    onnx_path = job_dir / "encoder.onnx"
+    onnx_path = plan.job_dir / "encoder.onnx"
     parity = export_checked(encoder, windows, onnx_path)
 
     with session_scope() as s:
@@ -205,15 +306,15 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
             source_job_id=job_id,
             onnx_path=str(onnx_path.resolve()),
             sha256=sha256_file(onnx_path),
-            input_spec=spec.to_dict(),
-            embedding_dim=cfg.width,
+            input_spec=plan.spec.to_dict(),
+            embedding_dim=plan.cfg.width,
             parity_max_abs_diff=parity,
             metrics={
                 **final,
-                "records": len(cache.record_ids),
-                "train_segments": len(train_idx),
-                "skipped_records": len(cache.meta["skipped"]),
-                "resumed_from_epoch": result.resumed_from_epoch,
+                "records": len(plan.cache.record_ids),
+                "train_segments": len(plan.train_idx),
+                "skipped_records": len(plan.cache.meta["skipped"]),
+                "resumed_from_epoch": resumed_from,
                 "model_size": params.model_size,
             },
         )
@@ -229,3 +330,23 @@ class _MaskedObjective(torch.nn.Module):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.mae(batch, self.mask_ratio)
+
+
+def main(argv: list[str]) -> None:
+    """One torchrun process of a job (``torch.distributed.run ... -m services.pretraining <job id>``).
+
+    Every process re-opens the plan (the worker built the cache already) and trains; rank 0 alone writes
+    progress, epoch metrics and checkpoints. The worker exports and registers once they have all exited.
+    """
+    die_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(process)d %(levelname)s %(message)s")
+    job_id = uuid.UUID(argv[0])
+    with session_scope() as s:
+        params = PretrainParams.model_validate(dict(s.get(Job, job_id).params))
+    reporter = JobReporter(job_id, writes=is_main_process())
+    plan = _plan(job_id, params, reporter)
+    _fit(plan, params, reporter, pick_device(get_settings().device))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

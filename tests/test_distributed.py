@@ -258,3 +258,96 @@ def test_masking_noise_is_the_global_batch_rows():
         mae.set_data_shard(rank, 3)
         torch.manual_seed(5)
         torch.testing.assert_close(mae.masking_noise(2, 12, 30, CPU), full[rank::3])
+
+
+def test_a_pretraining_job_starts_itself_under_torchrun(
+    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+) -> None:
+    """ECGSSL_TRAIN_PROCESSES=2: the worker launches torchrun (2 gloo processes), rank 0 alone reports, the
+    worker exports and registers; the epochs' losses are those of the same job in one process."""
+    from services.db.models import Job, ModelVersion
+    from services.db.session import session_scope
+    from services.jobs import PretrainParams, create_job
+    from services.pretraining import run_pretrain_job
+
+    settings_env.setenv("ECGSSL_DEVICE", "cpu")
+    params = PretrainParams(
+        dataset="ptbxl-500", epochs=2, batch_size=8, learning_rate=1e-3, record_limit=30, checkpoint_every=1
+    )
+    runs = {}
+    for processes in (1, 2):
+        settings_env.setenv("ECGSSL_TRAIN_PROCESSES", str(processes))
+        from services.config import get_settings
+
+        get_settings.cache_clear()
+        with session_scope() as s:
+            job_id = create_job(s, "pretrain", params, params.epochs).id
+        assert run_pretrain_job(job_id, worker="test-worker") == "succeeded"
+        with session_scope() as s:
+            job = s.get(Job, job_id)
+            assert job.status == "succeeded", job.error
+            losses = [(m.epoch, m.value) for m in job.metrics if m.name == "train_loss"]
+            version = s.query(ModelVersion).filter_by(source_job_id=job_id).one()
+            runs[processes] = (sorted(losses), version.metrics, job_id)
+    log = Path(get_settings().artifact_dir) / "jobs" / str(runs[2][2]) / "torchrun.log"
+    assert log.is_file() and "rank" in log.read_text()  # the processes ran under torchrun and logged there
+    assert not (Path(get_settings().artifact_dir) / "jobs" / str(runs[1][2]) / "torchrun.log").exists()
+    one, two = runs[1][0], runs[2][0]
+    assert [e for e, _ in two] == [1, 2]  # each epoch recorded once, by rank 0 alone
+    # same global batches and masks; bf16 autocast rounding differs a little with the per-process batch
+    np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=5e-3)
+    assert runs[2][1]["train_segments"] == runs[1][1]["train_segments"]
+
+
+def test_a_batch_that_does_not_split_between_processes_fails_the_job_clearly(
+    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+) -> None:
+    from services.db.models import Job
+    from services.db.session import session_scope
+    from services.jobs import PretrainParams, create_job
+    from services.pretraining import run_pretrain_job
+
+    settings_env.setenv("ECGSSL_DEVICE", "cpu")
+    settings_env.setenv("ECGSSL_TRAIN_PROCESSES", "2")
+    params = PretrainParams(dataset="ptbxl-500", epochs=1, batch_size=7, record_limit=12)
+    with session_scope() as s:
+        job_id = create_job(s, "pretrain", params, params.epochs).id
+    assert run_pretrain_job(job_id, worker="test-worker") == "failed"
+    with session_scope() as s:
+        error = s.get(Job, job_id).error
+    assert "batch_size 7" in error and "2 training processes" in error
+
+
+def test_cancelling_a_torchrun_job_stops_every_process(
+    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+) -> None:
+    import subprocess
+    import threading
+
+    from services.db.models import Job
+    from services.db.session import session_scope
+    from services.jobs import PretrainParams, create_job, request_cancel
+    from services.pretraining import run_pretrain_job
+
+    settings_env.setenv("ECGSSL_DEVICE", "cpu")
+    settings_env.setenv("ECGSSL_TRAIN_PROCESSES", "2")
+    params = PretrainParams(dataset="ptbxl-500", epochs=500, batch_size=4, record_limit=12)
+    with session_scope() as s:
+        job_id = create_job(s, "pretrain", params, params.epochs).id
+    outcome: list[str] = []
+    runner = threading.Thread(target=lambda: outcome.append(run_pretrain_job(job_id, worker="test-worker")))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            if (s.get(Job, job_id).step or 0) > 0:  # rank 0 is reporting steps: training is under way
+                request_cancel(s, job_id)
+                break
+        time.sleep(0.2)
+    runner.join(timeout=60)
+    assert outcome == ["cancelled"]
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job.status == "cancelled" and job.epoch < params.epochs
+    left = subprocess.run(["pgrep", "-f", f"services.pretraining {job_id}"], capture_output=True, text=True)
+    assert left.stdout.strip() == ""  # no training process outlives the job

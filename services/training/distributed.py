@@ -21,11 +21,19 @@ sub-module that has it. ``StMemMae`` then draws the noise of the whole global ba
 same RNG state: same seed, same draws) and keeps the rows of its own samples.
 
 Without torchrun (``WORLD_SIZE`` unset or 1) everything here is a no-op: a ``DistContext`` of one rank.
+
+Jobs start themselves under torchrun: ``run_torchrun`` launches ``python -m torch.distributed.run
+--standalone`` from the worker (``services.pretraining`` is the module each process runs).
 """
 
+import ctypes
 import logging
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -193,3 +201,36 @@ def is_main_process() -> bool:
     (export, register, report) checks this."""
     env = torchrun_env()
     return env is None or env.rank == 0
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this process when its parent dies: a worker killed mid-job
+    leaves no torchrun processes behind to train on (the redelivered job starts its own). Elsewhere
+    a no-op."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def run_torchrun(module: str, args: list[str], processes: int, log_path: Path, threads: int | None) -> int:
+    """Run ``python -m module *args`` as ``processes`` torchrun processes on this machine; returns the
+    exit code. Their output goes to ``log_path``; ``threads`` sets each process's OMP_NUM_THREADS."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+        "-m", module, *args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+        )
+        return process.wait()
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log file (what to put in a job's error)."""
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
