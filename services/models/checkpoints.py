@@ -14,6 +14,13 @@ size is recognised from the width (tiny 64, small 384, base 768); the depth, hea
 that size, the input geometry (patch size, window length, number of leads) from the tensor shapes. The
 file must then hold exactly the names and shapes of that layout: any missing or unexpected key or
 mismatched shape is refused with a message that lists them.
+
+``ecg_jepa``: the official ECG-JEPA release (``sehunfromdaegu/ECG_JEPA``), a dict whose ``encoder`` entry
+(or ``model`` entry) holds the context encoder's state dict (137 tensors for ViT-B: ``pos_embed``,
+``encoder_blocks.blocks.{i}.*``, ``norm.*``, ``W_P.*``), or that state dict bare. The size is recognised
+from the width (tiny 64, base 768), the patch size from ``W_P.weight``, the number of patches from
+``pos_embed`` (8 leads); then the file must hold exactly the names and shapes of that layout. The encoder
+consumes the 8 leads I, II, V1-V6.
 """
 
 import pickle
@@ -28,9 +35,11 @@ from torch import nn
 
 from services.ecg.leads import STANDARD_LEADS
 from services.errors import ClientError
+from services.models import ecg_jepa
+from services.models.ecg_jepa import EcgJepaConfig, EcgJepaEncoder
 from services.models.st_mem import SIZES, StMemConfig, StMemEncoder, StMemMae
 
-ImportFormat = Literal["st_mem"]
+ImportFormat = Literal["st_mem", "ecg_jepa"]
 FORMATS: tuple[str, ...] = get_args(ImportFormat)
 
 _SHOW = 5  # keys listed per kind of mismatch in an error message
@@ -52,7 +61,7 @@ class CheckpointInfo:
     embedding_dim: int
     samples: int  # window length the encoder takes
     fs: float  # sampling rate the encoder was trained at
-    leads: tuple[str, ...] | None
+    leads: tuple[str, ...] | None  # in the encoder's order (ST-MEM: None when not the 12 standard leads)
     num_leads: int
     config: dict
 
@@ -309,9 +318,88 @@ def load_st_mem_encoder(path: Path) -> tuple[StMemEncoder, CheckpointInfo]:
 
 
 # --------------------------------------------------------------------------------------------------
+# ECG-JEPA
+
+_JEPA_SIZE_BY_WIDTH = {cfg.width: name for name, cfg in ecg_jepa.SIZES.items()}
+
+
+def _ecg_jepa_config(state: Mapping[str, torch.Tensor], name: str) -> tuple[str, EcgJepaConfig]:
+    """The named size (by width) and its config, with patch size and window from the shapes."""
+    missing = [k for k in ("pos_embed", "W_P.weight") if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint '{name}' is not an ECG-JEPA encoder state dict: missing {', '.join(missing)} "
+            "(expected keys like pos_embed, W_P.weight, encoder_blocks.blocks.0.attn.qkv.weight; the file "
+            f"has e.g. {', '.join(list(state)[:_SHOW]) or 'nothing'})"
+        )
+    patch, pos = state["W_P.weight"], state["pos_embed"]
+    num_leads = len(ecg_jepa.LEADS)
+    if patch.ndim != 2 or pos.ndim != 2 or pos.shape[0] % num_leads or pos.shape[1] != patch.shape[0]:
+        raise CheckpointError(
+            f"checkpoint '{name}': W_P.weight {_shape(patch.shape)} and pos_embed {_shape(pos.shape)} are "
+            f"not an ECG-JEPA patch projection (width, patch) and position table ({num_leads} x patches, "
+            "width)"
+        )
+    width, patch_size = int(patch.shape[0]), int(patch.shape[1])
+    size = _JEPA_SIZE_BY_WIDTH.get(width)
+    if size is None:
+        known = ", ".join(f"{n} {c.width}" for n, c in ecg_jepa.SIZES.items())
+        raise CheckpointError(
+            f"checkpoint '{name}': width {width} (W_P.weight) is no known ECG-JEPA size ({known})"
+        )
+    num_patches = int(pos.shape[0]) // num_leads
+    cfg = replace(ecg_jepa.SIZES[size], patch_size=patch_size, seq_len=num_patches * patch_size)
+    return size, cfg
+
+
+def load_ecg_jepa_encoder(path: Path) -> tuple[EcgJepaEncoder, CheckpointInfo]:
+    """An official ECG-JEPA checkpoint (``{'encoder': state_dict}`` or bare) loaded strictly into an
+    ``EcgJepaEncoder``."""
+    name = Path(path).name
+    obj = read_checkpoint(path)
+    entry = "encoder"
+    if isinstance(obj, Mapping) and entry not in obj and isinstance(obj.get("model"), Mapping):
+        entry = "model"  # the service's own convention (and ST-MEM's, refused below with a hint)
+    state, _ = state_dict_from(obj, name, entry=entry)
+    keys = list(state)
+    if any(k.startswith(("pos_embedding", "block0.", "encoder.pos_embedding")) for k in keys):
+        raise CheckpointError(
+            f"checkpoint '{name}' looks like an ST-MEM checkpoint (keys {_listing(keys)}), not ECG-JEPA: "
+            "format 'ecg_jepa' expects pos_embed, W_P.*, encoder_blocks.blocks.{i}.*, norm.*"
+        )
+    size, cfg = _ecg_jepa_config(state, name)
+    with torch.device("meta"):  # names and shapes only, no memory
+        expected = shapes_of(EcgJepaEncoder(cfg))
+    layout = f"pos_embed, encoder_blocks.blocks.0-{cfg.depth - 1}.*, norm.*, W_P.*"
+    check_layout(state, expected, name, f"ECG-JEPA {size} encoder layout ({layout})")
+    check_finite(state, name)
+
+    encoder = EcgJepaEncoder(cfg)
+    strict_load(encoder, state, name)
+    encoder.eval()
+    info = CheckpointInfo(
+        format="ecg_jepa",
+        layout="encoder",
+        size=size,
+        tensors=len(state),
+        parameters=sum(v.numel() for v in state.values()),
+        embedding_dim=cfg.width,
+        samples=cfg.seq_len,
+        fs=ecg_jepa.INPUT_SPEC.fs,
+        leads=ecg_jepa.LEADS,
+        num_leads=cfg.num_leads,
+        config=asdict(cfg),
+    )
+    return encoder, info
+
+
+# --------------------------------------------------------------------------------------------------
 # dispatch
 
-LOADERS: dict[str, Callable[[Path], tuple[nn.Module, CheckpointInfo]]] = {"st_mem": load_st_mem_encoder}
+LOADERS: dict[str, Callable[[Path], tuple[nn.Module, CheckpointInfo]]] = {
+    "st_mem": load_st_mem_encoder,
+    "ecg_jepa": load_ecg_jepa_encoder,
+}
 
 
 def load_encoder(fmt: str, path: Path) -> tuple[nn.Module, CheckpointInfo]:

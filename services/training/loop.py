@@ -4,6 +4,13 @@ AdamW with linear warmup then half-cycle cosine (per step); mixed precision on C
 fp16 with a gradient scaler where bf16 is missing); optional ``torch.compile``; data parallelism when
 launched with torchrun (``services.training.distributed``); checkpoints every N epochs and at the end,
 resume from the last checkpoint, progress events, cancellation between steps.
+
+Two optional hooks on the model (the plain module, never its compiled or DDP wrapper):
+- ``model.param_groups(weight_decay) -> list[dict]``: the AdamW parameter groups (e.g. no decay on biases
+  and norms); without it, one group of every trainable parameter with ``cfg.weight_decay``;
+- ``model.after_step(step, total_steps)``: called after every optimiser step (``step`` the 0-based index of
+  that step), e.g. to update an EMA target network. Whatever it changes must live in the model's
+  ``state_dict`` (parameters or buffers), so that a checkpoint resumes it.
 """
 
 import logging
@@ -160,9 +167,10 @@ class TrainStep:
         self.compile = cfg.compile
         self.dtype = amp_dtype(device, cfg.amp)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        params = [p for p in model.parameters() if p.requires_grad]  # decay on all, as the original
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups = model.param_groups(cfg.weight_decay) if hasattr(model, "param_groups") else params
         self.optimizer = torch.optim.AdamW(
-            params,
+            groups,  # default (ST-MEM): decay on all, as the original
             lr=cfg.learning_rate,
             betas=cfg.betas,
             weight_decay=cfg.weight_decay,
@@ -313,6 +321,7 @@ def _train(
         result.resumed_from_epoch = state["epoch"]
 
     step = (start_epoch - 1) * steps_per_epoch
+    after_step = getattr(model, "after_step", None)  # see the module docstring
     last_report = 0.0
     lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate, cfg.min_lr)
     run_started, run_start_step = time.perf_counter(), step
@@ -335,6 +344,8 @@ def _train(
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at epoch {epoch}, step {step}: lower the lr")
             step_fn.update(loss)
+            if after_step is not None:
+                after_step(step, total_steps)
             step += 1
             seen += len(batch) * ctx.world_size
             losses.append(value)
