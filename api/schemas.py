@@ -128,7 +128,8 @@ class ModelImportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     format: ImportFormat = Field(
-        ..., description="checkpoint format: 'st_mem' = an official ST-MEM encoder or full (MAE) file"
+        ...,
+        description="checkpoint format: 'st_mem' = an official ST-MEM encoder or full (MAE) file; 'ecg_jepa' = an official ECG-JEPA file ({'encoder': state dict})",
     )
     path: str = Field(
         ...,

@@ -29,6 +29,9 @@ from services.errors import ClientError
 from services.export.onnx import sha256_file
 from services.model_import import import_checkpoint
 from services.models.checkpoints import load_encoder, load_st_mem_encoder
+from services.models.ecg_jepa import INPUT_SPEC as JEPA_SPEC
+from services.models.ecg_jepa import SIZES as JEPA_SIZES
+from services.models.ecg_jepa import EcgJepaEncoder
 from services.models.st_mem import SIZES, StMemEncoder, StMemMae
 
 from .conftest import DATA, ROOT
@@ -176,6 +179,10 @@ def root(reference: dict[str, dict], data_dir: Path) -> Iterator[Root]:
             result.states[f"{size}-encoder"] = encoder_part(full)
             save({"model": result.states[f"{size}-encoder"]}, path / "ckpt" / f"{size}_encoder.pth")
             save({"model": full}, path / "ckpt" / f"{size}_full.pth")
+        jepa_layout = shapes(EcgJepaEncoder(JEPA_SIZES["base"]))
+        assert_matches_reference(jepa_layout, reference["ECG-JEPA"])
+        result.states["jepa-base"] = random_state(jepa_layout, seed=4)
+        save({"encoder": result.states["jepa-base"]}, path / "ckpt" / "jepa_base.pth")
         yield result
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -203,12 +210,15 @@ def wfdb_upload(record: Path) -> list:
     ]
 
 
-def assert_embeddings_equal(client: TestClient, ref: str, encoder: StMemEncoder, samples: int) -> None:
+def assert_embeddings_equal(
+    client: TestClient, ref: str, encoder: torch.nn.Module, samples: int, spec: InputSpec | None = None
+) -> None:
     """/embed (ONNX Runtime) of real PTB-XL records == the PyTorch encoder's, within 1e-4."""
+    spec = spec or InputSpec(samples=samples)
     for record in EMBED_RECORDS:
         response = client.post("/embed", params={"model": ref}, files=wfdb_upload(DATA / record))
         assert response.status_code == 200, response.text
-        windows = preprocess(read_wfdb((DATA / record).with_suffix(".hea")), InputSpec(samples=samples))
+        windows = preprocess(read_wfdb((DATA / record).with_suffix(".hea")), spec)
         with torch.no_grad():
             expected = encoder(torch.from_numpy(windows)).mean(0).numpy()
         got = np.asarray(response.json()["embedding"])
@@ -263,8 +273,8 @@ def test_a_missing_block_in_a_base_file_is_refused_naming_the_keys(root: Root, t
 
 
 def test_unknown_format_is_refused() -> None:
-    with pytest.raises(ClientError, match="unknown checkpoint format 'ecg_jepa': one of st_mem"):
-        load_encoder("ecg_jepa", Path("x.pth"))
+    with pytest.raises(ClientError, match="unknown checkpoint format 'nope': one of st_mem, ecg_jepa"):
+        load_encoder("nope", Path("x.pth"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +308,26 @@ def test_import_base_encoder_file_and_embed_real_records(client: TestClient, at_
     started = time.perf_counter()
     assert_embeddings_equal(client, f"{name}@1", encoder_from(at_root.states["base-encoder"], "base"), 2250)
     TIMINGS["embed 2 records with the base model"] = time.perf_counter() - started
+
+
+def test_import_ecg_jepa_file_and_embed_real_records(client: TestClient, at_root: Root) -> None:
+    """An official-layout ECG-JEPA encoder file (137 tensors under 'encoder'): strict load, ONNX with
+    CroPA, parity on real records, /embed equal to the PyTorch encoder on 8 leads at 250 Hz."""
+    name = unique("ecg-jepa-base")
+    started = time.perf_counter()
+    response = client.post(
+        "/models/import", json={"format": "ecg_jepa", "path": "ckpt/jepa_base.pth", "name": name}
+    )
+    TIMINGS["POST /models/import ECG-JEPA base"] = time.perf_counter() - started
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["method"] == "ecg_jepa" and body["embedding_dim"] == 768
+    assert body["input_spec"]["leads"] == list(JEPA_SPEC.leads) and body["input_spec"]["samples"] == 2500
+    assert body["parity_max_abs_diff"] < 1e-3
+    assert body["metrics"]["checkpoint_tensors"] == 137 and body["metrics"]["format"] == "ecg_jepa"
+    encoder = EcgJepaEncoder(JEPA_SIZES["base"]).eval()
+    encoder.load_state_dict(at_root.states["jepa-base"], strict=True)
+    assert_embeddings_equal(client, f"{name}@1", encoder, 2500, JEPA_SPEC)
 
 
 def test_import_full_file_registers_its_encoder_as_the_next_version(
@@ -500,7 +530,8 @@ def test_a_file_that_is_not_a_torch_checkpoint_gets_422(
         ({"path": "/etc/passwd"}, "outside the data root"),
         ({"path": "ckpt/no_such.pth"}, "checkpoint path 'ckpt/no_such.pth' does not exist"),
         ({"path": "ckpt"}, "is a directory"),
-        ({"format": "ecg_jepa"}, "format"),
+        ({"format": "nope"}, "format"),
+        ({"format": "ecg_jepa"}, "ECG-JEPA"),  # an ST-MEM file imported as ECG-JEPA: the layout is named
         ({"name": "has spaces"}, "name"),
         ({"name": ""}, "name"),
         ({"unknown": 1}, "unknown"),
