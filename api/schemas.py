@@ -129,7 +129,8 @@ class ModelImportRequest(BaseModel):
 
     format: ImportFormat = Field(
         ...,
-        description="checkpoint format: 'st_mem' = an official ST-MEM encoder or full (MAE) file; 'ecg_jepa' = an official ECG-JEPA file ({'encoder': state dict})",
+        description="checkpoint format: 'st_mem' = an official ST-MEM encoder or full (MAE) file; "
+        "'ecg_jepa' = an official ECG-JEPA encoder file ({'encoder': state dict})",
     )
     path: str = Field(
         ...,
