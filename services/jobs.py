@@ -3,12 +3,41 @@
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
+
+
+class JepaMasking(BaseModel):
+    """ECG-JEPA's time masking (the same patches masked in every lead)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["block", "random"] = Field(
+        "block", description="block: union of several runs of patches; random: patches at random"
+    )
+    scale: tuple[float, float] | None = Field(
+        None,
+        description="ratio range (low, high): per block for 'block' (default 0.175-0.225), of all "
+        "patches for 'random' (default 0.6-0.7)",
+    )
+    blocks: int = Field(4, ge=1, le=16, description="runs per mask ('block' only)")
+    original_block_starts: bool = Field(
+        False, description="the original sampler's block starts, which never mask the last patch"
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_is_a_range(cls, scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        if scale is not None and not 0 < scale[0] <= scale[1] < 1:
+            raise ValueError("scale must be (low, high) with 0 < low <= high < 1")
+        return scale
+
+
+METHOD_SIZES = {"st_mem": ("tiny", "small", "base"), "ecg_jepa": ("tiny", "base")}
 
 
 class PretrainParams(BaseModel):
@@ -20,19 +49,29 @@ class PretrainParams(BaseModel):
         "(a PTB-XL folder, a WFDB folder, a .npz), registered on first use",
         examples=["ptbxl-500"],
     )
-    method: Literal["st_mem"] = Field("st_mem", description="self-supervised method")
-    model_size: Literal["tiny", "small", "base"] = Field("tiny", description="tiny (CPU demo), small, base")
+    method: Literal["st_mem", "ecg_jepa"] = Field(
+        "st_mem", description="st_mem: masked autoencoder (12 leads); ecg_jepa: JEPA with CroPA (8 leads)"
+    )
+    model_size: Literal["tiny", "small", "base"] = Field(
+        "tiny", description="tiny (CPU demo), small (ST-MEM only), base (the published encoders)"
+    )
     model_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
     )
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=4096)
     learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="peak lr; default 1.5e-4 x batch_size / 256 (ST-MEM's rule)"
+        None,
+        gt=0,
+        le=1.0,
+        description="peak lr; default ST-MEM 1.5e-4 x batch_size / 256, ECG-JEPA 5.5e-5 x batch_size / 64",
     )
-    weight_decay: float = Field(0.01, ge=0, le=1.0)
+    weight_decay: float | None = Field(
+        None, ge=0, le=1.0, description="AdamW weight decay; default ST-MEM 0.01, ECG-JEPA 0.05"
+    )
     warmup_epochs: float = Field(3.0, ge=0)
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="ST-MEM: share of each lead's patches masked")
+    jepa_masking: JepaMasking = Field(default_factory=JepaMasking, description="ECG-JEPA: time masking")
     seed: int = Field(0, ge=0)
     record_limit: int | None = Field(None, ge=2, description="use at most this many records")
     folds: list[int] | None = Field(
@@ -48,9 +87,28 @@ class PretrainParams(BaseModel):
             raise ValueError("folds must be a non-empty list of PTB-XL strat_fold values 1-10")
         return folds
 
+    @model_validator(mode="after")
+    def _size_exists_for_the_method(self) -> "PretrainParams":
+        if self.model_size not in METHOD_SIZES[self.method]:
+            raise ValueError(
+                f"model_size '{self.model_size}' does not exist for {self.method}: "
+                f"one of {', '.join(METHOD_SIZES[self.method])}"
+            )
+        return self
+
     @property
     def peak_lr(self) -> float:
-        return self.learning_rate or 1.5e-4 * self.batch_size / 256
+        if self.learning_rate:
+            return self.learning_rate
+        if self.method == "ecg_jepa":
+            return 5.5e-5 * self.batch_size / 64
+        return 1.5e-4 * self.batch_size / 256
+
+    @property
+    def decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.method == "ecg_jepa" else 0.01
 
     @property
     def registry_name(self) -> str:

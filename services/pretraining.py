@@ -22,7 +22,7 @@ from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
 from services.jobs import PretrainParams
-from services.models.st_mem import SIZES, StMemConfig, StMemMae
+from services.models import ecg_jepa, st_mem
 from services.registry import register_model_version
 from services.training.distributed import die_with_parent, is_main_process, log_tail, run_torchrun
 from services.training.loop import (
@@ -138,7 +138,6 @@ def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
 class TrainingPlan:
     """A job's training data, prepared once by the worker; every torchrun process re-opens it."""
 
-    cfg: StMemConfig
     spec: InputSpec
     cache: PreprocessedCache
     train_idx: np.ndarray
@@ -172,18 +171,17 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
         )
     plan = _plan(job_id, params, reporter)
     if processes > 1:
-        mae, resumed_from = _fit_under_torchrun(job_id, plan, reporter, processes, device)
+        model, resumed_from = _fit_under_torchrun(job_id, params, plan, reporter, processes, device)
     else:
-        mae, result = _fit(plan, params, reporter, device)
+        model, result = _fit(plan, params, reporter, device)
         resumed_from = result.resumed_from_epoch
-    _export_and_register(job_id, params, plan, mae, resumed_from, reporter)
+    _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
 
 
 def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> TrainingPlan:
     """Open the dataset, build (or re-open) its preprocessed cache, hold out the validation records."""
     settings = get_settings()
-    cfg = SIZES[params.model_size]
-    spec = InputSpec(samples=cfg.seq_len)
+    spec = input_spec(params)
     reporter.phase("opening the dataset")
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -214,16 +212,32 @@ def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> T
             f"dataset '{params.dataset}' has {len(train_idx)} usable training segment(s); need >= 2"
         )
     job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
-    return TrainingPlan(cfg, spec, cache, train_idx, val_idx, job_dir)
+    return TrainingPlan(spec, cache, train_idx, val_idx, job_dir)
+
+
+def input_spec(params: PretrainParams) -> InputSpec:
+    """What the method's encoder consumes: ST-MEM 12 leads x 2250, ECG-JEPA 8 leads x 2500, at 250 Hz."""
+    if params.method == "ecg_jepa":
+        return ecg_jepa.INPUT_SPEC
+    return InputSpec(samples=st_mem.SIZES[params.model_size].seq_len)
+
+
+def build_objective(params: PretrainParams) -> torch.nn.Module:
+    """The method's pretraining model: ``model(batch) -> loss``, with the encoder to serve at ``.encoder``."""
+    torch.manual_seed(params.seed)
+    if params.method == "ecg_jepa":
+        m = params.jepa_masking
+        mask = ecg_jepa.MaskConfig(m.kind, m.scale, m.blocks, m.original_block_starts)
+        return ecg_jepa.EcgJepa(ecg_jepa.SIZES[params.model_size], mask)
+    return StMemObjective(st_mem.StMemMae(st_mem.SIZES[params.model_size]), params.mask_ratio)
 
 
 def _fit(
     plan: TrainingPlan, params: PretrainParams, reporter: JobReporter, device: torch.device
-) -> tuple[StMemMae, TrainResult]:
-    """Train the MAE (resuming from the job's checkpoint if there is one); under torchrun every process
-    runs this, and the loop lets only rank 0 report and write checkpoints."""
-    torch.manual_seed(params.seed)
-    model = StMemMae(plan.cfg)
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Train the method's objective (resuming from the job's checkpoint if there is one); under torchrun
+    every process runs this, and the loop lets only rank 0 report and write checkpoints."""
+    model = build_objective(params)
     resuming = (
         " (resuming from its last checkpoint: the task was redelivered)" if plan.checkpoint.is_file() else ""
     )
@@ -232,13 +246,13 @@ def _fit(
     )
     signals, samples = plan.cache.signals, plan.spec.samples
     result = train(
-        _MaskedObjective(model, params.mask_ratio),
+        model,
         CropDataset(signals, samples, random_crop=True, seed=params.seed, indices=plan.train_idx),
         TrainConfig(
             epochs=params.epochs,
             batch_size=params.batch_size,
             learning_rate=params.peak_lr,
-            weight_decay=params.weight_decay,
+            weight_decay=params.decay,
             warmup_epochs=params.warmup_epochs,
             seed=params.seed,
             checkpoint_every=params.checkpoint_every,
@@ -256,8 +270,13 @@ def _fit(
 
 
 def _fit_under_torchrun(
-    job_id: uuid.UUID, plan: TrainingPlan, reporter: JobReporter, processes: int, device: torch.device
-) -> tuple[StMemMae, int]:
+    job_id: uuid.UUID,
+    params: PretrainParams,
+    plan: TrainingPlan,
+    reporter: JobReporter,
+    processes: int,
+    device: torch.device,
+) -> tuple[torch.nn.Module, int]:
     """Train in ``processes`` torchrun processes (``main`` below), then load the final checkpoint."""
     resumed_from = (
         int(torch.load(plan.checkpoint, mmap=True, weights_only=False)["epoch"])
@@ -274,22 +293,21 @@ def _fit_under_torchrun(
         raise RuntimeError(
             f"torchrun training exited with code {code}; last lines of {log_path}:\n" + log_tail(log_path)
         )
-    mae = StMemMae(plan.cfg)
-    state = torch.load(plan.checkpoint, map_location="cpu", weights_only=False)
-    _MaskedObjective(mae, 0.75).load_state_dict(state["model"])
-    return mae, resumed_from
+    model = build_objective(params)
+    model.load_state_dict(torch.load(plan.checkpoint, map_location="cpu", weights_only=False)["model"])
+    return model, resumed_from
 
 
 def _export_and_register(
     job_id: uuid.UUID,
     params: PretrainParams,
     plan: TrainingPlan,
-    mae: StMemMae,
+    encoder: torch.nn.Module,
     resumed_from: int,
     reporter: JobReporter,
 ) -> None:
     reporter.phase("exporting the encoder to ONNX")
-    encoder = mae.encoder.to("cpu").eval()
+    encoder = encoder.to("cpu").float().eval()
     check_idx = (plan.val_idx if len(plan.val_idx) else plan.train_idx)[:8]
     check = CropDataset(plan.cache.signals, plan.spec.samples, random_crop=False, indices=check_idx)
     windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
@@ -307,7 +325,7 @@ def _export_and_register(
             onnx_path=str(onnx_path.resolve()),
             sha256=sha256_file(onnx_path),
             input_spec=plan.spec.to_dict(),
-            embedding_dim=plan.cfg.width,
+            embedding_dim=int(encoder(torch.from_numpy(windows[:1])).shape[-1]),
             parity_max_abs_diff=parity,
             metrics={
                 **final,
@@ -320,13 +338,17 @@ def _export_and_register(
         )
 
 
-class _MaskedObjective(torch.nn.Module):
-    """Adapter so the training loop sees ``model(batch) -> loss`` with the job's mask ratio."""
+class StMemObjective(torch.nn.Module):
+    """ST-MEM for the training loop: ``model(batch) -> loss`` at the job's mask ratio."""
 
-    def __init__(self, mae: StMemMae, mask_ratio: float):
+    def __init__(self, mae: st_mem.StMemMae, mask_ratio: float):
         super().__init__()
         self.mae = mae
         self.mask_ratio = mask_ratio
+
+    @property
+    def encoder(self) -> st_mem.StMemEncoder:
+        return self.mae.encoder
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.mae(batch, self.mask_ratio)

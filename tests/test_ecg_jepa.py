@@ -3,6 +3,7 @@ EMA and weight decay, checkpoint import, ONNX export and training through the on
 
 import math
 import re
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from fastapi.testclient import TestClient
 
 from services.ecg.preprocess import prepare_signal, preprocess
 from services.ecg.recording import read_wfdb
@@ -32,6 +34,7 @@ from services.models.ecg_jepa import (
 )
 from services.models.st_mem import SIZES as ST_MEM_SIZES
 from services.models.st_mem import StMemEncoder
+from services.pretraining import run_pretrain_job
 from services.training.loop import CropDataset, TrainConfig, train
 
 CHECKPOINT_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys.txt"
@@ -539,3 +542,58 @@ def test_training_lowers_the_loss_and_moves_the_ema_target(ptbxl_dir: Path, tmp_
     for name, p in target_at_first_step.items():
         assert torch.equal(p, state["model"][f"target_encoder.{name}"]), name
     assert resumed.momentum == pytest.approx(0.996 + 0.004 * 19 / 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# the service: POST /jobs/pretrain with method ecg_jepa, then /embed from its ONNX export
+
+
+def test_an_ecg_jepa_job_pretrains_exports_and_serves_an_awkward_upload(
+    client: TestClient, settings_env: pytest.MonkeyPatch, ptb_record: Path
+) -> None:
+    settings_env.setenv("ECGSSL_DEVICE", "cpu")
+    name = f"jepa-{uuid.uuid4().hex[:6]}"
+    body = {
+        "dataset": "ptbxl-500", "method": "ecg_jepa", "epochs": 2, "batch_size": 8, "record_limit": 24,
+        "learning_rate": 1e-3, "jepa_masking": {"kind": "random", "scale": [0.6, 0.7]}, "model_name": name,
+    }  # fmt: skip
+    response = client.post("/jobs/pretrain", json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    assert run_pretrain_job(uuid.UUID(job_id), worker="test-worker") == "succeeded"  # as the worker would
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["params"]["weight_decay"] is None  # the method's default (0.05) applied on the worker
+    losses = [m["values"]["train_loss"] for m in job["metrics"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+    version = client.get("/models").json()["models"]
+    served = next(m for m in version if m["name"] == name)["versions"][0]
+    assert served["method"] == "ecg_jepa" and served["embedding_dim"] == TINY.width
+    assert served["input_spec"]["leads"] == list(LEADS) and served["input_spec"]["samples"] == 2500
+    assert served["parity_max_abs_diff"] < 1e-3  # measured on real records by the job: CroPA exported
+
+    # the 1000 Hz, 15-channel PTB Diagnostic record: 8 of its leads, resampled to 250 Hz, 2500-sample windows
+    files = [("files", (p.name, p.read_bytes())) for p in (ptb_record, ptb_record.with_suffix(".dat"))]
+    embedded = client.post("/embed", params={"model": f"{name}@1"}, files=files)
+    assert embedded.status_code == 200, embedded.text
+    out = embedded.json()
+    assert out["dimension"] == TINY.width and out["record"]["windows"] >= 3
+    assert np.abs(out["embedding"]).max() > 0.01
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"method": "ecg_jepa", "model_size": "small"}, "model_size 'small' does not exist for ecg_jepa"),
+        ({"method": "ecg_jepa", "jepa_masking": {"kind": "random", "scale": [0.7, 0.6]}}, "scale"),
+        ({"method": "ecg_jepa", "jepa_masking": {"kind": "grid"}}, "kind"),
+        ({"method": "ecg_jepa", "jepa_masking": {"blocks": 0}}, "blocks"),
+        ({"method": "ecg_jepa", "jepa_masking": {"unknown": 1}}, "unknown"),
+        ({"method": "jepa2"}, "method"),
+    ],
+)
+def test_bad_ecg_jepa_job_requests_get_422(client: TestClient, change: dict, expected: str) -> None:
+    response = client.post("/jobs/pretrain", json={"dataset": "ptbxl-500", "epochs": 1, **change})
+    assert response.status_code == 422, response.text
+    assert expected in response.text
