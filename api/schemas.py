@@ -70,6 +70,9 @@ class ModelVersionOut(BaseModel):
     embedding_dim: int
     parity_max_abs_diff: float
     metrics: dict
+    clinical_features: list[str] | None = Field(
+        None, description="hybrid models: the clinical measurements appended to the embedding (then flags)"
+    )
     created_at: datetime
 
 

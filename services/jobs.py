@@ -72,6 +72,13 @@ class PretrainParams(BaseModel):
     warmup_epochs: float = Field(3.0, ge=0)
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="ST-MEM: share of each lead's patches masked")
     jepa_masking: JepaMasking = Field(default_factory=JepaMasking, description="ECG-JEPA: time masking")
+    clinical_features: bool = Field(
+        False,
+        description="hybrid model: its embedding is the encoder's followed by the record's clinical "
+        "measurements (NeuroKit2 at the record's own rate: HR, SDNN, RMSSD, PR, QRS, QT, QTc, ST in "
+        "II/V2/V5, QRS axis), standardised with statistics of the job's training records, and one "
+        "missing flag each",
+    )
     seed: int = Field(0, ge=0)
     record_limit: int | None = Field(None, ge=2, description="use at most this many records")
     folds: list[int] | None = Field(

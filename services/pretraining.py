@@ -15,9 +15,11 @@ from pydantic import ValidationError
 
 from services.config import get_settings
 from services.dataset_registry import dataset_for_job, open_registered
+from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
 from services.db.session import session_scope
+from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
@@ -139,8 +141,11 @@ class TrainingPlan:
     """A job's training data, prepared once by the worker; every torchrun process re-opens it."""
 
     spec: InputSpec
+    dataset: EcgDataset
+    identity: dict
     cache: PreprocessedCache
-    train_idx: np.ndarray
+    train_records: np.ndarray  # positions in cache.record_ids
+    train_idx: np.ndarray  # segments (rows of cache.signals)
     val_idx: np.ndarray
     job_dir: Path
 
@@ -212,7 +217,7 @@ def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> T
             f"dataset '{params.dataset}' has {len(train_idx)} usable training segment(s); need >= 2"
         )
     job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
-    return TrainingPlan(spec, cache, train_idx, val_idx, job_dir)
+    return TrainingPlan(spec, dataset, identity, cache, records[n_val:], train_idx, val_idx, job_dir)
 
 
 def input_spec(params: PretrainParams) -> InputSpec:
@@ -313,6 +318,11 @@ def _export_and_register(
     windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
     onnx_path = plan.job_dir / "encoder.onnx"
     parity = export_checked(encoder, windows, onnx_path)
+    embedding_dim = int(encoder(torch.from_numpy(windows[:1])).shape[-1])
+    normaliser = None
+    if params.clinical_features:
+        normaliser = _fit_clinical_normaliser(plan, reporter)
+        embedding_dim += 2 * len(CLINICAL_FEATURES)
 
     with session_scope() as s:
         history = s.get(Job, job_id).metrics
@@ -325,7 +335,8 @@ def _export_and_register(
             onnx_path=str(onnx_path.resolve()),
             sha256=sha256_file(onnx_path),
             input_spec=plan.spec.to_dict(),
-            embedding_dim=int(encoder(torch.from_numpy(windows[:1])).shape[-1]),
+            embedding_dim=embedding_dim,
+            clinical_normaliser=normaliser,
             parity_max_abs_diff=parity,
             metrics={
                 **final,
@@ -336,6 +347,20 @@ def _export_and_register(
                 "model_size": params.model_size,
             },
         )
+
+
+def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
+    """Clinical measurements of the job's training records (cached), and their normaliser fitted on them."""
+    wanted = set(plan.cache.record_ids[plan.train_records].tolist())
+    records = [i for i in range(len(plan.dataset)) if plan.dataset.record_id(i) in wanted]
+    features = clinical_features_for(
+        plan.dataset,
+        records,
+        cache_dir=Path(get_settings().artifact_dir) / "cache",
+        identity=plan.identity,
+        on_progress=lambda done, total: reporter.phase(f"clinical measurements: {done}/{total} records"),
+    )
+    return FeatureNormaliser.fit(features).to_dict()
 
 
 class StMemObjective(torch.nn.Module):

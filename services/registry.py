@@ -22,6 +22,7 @@ def register_model_version(
     embedding_dim: int,
     parity_max_abs_diff: float,
     metrics: dict,
+    clinical_normaliser: dict | None = None,
 ) -> ModelVersion:
     """Add the next version of model ``name`` (created on first use)."""
     model = session.scalar(select(Model).where(Model.name == name))
@@ -40,6 +41,7 @@ def register_model_version(
         embedding_dim=embedding_dim,
         parity_max_abs_diff=parity_max_abs_diff,
         metrics=metrics,
+        clinical_normaliser=clinical_normaliser,
     )
     session.add(version)
     session.flush()

@@ -261,3 +261,54 @@ def test_features_for_a_dataset_are_cached(ptbxl_dir: Path, tmp_path: Path, monk
     other = clinical.clinical_cache_key(dataset, indices[:2])
     assert other != clinical.clinical_cache_key(dataset, indices)
     assert not math.isnan(rows[0, F["heart_rate_bpm"]])
+
+
+# --------------------------------------------------------------------------------------------------
+# hybrid models: a pretraining job with clinical_features, served by /embed
+
+
+def test_a_hybrid_job_registers_its_normaliser_and_embed_appends_the_measurements(
+    client, settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+) -> None:
+    import uuid
+
+    from services.db.models import ModelVersion
+    from services.db.session import session_scope
+    from services.pretraining import run_pretrain_job
+
+    settings_env.setenv("ECGSSL_DEVICE", "cpu")
+    name = f"hybrid-{uuid.uuid4().hex[:6]}"
+    body = {"dataset": "ptbxl-500", "epochs": 1, "batch_size": 8, "record_limit": 30, "folds": [1, 2, 3],
+            "clinical_features": True, "model_name": name, "val_fraction": 0.2}  # fmt: skip
+    response = client.post("/jobs/pretrain", json=body)
+    assert response.status_code == 202, response.text
+    job_id = uuid.UUID(response.json()["job_id"])
+    assert run_pretrain_job(job_id, worker="test-worker") == "succeeded"
+
+    served = next(m for m in client.get("/models").json()["models"] if m["name"] == name)["versions"][0]
+    assert served["clinical_features"] == list(CLINICAL_FEATURES)
+    assert served["embedding_dim"] == 64 + 2 * len(CLINICAL_FEATURES)
+    with session_scope() as s:
+        normaliser = FeatureNormaliser.from_dict(
+            s.query(ModelVersion).filter_by(source_job_id=job_id).one().clinical_normaliser
+        )
+
+    # fitted on the job's 24 training records only (30 records, 6 held out for val_loss)
+    dataset = PtbxlDataset(ptbxl_dir)
+    used = np.nonzero(np.isin(dataset.folds, [1, 2, 3]))[0][:30]
+    all_features = np.stack([clinical_features(dataset.recording(int(i))) for i in used])
+    fitted_on_all = FeatureNormaliser.fit(all_features)
+    assert not np.allclose(normaliser.mean, fitted_on_all.mean)  # the held-out records were left out
+    hr = CLINICAL_FEATURES.index("heart_rate_bpm")
+    assert 50 < normaliser.mean[hr] < 90  # bpm of real records, not of a mis-stated rate
+
+    record = ptbxl_dir / "records500" / "00000" / "00001_hr"
+    files = [
+        ("files", (record.with_suffix(s).name, record.with_suffix(s).read_bytes())) for s in (".hea", ".dat")
+    ]
+    out = client.post("/embed", params={"model": f"{name}@1"}, files=files)
+    assert out.status_code == 200, out.text
+    vector = np.asarray(out.json()["embedding"])
+    assert vector.shape == (served["embedding_dim"],)
+    expected = normaliser.transform_stacked(clinical_features(read_wfdb(record.with_suffix(".hea")))[None])[0]
+    np.testing.assert_allclose(vector[64:], expected, atol=1e-5)

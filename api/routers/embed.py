@@ -55,6 +55,7 @@ def served_model(session: Session, ref: str | None) -> ServedModel:
         sha256=version.sha256,
         spec=InputSpec.from_dict(version.input_spec),
         embedding_dim=version.embedding_dim,
+        clinical_normaliser=version.clinical_normaliser,
     )
 
 

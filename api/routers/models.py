@@ -24,6 +24,7 @@ def version_out(v: ModelVersion) -> ModelVersionOut:
         embedding_dim=v.embedding_dim,
         parity_max_abs_diff=v.parity_max_abs_diff,
         metrics=v.metrics,
+        clinical_features=v.clinical_normaliser["names"] if v.clinical_normaliser else None,
         created_at=v.created_at,
     )
 

@@ -139,6 +139,9 @@ class ModelVersion(Base):
     embedding_dim: Mapped[int] = mapped_column(Integer)
     parity_max_abs_diff: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    # hybrid models: the fitted clinical-feature normaliser (services.ecg.clinical.FeatureNormaliser); the
+    # embedding is then [encoder output, normalised features, missing flags]. None: the encoder alone.
+    clinical_normaliser: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")

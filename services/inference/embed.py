@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from services.ecg.clinical import FeatureNormaliser, clinical_features
 from services.ecg.preprocess import InputSpec, Windowing, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError
@@ -25,6 +26,7 @@ class ServedModel:
     sha256: str
     spec: InputSpec
     embedding_dim: int
+    clinical_normaliser: dict | None = None  # hybrid: clinical measurements appended to the embedding
 
 
 class SessionCache:
@@ -64,8 +66,17 @@ SESSIONS = SessionCache()
 def embed_recording(
     model: ServedModel, recording: Recording, windowing: Windowing = "sliding", pad: bool = False
 ) -> tuple[np.ndarray, int]:
-    """(embedding (D,), number of windows averaged) for one recording."""
+    """(embedding (D,), number of windows averaged) for one recording at its own sampling rate.
+
+    A hybrid model's embedding is the encoder's (mean over the windows) followed by the record's
+    normalised clinical measurements and their missing flags, measured at the record's own rate.
+    """
     windows = preprocess(recording, model.spec, windowing=windowing, pad=pad)  # (n, C, L)
     session = SESSIONS.get(model)
     out = session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0]  # (n, D)
-    return out.mean(axis=0), len(windows)
+    vector = out.mean(axis=0)
+    if model.clinical_normaliser is not None:
+        normaliser = FeatureNormaliser.from_dict(model.clinical_normaliser)
+        clinical = normaliser.transform_stacked(clinical_features(recording)[None])[0]  # (2F,)
+        vector = np.concatenate([vector, clinical])
+    return vector, len(windows)
