@@ -1,0 +1,334 @@
+"""Token-level VQ-VAE head on an ECG encoder, and a faithful replica of the prototype's collapsing one.
+
+``VqVae`` (ours), per patch token of the encoder:
+
+    signals (B, C, L) --encoder.forward_tokens (frozen)--> tokens (B, C, N, D)
+    --LayerNorm, Linear D -> d, L2-normalise--> z (B, C, N, d) on the unit sphere
+    --nearest code by cosine (CosineCodebook: EMA, k-means init, dead-code restart)--> z_q, codes (B, C, N)
+    --MLP decoder--> patches (B, C, N, P), compared with the per-patch normalised input patches
+    loss = MSE(reconstruction) + beta * |z - sg(z_q)|^2   (straight-through gradient to z)
+
+The codebook is a buffer, moved only by its EMA (no gradient, no weight decay). Usage: ``pop_usage()`` after
+an epoch (e.g. from the loop's ``on_epoch``) returns the fraction of codes used and the perplexity of the
+training assignments since the last call, and resets them.
+
+``OriginalVqVae``: the prototype's configuration (methods.md section 3.2, bugs #13-#14), kept to show the
+collapse. One code per ECG from the pooled embedding; a squared-L2 codebook that is a trainable parameter
+(init 0.1 N(0, 1), gets the codebook-loss gradient and weight decay) and is ALSO overwritten every training
+step by EMA statistics that start at zero, so every code unused in the first step becomes the zero vector;
+an MLP decoder of the whole (C, L) signal.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from sklearn.cluster import kmeans_plusplus
+from torch import nn
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def code_usage(counts: torch.Tensor) -> dict[str, float]:
+    """Usage of a codebook from per-code assignment counts (K,): codes used, their fraction, perplexity
+    (exp of the entropy of the assignment distribution: 1 = one code, K = all codes equally)."""
+    total = float(counts.sum())
+    probs = counts.double() / max(total, 1.0)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
+    used = int((counts > 0).sum())
+    return {
+        "codes_used": used,
+        "usage": used / len(counts),
+        "perplexity": float(entropy.exp()) if total > 0 else 0.0,
+        "assignments": int(total),
+    }
+
+
+class UsageMeter(nn.Module):
+    """Counts code assignments in training mode; ``pop_usage`` returns ``code_usage`` and resets."""
+
+    def __init__(self, num_codes: int):
+        super().__init__()
+        self.register_buffer("usage", torch.zeros(num_codes), persistent=False)
+
+    @torch.no_grad()
+    def count(self, codes: torch.Tensor) -> None:
+        self.usage += torch.bincount(codes.flatten(), minlength=len(self.usage)).to(self.usage)
+
+    def pop_usage(self) -> dict[str, float]:
+        stats = code_usage(self.usage.cpu())
+        self.usage.zero_()
+        return stats
+
+
+# --------------------------------------------------------------------------------------------------
+# Ours
+
+
+class CosineCodebook(UsageMeter):
+    """K unit vectors of dimension d; nearest code = highest cosine similarity.
+
+    Training-mode forwards update it (no gradient): on the first, spherical k-means of the batch's
+    vectors initialises it; then an EMA of each code's assigned vectors (sum) and assignment count;
+    a code whose EMA count falls below ``dead_threshold`` assignments per step is re-seeded with a random
+    vector of the current batch. Under torchrun the statistics are summed over the processes and the
+    re-seeds come from rank 0, so all processes hold the same codebook.
+    """
+
+    def __init__(
+        self,
+        num_codes: int,
+        dim: int,
+        decay: float = 0.99,
+        dead_threshold: float = 1.0,
+        kmeans_iters: int = 10,
+    ):
+        super().__init__(num_codes)
+        self.num_codes, self.decay, self.dead_threshold, self.kmeans_iters = (
+            num_codes, decay, dead_threshold, kmeans_iters,
+        )  # fmt: skip
+        self.register_buffer("codebook", F.normalize(torch.randn(num_codes, dim), dim=1))
+        self.register_buffer("ema_count", torch.ones(num_codes))
+        self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """(M, d) unit vectors -> (M,) code indices."""
+        return (z @ self.codebook.T).argmax(dim=1)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, d) unit vectors -> (codes (M, d), indices (M,)); no gradient reaches the codebook."""
+        with torch.autocast(z.device.type, enabled=False):  # similarities in fp32
+            z = z.float()
+            if self.training:
+                self.update(z.detach())
+            codes = self.nearest(z)
+            return self.codebook[codes], codes
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor) -> None:
+        if not self.initialised:
+            self.kmeans_init(z)
+        codes = self.nearest(z)
+        counts = torch.bincount(codes, minlength=self.num_codes).float()  # (K,)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, codes, z)  # (K, d)
+        if _distributed():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.codebook.copy_(F.normalize(self.ema_sum, dim=1))
+        self.restart_dead(z)
+        self.usage += counts
+
+    @torch.no_grad()
+    def restart_dead(self, z: torch.Tensor) -> None:
+        dead = self.ema_count < self.dead_threshold  # (K,)
+        if not dead.any():
+            return
+        seeds = z[torch.randint(len(z), (int(dead.sum()),), device=z.device)]
+        self.codebook[dead] = seeds
+        self.ema_sum[dead] = seeds * self.dead_threshold
+        self.ema_count[dead] = self.dead_threshold
+        self._sync_from_rank0()
+
+    @torch.no_grad()
+    def kmeans_init(self, z: torch.Tensor) -> None:
+        """Spherical k-means of z (M, d): greedy k-means++ seeds (scikit-learn; on unit vectors squared
+        Euclidean = 2 (1 - cos)), then ``kmeans_iters`` Lloyd rounds by cosine. Fewer vectors than codes:
+        some seeds repeat (the dead-code restart spreads them later)."""
+        seed = int(torch.randint(2**31 - 1, (1,)))  # from torch's RNG, so torch.manual_seed fixes it
+        points = z
+        if len(z) < self.num_codes:
+            points = z[torch.randint(len(z), (self.num_codes,), device=z.device)]
+        seeds, _ = kmeans_plusplus(points.cpu().double().numpy(), self.num_codes, random_state=seed)
+        centroids = F.normalize(torch.as_tensor(seeds, dtype=z.dtype, device=z.device), dim=1)  # (K, d)
+        for _ in range(self.kmeans_iters):
+            codes = (z @ centroids.T).argmax(dim=1)
+            sums = torch.zeros_like(centroids).index_add_(0, codes, z)
+            empty = torch.bincount(codes, minlength=self.num_codes) == 0
+            centroids = torch.where(empty[:, None], centroids, F.normalize(sums, dim=1))
+        counts = torch.bincount((z @ centroids.T).argmax(dim=1), minlength=self.num_codes).float()
+        self.codebook.copy_(centroids)
+        self.ema_count.copy_(counts.clamp_min(self.dead_threshold))
+        self.ema_sum.copy_(centroids * self.ema_count[:, None])
+        self.initialised.fill_(True)
+        self._sync_from_rank0()
+
+    def _sync_from_rank0(self) -> None:
+        if _distributed():
+            for buffer in (self.codebook, self.ema_sum, self.ema_count):
+                dist.broadcast(buffer, src=0)
+
+
+@dataclass(frozen=True)
+class VqConfig:
+    num_codes: int = 512
+    code_dim: int = 32  # the factorised lookup dimension (ViT-VQGAN): tokens projected to it, then unit-norm
+    commitment: float = 0.25  # beta
+    decay: float = 0.99  # codebook EMA
+    dead_threshold: float = 1.0  # EMA assignments per step under which a code is re-seeded
+    kmeans_iters: int = 10
+    decoder_hidden: int = 256
+
+
+class VqVae(nn.Module):
+    """Per-token VQ-VAE on a frozen encoder; ``model(signals (B, C, L)) -> loss``.
+
+    The encoder provides ``forward_tokens(signals) -> (B, C, N, D)`` patch tokens aligned with the
+    input's patches of ``patch_size`` samples (``StMemEncoder``: N = L / patch_size per lead).
+    """
+
+    def __init__(self, encoder: nn.Module, encoder_dim: int, patch_size: int, cfg: VqConfig = VqConfig()):
+        super().__init__()
+        self.cfg, self.patch_size = cfg, patch_size
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.to_code = nn.Sequential(nn.LayerNorm(encoder_dim), nn.Linear(encoder_dim, cfg.code_dim))
+        self.quantizer = CosineCodebook(
+            cfg.num_codes, cfg.code_dim, cfg.decay, cfg.dead_threshold, cfg.kmeans_iters
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(cfg.code_dim, cfg.decoder_hidden),
+            nn.GELU(),
+            nn.Linear(cfg.decoder_hidden, cfg.decoder_hidden),
+            nn.GELU(),
+            nn.Linear(cfg.decoder_hidden, patch_size),
+        )
+
+    def train(self, mode: bool = True) -> "VqVae":
+        super().train(mode)
+        self.encoder.eval()  # frozen
+        return self
+
+    def project(self, signals: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> z (B, C, N, d), unit vectors."""
+        with torch.no_grad():
+            tokens = self.encoder.forward_tokens(signals)  # (B, C, N, D)
+        return F.normalize(self.to_code(tokens.float()).float(), dim=-1)
+
+    def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (..., d) -> (z_q (..., d), codes (...)); z_q carries the straight-through gradient to z."""
+        q, codes = self.quantizer(z.reshape(-1, z.shape[-1]))  # (M, d), (M,)
+        q, codes = q.view_as(z), codes.view(z.shape[:-1])
+        return z + (q - z).detach(), codes
+
+    def target(self, signals: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> patches (B, C, N, P), each normalised by its own mean and variance (as ST-MEM)."""
+        b, c, length = signals.shape
+        patches = signals.float().reshape(b, c, length // self.patch_size, self.patch_size)
+        mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
+        return (patches - mean) / (var + 1e-6).sqrt()
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        z = self.project(signals)  # (B, C, N, d)
+        z_q, _ = self.quantise(z)
+        reconstruction = self.decoder(z_q).float()  # (B, C, N, P)
+        commitment = (z - z_q.detach()).pow(2).sum(-1).mean()
+        return F.mse_loss(reconstruction, self.target(signals)) + self.cfg.commitment * commitment
+
+    @torch.no_grad()
+    def codes(self, signals: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> (B, C, N) code indices (no codebook update)."""
+        return self.quantizer.nearest(self.project(signals).reshape(-1, self.cfg.code_dim)).view(
+            signals.shape[0], signals.shape[1], -1
+        )
+
+    @torch.no_grad()
+    def embed(self, signals: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> (B, d): the mean of the record's quantised tokens."""
+        codes = self.codes(signals)  # (B, C, N)
+        return self.quantizer.codebook[codes].mean(dim=(1, 2))
+
+    def pop_usage(self) -> dict[str, float]:
+        return self.quantizer.pop_usage()
+
+
+# --------------------------------------------------------------------------------------------------
+# The prototype's configuration (collapses)
+
+
+class OriginalEmaQuantizer(UsageMeter):
+    """The prototype's ``VectorQuantizer``: squared-L2 nearest code, straight-through, and an EMA update
+    (decay 0.99, eps 1e-5, Laplace smoothing) whose statistics start at ZERO and overwrite the codebook
+    parameter every training step (the bug: unused codes become 0)."""
+
+    def __init__(self, num_codes: int, dim: int, commitment: float, decay: float = 0.99, eps: float = 1e-5):
+        super().__init__(num_codes)
+        self.commitment, self.decay, self.eps = commitment, decay, eps
+        self.codebook = nn.Parameter(0.1 * torch.randn(num_codes, dim))
+        self.register_buffer("ema_count", torch.zeros(num_codes))
+        self.register_buffer("ema_w", torch.zeros(num_codes, dim))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (M, D) -> (straight-through z_q (M, D), codebook + commitment loss, codes (M,))."""
+        z = z.float()
+        codes = torch.cdist(z, self.codebook.float()).argmin(dim=1)  # (M,) squared L2 has the same argmin
+        quantised = self.codebook[codes]
+        if self.training:
+            self.ema_update(z.detach(), codes)
+        loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
+        return z + (quantised - z).detach(), loss, codes
+
+    @torch.no_grad()
+    def ema_update(self, z: torch.Tensor, codes: torch.Tensor) -> None:
+        one_hot = F.one_hot(codes, len(self.ema_count)).float()  # (M, K)
+        self.ema_count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
+        n = self.ema_count.sum()
+        self.ema_count.copy_((self.ema_count + self.eps) / (n + len(self.ema_count) * self.eps) * n)
+        self.ema_w.mul_(self.decay).add_(one_hot.T @ z, alpha=1 - self.decay)
+        self.codebook.data.copy_(self.ema_w / self.ema_count[:, None])
+        self.count(codes)
+
+
+class OriginalVqVae(nn.Module):
+    """``EncoderVQVAE`` of the prototype: pooled embedding (B, D_enc) -> Linear -> ONE code per ECG ->
+    Linear -> ReLU -> Linear to the whole (C, L) signal; loss = MSE(signal) + codebook + beta * commitment.
+    Defaults: ``encoder_vqvae.yaml`` (latent 128, 64 codes, beta 0.1; trained with AdamW lr 5e-4, wd 0.05,
+    constant lr)."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        encoder_dim: int,
+        signal_shape: tuple[int, int] = (12, 2250),
+        latent_dim: int = 128,
+        num_codes: int = 64,
+        commitment: float = 0.1,
+    ):
+        super().__init__()
+        self.signal_shape = signal_shape
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.to_latent = nn.Linear(encoder_dim, latent_dim)
+        self.quantizer = OriginalEmaQuantizer(num_codes, latent_dim, commitment)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, encoder_dim),
+            nn.ReLU(),
+            nn.Linear(encoder_dim, signal_shape[0] * signal_shape[1]),
+        )
+
+    def train(self, mode: bool = True) -> "OriginalVqVae":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def latent(self, signals: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.encoder(signals)  # (B, D_enc)
+        return self.to_latent(h.float())  # (B, latent)
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        z_q, vq_loss, _ = self.quantizer(self.latent(signals))
+        reconstruction = self.decoder(z_q).float().view(-1, *self.signal_shape)  # (B, C, L)
+        return F.mse_loss(reconstruction, signals.float()) + vq_loss
+
+    @torch.no_grad()
+    def codes(self, signals: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> (B,) one code per ECG."""
+        z = self.latent(signals).float()
+        return torch.cdist(z, self.quantizer.codebook.float()).argmin(dim=1)
+
+    def pop_usage(self) -> dict[str, float]:
+        return self.quantizer.pop_usage()
