@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,7 +33,32 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         48 * 3600, description="broker redelivers an unacknowledged task after this (longer than any job)"
     )
-    default_model: str | None = Field(None, description="model served when a request names none")
+    default_model: str | None = Field(
+        None,
+        description="model served when a request names none: 'name' (its 'production' alias, else its newest "
+        "version), 'name@alias' or 'name@version'; unset: the newest version of any model",
+    )
+    serve_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
+        "auto",
+        description="ONNX variant served: auto = int8 on the CPU and fp16 on CUDA where the version's "
+        "variant passed its check on real records, else fp32",
+    )
+    serve_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime provider for serving; auto = CUDA when ONNX Runtime has it"
+    )
+    serve_max_batch: int = Field(
+        16, ge=1, le=1024, description="micro-batching: most windows gathered into one session run"
+    )
+    serve_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="micro-batching: longest a request waits for others to join its run"
+    )
+    serve_cache_size: int = Field(8, ge=1, le=64, description="ONNX Runtime sessions kept loaded per process")
+    serve_max_records: int = Field(64, ge=1, le=10_000, description="records one POST /embed/batch may carry")
+    export_variants: str = Field(
+        "auto",
+        description="variants made when a version is registered: auto = int8, plus fp16 where ONNX Runtime "
+        "has CUDA; or a comma-separated list of int8, fp16; or none",
+    )
     train_processes: int = Field(
         0,
         ge=0,
@@ -41,6 +66,18 @@ class Settings(BaseSettings):
         description="processes (one per GPU) a training job runs under torchrun; 0 = one per visible CUDA "
         "GPU, 1 on the CPU; above 1 on the CPU: that many gloo processes",
     )
+
+    @field_validator("export_variants")
+    @classmethod
+    def _known_variants(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value in ("auto", "none"):
+            return value
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = sorted(set(names) - {"int8", "fp16"})
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}: use auto, none, or int8,fp16")
+        return ",".join(names)
 
 
 @lru_cache

@@ -1,13 +1,33 @@
-"""Model registry: register versions, resolve ``name``, ``name@version`` or the default model."""
+"""Model registry: versions (with their ONNX variants), aliases, and resolving what a request names.
 
+A request names a model as ``name@version`` (pinned), ``name@alias`` (e.g. ``name@production``), ``name``
+(its ``production`` alias if set, else its newest version) or nothing: the ``default_model`` setting,
+itself any of these; unset, the newest version of any model.
+"""
+
+import logging
+import re
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
-from services.db.models import Model, ModelVersion
+from services.db.models import Model, ModelAlias, ModelVersion
+from services.ecg.preprocess import InputSpec
 from services.errors import ClientError, NotFoundError
+from services.inference.variants import make_variants
+
+log = logging.getLogger(__name__)
+
+PRODUCTION = "production"  # the alias a bare model name (and the default model) serves
+NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,100}"
+ALIAS_PATTERN = r"[a-z][a-z0-9_\-]{0,63}"
+RESERVED_ALIASES = frozenset({"latest"})  # would read as "the newest version", which a bare name already is
+_REF = re.compile(rf"^(?P<name>{NAME_PATTERN})(?:@(?P<selector>.*))?$")
+_ALIAS = re.compile(rf"^{ALIAS_PATTERN}$")
 
 
 def register_model_version(
@@ -23,8 +43,15 @@ def register_model_version(
     parity_max_abs_diff: float,
     metrics: dict,
     clinical_normaliser: dict | None = None,
+    variants: dict | None = None,
 ) -> ModelVersion:
-    """Add the next version of model ``name`` (created on first use)."""
+    """Add the next version of model ``name`` (created on first use).
+
+    Its ONNX variants (int8, and fp16 where there is CUDA; ``services.inference.variants``) are made and
+    checked against fp32 on real records here, before the row is written, unless ``variants`` is given.
+    """
+    if variants is None:
+        variants = make_variants(Path(onnx_path), InputSpec.from_dict(input_spec), sha256=sha256)
     model = session.scalar(select(Model).where(Model.name == name))
     if model is None:
         model = Model(name=name, method=method)
@@ -42,16 +69,52 @@ def register_model_version(
         parity_max_abs_diff=parity_max_abs_diff,
         metrics=metrics,
         clinical_normaliser=clinical_normaliser,
+        variants=variants,
     )
     session.add(version)
     session.flush()
     return version
 
 
-def resolve_model_version(session: Session, ref: str | None) -> ModelVersion:
-    """``name@version``, ``name`` (its latest version), or None: the configured default, else the newest."""
-    ref = ref or get_settings().default_model
+# --------------------------------------------------------------------------------------------------
+# look-ups
+
+
+def get_model(session: Session, name: str) -> Model:
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFoundError(f"model '{name}' is not registered (GET /models lists the models)")
+    return model
+
+
+def _versions_text(model: Model) -> str:
+    return ", ".join(str(v.version) for v in model.versions) or "none yet"
+
+
+def get_version(session: Session, name: str, number: int) -> ModelVersion:
+    model = get_model(session, name)
+    for candidate in model.versions:
+        if candidate.version == number:
+            return candidate
+    raise NotFoundError(f"model '{name}' has no version {number} (its versions: {_versions_text(model)})")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The version a reference names; ``moving`` names the reference when it can move to another version
+    (an alias, a bare name, the default), None when it is pinned (``name@3``)."""
+
+    version: ModelVersion
+    moving: str | None
+
+
+def resolve_reference(session: Session, ref: str | None) -> Resolution:
+    """``name@version``, ``name@alias``, ``name`` or None (the configured default, else the newest)."""
     if not ref:
+        default = get_settings().default_model
+        if default:
+            resolution = resolve_reference(session, default)
+            return Resolution(resolution.version, resolution.moving and f"default:{resolution.moving}")
         newest = session.scalar(
             select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
         )
@@ -59,18 +122,99 @@ def resolve_model_version(session: Session, ref: str | None) -> ModelVersion:
             raise NotFoundError(
                 "no model is registered yet: run a pretraining job first (POST /jobs/pretrain)"
             )
-        return newest
-    name, _, version_text = ref.partition("@")
-    model = session.scalar(select(Model).where(Model.name == name))
-    if model is None:
-        raise NotFoundError(f"model '{name}' is not registered (GET /models lists the models)")
-    if not version_text:
+        return Resolution(newest, "default:newest")
+    match = _REF.match(ref)
+    if match is None or match["selector"] == "":
+        raise ClientError(
+            f"model reference '{ref}' is not valid: expected 'name', 'name@version' (e.g. st_mem-tiny@2) or "
+            "'name@alias' (e.g. st_mem-tiny@production); a name has 1-100 letters, digits, '.', '_' or '-'"
+        )
+    name, selector = match["name"], match["selector"]
+    model = get_model(session, name)
+    if selector is None:
+        alias = _alias_of(model, PRODUCTION)
+        if alias is not None:
+            return Resolution(alias.version, name)
         if not model.versions:
             raise NotFoundError(f"model '{name}' has no version yet")
-        return model.versions[-1]
-    if not version_text.isdigit():
-        raise ClientError(f"model reference '{ref}': the version after '@' must be a number, e.g. {name}@1")
-    for candidate in model.versions:
-        if candidate.version == int(version_text):
-            return candidate
-    raise NotFoundError(f"model '{name}' has no version {version_text}")
+        return Resolution(model.versions[-1], name)
+    if selector.isdigit():
+        return Resolution(get_version(session, name, int(selector)), None)
+    alias = _alias_of(model, selector)
+    if alias is None:
+        aliases = ", ".join(a.name for a in model.aliases) or "none"
+        raise ClientError(
+            f"model reference '{ref}': '{selector}' is neither a version nor an alias of model '{name}'; the "
+            f"version after '@' must be a number, e.g. {name}@1, or an alias (its aliases: {aliases})"
+        )
+    return Resolution(alias.version, f"{name}@{selector}")
+
+
+def resolve_model_version(session: Session, ref: str | None) -> ModelVersion:
+    """The version ``ref`` names (see ``resolve_reference``)."""
+    return resolve_reference(session, ref).version
+
+
+# --------------------------------------------------------------------------------------------------
+# aliases
+
+
+def _alias_of(model: Model, alias: str) -> ModelAlias | None:
+    return next((a for a in model.aliases if a.name == alias), None)
+
+
+def check_alias_name(alias: str) -> str:
+    if not _ALIAS.match(alias):
+        raise ClientError(
+            f"alias '{alias}' is not valid: 1-64 lower-case letters, digits, '_' or '-', starting with a "
+            "letter (e.g. production, staging)"
+        )
+    if alias in RESERVED_ALIASES:
+        raise ClientError(f"alias '{alias}' is reserved: a bare model name already serves its newest version")
+    return alias
+
+
+def get_alias(session: Session, name: str, alias: str) -> ModelAlias:
+    model = get_model(session, name)
+    found = _alias_of(model, check_alias_name(alias))
+    if found is None:
+        aliases = ", ".join(a.name for a in model.aliases) or "none"
+        raise NotFoundError(f"model '{name}' has no alias '{alias}' (its aliases: {aliases})")
+    return found
+
+
+def set_alias(session: Session, name: str, alias: str, number: int) -> tuple[ModelAlias, int | None]:
+    """Point ``name@alias`` at version ``number`` (created or moved); returns it and the version id it
+    pointed at before (None if new)."""
+    check_alias_name(alias)
+    model = get_model(session, name)
+    target = next((v for v in model.versions if v.version == number), None)
+    if target is None:
+        raise ClientError(
+            f"model '{name}' has no version {number} to point alias '{alias}' at (its versions: "
+            f"{_versions_text(model)})"
+        )
+    found = _alias_of(model, alias)
+    previous = None
+    if found is None:
+        found = ModelAlias(model=model, name=alias, version=target)
+        session.add(found)
+    else:
+        previous = found.version_id
+        found.version = target
+    session.flush()
+    log.info("alias %s@%s -> version %d", name, alias, number)
+    return found, previous
+
+
+def delete_alias(session: Session, name: str, alias: str) -> int:
+    """Remove ``name@alias``; returns the version id it pointed at."""
+    found = get_alias(session, name, alias)
+    version_id = found.version_id
+    found.model.aliases.remove(found)
+    session.flush()
+    return version_id
+
+
+def aliases_pointing_at(session: Session, version_id: int) -> list[str]:
+    return list(session.scalars(select(ModelAlias.name).where(ModelAlias.version_id == version_id)))

@@ -9,7 +9,16 @@ from sqlalchemy import create_engine, inspect, text
 
 from tests.conftest import ROOT, fresh_postgres_url, needs_servers
 
-TABLES = {"datasets", "jobs", "job_metrics", "models", "model_versions", "workers", "alembic_version"}
+TABLES = {
+    "datasets",
+    "jobs",
+    "job_metrics",
+    "models",
+    "model_versions",
+    "model_aliases",
+    "workers",
+    "alembic_version",
+}
 
 
 def alembic_config(url: str) -> Config:

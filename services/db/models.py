@@ -123,6 +123,9 @@ class Model(Base):
     versions: Mapped[list["ModelVersion"]] = relationship(
         back_populates="model", order_by="ModelVersion.version"
     )
+    aliases: Mapped[list["ModelAlias"]] = relationship(
+        back_populates="model", order_by="ModelAlias.name", cascade="all, delete-orphan"
+    )
 
 
 class ModelVersion(Base):
@@ -142,14 +145,35 @@ class ModelVersion(Base):
     # hybrid models: the fitted clinical-feature normaliser (services.ecg.clinical.FeatureNormaliser); the
     # embedding is then [encoder output, normalised features, missing flags]. None: the encoder alone.
     clinical_normaliser: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # ONNX variants made at registration (services.inference.variants): name -> file, sha256, and for the
+    # reduced-precision ones the check against fp32 on real records (cosine, passed or not)
+    variants: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
     source_job: Mapped[Job | None] = relationship(back_populates="model_version")
+    aliases: Mapped[list["ModelAlias"]] = relationship(back_populates="version", order_by="ModelAlias.name")
 
     @property
     def ref(self) -> str:
         return f"{self.model.name}@{self.version}"
+
+
+class ModelAlias(Base):
+    """A movable name for one version of a model (``production``, ``staging``, ...): ``name@alias``."""
+
+    __tablename__ = "model_aliases"
+    __table_args__ = (UniqueConstraint("model_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    model: Mapped[Model] = relationship(back_populates="aliases")
+    version: Mapped[ModelVersion] = relationship(back_populates="aliases")
 
 
 class Worker(Base):

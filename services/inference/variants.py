@@ -1,0 +1,195 @@
+"""ONNX variants of a model version, made when it is registered, each checked against fp32 on real ECGs.
+
+- ``fp32``: the exported file itself (the reference).
+- ``int8``: ONNX Runtime dynamic quantisation (``quantize_dynamic``: int8 weights, activations quantised
+  per run) for the CPU provider.
+- ``fp16``: weights and activations in half precision (inputs and outputs stay fp32) for the CUDA provider;
+  made by default only where ONNX Runtime has CUDA (``ECGSSL_EXPORT_VARIANTS``).
+
+A reduced-precision variant serves only when the cosine similarity of its embeddings to the fp32 ones is
+at least ``MIN_COSINE`` for every window of ``CHECK_RECORDS`` real PTB-XL records under the data root
+(centre windows, the serving preprocessing). Without such records it is stored as ``unchecked`` and never
+chosen automatically. The result (file, sha256, cosine min/mean, max abs difference, records, status) is
+stored on the version (``model_versions.variants``).
+
+Re-make the variants of a registered version (e.g. one registered before variants existed, or fp16 on a
+machine with a GPU)::
+
+    python -m services.inference.variants name@version [--variants int8,fp16]
+"""
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from services.config import get_settings
+from services.ecg.preprocess import InputSpec, preprocess
+from services.ecg.recording import read_wfdb
+from services.errors import EcgInputError
+from services.export.onnx import INPUT_NAME, OUTPUT_NAME, sha256_file
+
+log = logging.getLogger(__name__)
+
+MIN_COSINE = 0.999  # a variant serves only when every check window's embedding is at least this close
+CHECK_RECORDS = 8
+_PTBXL_PATTERNS = ("*/records500/*/*_hr.hea", "*/records100/*/*_lr.hea")
+CUDA = "CUDAExecutionProvider"
+
+
+def variants_to_make(setting: str | None = None) -> list[str]:
+    """Reduced-precision variants to make under ``ECGSSL_EXPORT_VARIANTS`` (auto: int8, + fp16 on CUDA)."""
+    setting = setting or get_settings().export_variants
+    if setting == "none":
+        return []
+    if setting == "auto":
+        return ["int8", "fp16"] if CUDA in ort.get_available_providers() else ["int8"]
+    return [v for v in setting.split(",") if v]
+
+
+def check_windows(spec: InputSpec, data_root: Path | None = None) -> tuple[np.ndarray | None, list[str]]:
+    """Centre windows of up to ``CHECK_RECORDS`` real PTB-XL records under the data root, and their names
+    (relative to the root); (None, []) when there are none."""
+    root = Path(data_root or get_settings().data_root).resolve()
+    if not root.is_dir():
+        return None, []
+    for pattern in _PTBXL_PATTERNS:
+        windows, used = [], []
+        for header in sorted(root.glob(pattern)):
+            if root not in header.resolve().parents:
+                continue
+            try:
+                windows.append(preprocess(read_wfdb(header), spec, "center")[0])
+            except EcgInputError as exc:
+                log.warning("variant check record %s skipped: %s", header, exc)
+                continue
+            used.append(str(header.relative_to(root).with_suffix("")))
+            if len(windows) == CHECK_RECORDS:
+                break
+        if windows:
+            return np.stack(windows), used
+    return None, []
+
+
+def compare(reference: np.ndarray, got: np.ndarray) -> dict:
+    """Cosine similarity per row (min, mean) and the largest absolute difference."""
+    reference, got = reference.astype(np.float64), got.astype(np.float64)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = (reference * got).sum(axis=1) / np.maximum(norms, 1e-30)
+    cosine = np.where(np.isfinite(cosine), cosine, -1.0)
+    return {
+        "cosine_min": round(float(cosine.min()), 7),
+        "cosine_mean": round(float(cosine.mean()), 7),
+        "max_abs_diff": float(np.nan_to_num(np.abs(reference - got), nan=np.inf).max()),
+    }
+
+
+def quantise_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime dynamic quantisation: int8 weights, uint8 activations quantised per run."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = dst.with_suffix(".tmp")
+    quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8)
+    tmp.replace(dst)
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Half-precision weights and activations; the graph's inputs and outputs stay fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    tmp = dst.with_suffix(".tmp")
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(tmp))
+    tmp.replace(dst)
+
+
+def _run(path: Path, windows: np.ndarray, providers: list[str]) -> tuple[np.ndarray, str]:
+    session = ort.InferenceSession(str(path), providers=providers)
+    return session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0], session.get_providers()[0]
+
+
+def make_variants(
+    onnx_path: Path,
+    spec: InputSpec,
+    *,
+    sha256: str | None = None,
+    which: list[str] | None = None,
+    data_root: Path | None = None,
+) -> dict:
+    """Make and check the variants of the fp32 file ``onnx_path``; never raises for a variant's failure
+    (it is stored with status ``error`` and the reason). Returns the ``model_versions.variants`` value."""
+    onnx_path = Path(onnx_path)
+    variants: dict = {
+        "fp32": {
+            "file": str(onnx_path),
+            "sha256": sha256 or sha256_file(onnx_path),
+            "bytes": onnx_path.stat().st_size,
+            "status": "reference",
+        }
+    }
+    which = variants_to_make() if which is None else which
+    if not which:
+        return variants
+    windows, records = check_windows(spec, data_root)
+    reference = None
+    if windows is not None:
+        reference, _ = _run(onnx_path, windows, ["CPUExecutionProvider"])
+    makers = {"int8": (quantise_int8, ["CPUExecutionProvider"]), "fp16": (convert_fp16, None)}
+    for name in which:
+        make, providers = makers[name]
+        if providers is None:  # fp16: checked on CUDA where there is one
+            providers = [CUDA, "CPUExecutionProvider"] if CUDA in ort.get_available_providers() else None
+            providers = providers or ["CPUExecutionProvider"]
+        path = onnx_path.with_name(f"{onnx_path.stem}.{name}.onnx")
+        started = time.perf_counter()
+        entry: dict = {"file": str(path), "threshold": MIN_COSINE}
+        try:
+            make(onnx_path, path)
+            entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+            if reference is None:
+                entry.update(
+                    status="unchecked",
+                    reason="no PTB-XL record under the data root to check it on: not served automatically",
+                )
+            else:
+                got, provider = _run(path, windows, providers)
+                entry.update(compare(reference, got), checked_on=provider, check_records=records)
+                entry["status"] = "passed" if entry["cosine_min"] >= MIN_COSINE else "failed"
+        except Exception as exc:  # a variant is an optimisation: its failure never fails the registration
+            log.warning("the %s variant of %s could not be made: %s", name, onnx_path, exc)
+            entry.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
+        entry["seconds"] = round(time.perf_counter() - started, 2)
+        log.info(
+            "variant %s of %s: %s (cosine min %s)", name, onnx_path, entry["status"], entry.get("cosine_min")
+        )
+        variants[name] = entry
+    return variants
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-make the variants of a registered version and store them on it."""
+    from services.db.session import session_scope
+    from services.registry import resolve_model_version
+
+    parser = argparse.ArgumentParser(description="Re-make the ONNX variants of a registered version.")
+    parser.add_argument("ref", help="name@version (or name, name@alias)")
+    parser.add_argument("--variants", default=None, help="comma-separated: int8, fp16 (default: the setting)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    which = variants_to_make(args.variants)
+    unknown = sorted(set(which) - {"int8", "fp16"})
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}: int8, fp16")
+    with session_scope() as session:
+        version = resolve_model_version(session, args.ref)
+        spec = InputSpec.from_dict(version.input_spec)
+        version.variants = make_variants(Path(version.onnx_path), spec, sha256=version.sha256, which=which)
+        for name, entry in version.variants.items():
+            print(f"{version.ref} {name}: {entry['status']} cosine_min={entry.get('cosine_min')}")
+
+
+if __name__ == "__main__":
+    main()
