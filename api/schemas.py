@@ -59,31 +59,94 @@ class JobList(BaseModel):
     jobs: list[JobOut]
 
 
+class VariantOut(BaseModel):
+    """One ONNX file of a version: fp32 (the reference), int8 (CPU) or fp16 (CUDA), and its check."""
+
+    status: str = Field(
+        description="reference (fp32); passed / failed: cosine to fp32 on real records vs the threshold; "
+        "unchecked (no real records to check on: never served automatically); error (could not be made)"
+    )
+    sha256: str | None = None
+    bytes: int | None = None
+    cosine_min: float | None = Field(
+        None, description="lowest cosine similarity to fp32 over the check windows"
+    )
+    cosine_mean: float | None = None
+    max_abs_diff: float | None = None
+    threshold: float | None = None
+    check_records: list[str] | None = Field(
+        None, description="the real records checked (under the data root)"
+    )
+    checked_on: str | None = Field(None, description="ONNX Runtime provider of the check")
+    seconds: float | None = Field(None, description="time to make and check it")
+    reason: str | None = None
+    error: str | None = None
+
+
+class ServingOut(BaseModel):
+    """What this API process serves for the version under the current settings."""
+
+    variant: str
+    device: str
+    reason: str
+    loaded: bool = Field(description="a session of the version is loaded in this process")
+
+
 class ModelVersionOut(BaseModel):
     name: str
     version: int
     ref: str
     method: str
     source_job_id: uuid.UUID | None
-    sha256: str
+    sha256: str = Field(description="sha256 of the fp32 ONNX file")
     input_spec: dict
     embedding_dim: int
-    parity_max_abs_diff: float
+    parity_max_abs_diff: float = Field(
+        description="largest PyTorch-vs-ONNX (fp32) difference on real records"
+    )
     metrics: dict
     clinical_features: list[str] | None = Field(
         None, description="hybrid models: the clinical measurements appended to the embedding (then flags)"
     )
+    aliases: list[str] = Field(default_factory=list, description="aliases that point at this version")
+    variants: dict[str, VariantOut] = Field(
+        default_factory=dict, description="ONNX variants by name (fp32, int8, fp16) and their checks"
+    )
+    serving: ServingOut | None = Field(None, description="single-version endpoint: what this process serves")
     created_at: datetime
 
 
 class ModelOut(BaseModel):
     name: str
     method: str
+    aliases: dict[str, int] = Field(default_factory=dict, description="alias -> version")
     versions: list[ModelVersionOut]
 
 
 class ModelList(BaseModel):
     models: list[ModelOut]
+
+
+class AliasSet(BaseModel):
+    """Point an alias at a version of the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(..., ge=1, description="the version number the alias should name", examples=[2])
+
+
+class AliasOut(BaseModel):
+    model: str
+    alias: str
+    version: int
+    ref: str = Field(description="'name@version' the alias names now")
+    previous_version: int | None = Field(None, description="PUT: the version the alias named before, if any")
+    updated_at: datetime
+
+
+class AliasList(BaseModel):
+    model: str
+    aliases: list[AliasOut]
 
 
 class RecordInfo(BaseModel):
@@ -100,6 +163,29 @@ class EmbedResponse(BaseModel):
     dimension: int
     embedding: list[float]
     record: RecordInfo
+    variant: str | None = Field(None, description="ONNX variant that served: fp32, int8 or fp16")
+    provider: str | None = Field(None, description="ONNX Runtime execution provider that served")
+
+
+class RecordResult(BaseModel):
+    """The outcome for one record of a several-record request."""
+
+    index: int = Field(description="position of the record in the upload (0-based)")
+    source: str = Field(description="the record's header or file name; 'archive.zip:path' inside a zip")
+    ok: bool
+    status_code: int = Field(description="200, or the 4xx this record alone would have got from POST /embed")
+    dimension: int | None = None
+    embedding: list[float] | None = None
+    record: RecordInfo | None = None
+    error: str | None = Field(None, description="what is wrong with this record and what was expected")
+
+
+class EmbedBatchResponse(BaseModel):
+    model: str
+    version: int
+    variant: str
+    provider: str
+    records: list[RecordResult] = Field(description="one result per record, in upload order")
 
 
 class DatasetOut(BaseModel):

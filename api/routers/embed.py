@@ -1,20 +1,21 @@
-"""Embeddings of uploaded ECGs from the registered ONNX encoders."""
+"""Embeddings of uploaded ECGs from the registered ONNX encoders: one record, or several in one request."""
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
-from api.schemas import EmbedResponse, RecordInfo
+from api.schemas import EmbedBatchResponse, EmbedResponse, RecordInfo, RecordResult
 from services.config import get_settings
-from services.ecg.preprocess import InputSpec, model_recording
-from services.ecg.recording import ACCEPTED_UPLOADS, read_upload
+from services.ecg.recording import ACCEPTED_UPLOADS, Recording, read_upload
 from services.errors import ClientError
-from services.inference.embed import ServedModel, embed_recording
-from services.registry import resolve_model_version
+from services.inference.embed import SESSIONS, Embedded, ServedModel, Timing, embed_recordings, resolve_served
+from services.inference.sessions import Precision
+from services.inference.uploads import split_records
 
 router = APIRouter(tags=["inference"])
 
@@ -46,17 +47,39 @@ def read_files(request: Request, files: list[UploadFile]) -> dict[str, bytes]:
 
 
 def served_model(session: Session, ref: str | None) -> ServedModel:
-    version = resolve_model_version(session, ref)
-    return ServedModel(
-        version_id=version.id,
-        name=version.model.name,
-        version=version.version,
-        onnx_path=version.onnx_path,
-        sha256=version.sha256,
-        spec=InputSpec.from_dict(version.input_spec),
-        embedding_dim=version.embedding_dim,
-        clinical_normaliser=version.clinical_normaliser,
+    """The version ``ref`` names, detached; the database connection goes back to the pool at once."""
+    served = resolve_served(session, ref)
+    session.close()  # inference needs no database: do not hold a pooled connection through it
+    return served
+
+
+def record_info(recording: Recording, windows: int) -> RecordInfo:
+    return RecordInfo(
+        source=recording.source,
+        fs=recording.fs,
+        duration_s=round(recording.duration_s, 3),
+        channels=recording.lead_names,
+        windows=windows,
     )
+
+
+def server_timing(response: Response, timing: Timing, started: float) -> None:
+    """``Server-Timing``: session run(s), longest queue wait, and the handler's whole time (ms)."""
+    response.headers["Server-Timing"] = (
+        f"session;dur={timing.session_s * 1000:.2f}, queue;dur={timing.queued_s * 1000:.2f}, "
+        f"app;dur={(time.perf_counter() - started) * 1000:.2f}"
+    )
+
+
+FILES_DESCRIPTION = "WFDB .hea plus its .dat/.mat files, or one .zip, .edf, .bdf, .npy, .npz, .csv, .json"
+MODEL_DESCRIPTION = (
+    "'name@version', 'name@alias' or 'name' (its 'production' alias, else its newest version); default: "
+    "the ECGSSL_DEFAULT_MODEL setting, else the newest version of any model"
+)
+PRECISION_DESCRIPTION = (
+    "ONNX variant: fp32 (exact), int8 (CPU) or fp16 (CUDA), refused with the reason when the version's "
+    "variant did not pass its check; default: the ECGSSL_SERVE_PRECISION setting (auto)"
+)
 
 
 @router.post(
@@ -64,21 +87,21 @@ def served_model(session: Session, ref: str | None) -> ServedModel:
     response_model=EmbedResponse,
     dependencies=[Depends(require_api_key)],
     summary="Embed one ECG: WFDB (.hea + .dat/.mat, or zipped), EDF/BDF, .npy, .npz, CSV or JSON",
-    description=f"Upload {ACCEPTED_UPLOADS}. Signals are read in mV (units in the file are converted).",
+    description=f"Upload {ACCEPTED_UPLOADS}. Signals are read in mV (units in the file are converted). "
+    "Several records in one request: POST /embed/batch. The `Server-Timing` header gives the session time.",
 )
 def embed(
     request: Request,
-    files: list[UploadFile] = File(
-        ...,
-        description="WFDB .hea plus its .dat/.mat files, or one .zip, .edf, .bdf, .npy, .npz, .csv, .json",
-    ),
+    response: Response,
+    files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
     fs: float | None = Form(
         None, gt=0, description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one"
     ),
     leads: str | None = Form(
         None, description="comma-separated lead names of the rows/columns (.npy, .npz, .csv, .json)"
     ),
-    model: str | None = Query(None, description="'name' or 'name@version'; default the newest model"),
+    model: str | None = Query(None, description=MODEL_DESCRIPTION),
+    precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
     windowing: Literal["sliding", "center"] = Query(
         "sliding", description="longer records: mean over sliding windows, or one centre crop"
     ),
@@ -88,24 +111,124 @@ def embed(
     ),
     session: Session = Depends(db_session),
 ) -> EmbedResponse:
+    started = time.perf_counter()
     served = served_model(session, model)
     contents = read_files(request, files)
+    headers = [name for name in contents if name.lower().endswith(".hea")]
+    if len(headers) > 1:
+        raise ClientError(
+            f"several WFDB headers uploaded ({', '.join(headers)}): POST /embed takes one record; "
+            "POST /embed/batch takes several and answers one result per record"
+        )
     lead_names = [name.strip() for name in leads.split(",")] if leads else None
-    with tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-        recording = read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
-    # the model's leads, checked: NaN/inf refused or interpolated, an all-flat record refused
-    model_input = model_recording(recording, served.spec, interpolate_nan=interpolate_nan, reject_flat=True)
-    vector, n_windows = embed_recording(served, model_input, windowing=windowing, pad=pad)
+    timing = Timing()
+    with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
+        with tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+            recording = read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
+        (result,) = embed_recordings(
+            loaded, [recording], windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+        )
+    if isinstance(result, ClientError):
+        raise result
+    server_timing(response, timing, started)
     return EmbedResponse(
         model=served.name,
         version=served.version,
-        dimension=int(vector.shape[0]),
-        embedding=vector.astype(float).tolist(),
-        record=RecordInfo(
-            source=recording.source,
-            fs=recording.fs,
-            duration_s=round(recording.duration_s, 3),
-            channels=recording.lead_names,
-            windows=n_windows,
-        ),
+        dimension=int(result.vector.shape[0]),
+        embedding=result.vector.astype(float).tolist(),
+        record=record_info(recording, result.windows),
+        variant=loaded.variant,
+        provider=loaded.provider,
+    )
+
+
+@router.post(
+    "/embed/batch",
+    response_model=EmbedBatchResponse,
+    dependencies=[Depends(require_api_key)],
+    summary="Embed several ECGs in one request: one result per record, in order, with per-record errors",
+    description=(
+        "Upload several records: WFDB files (each .hea with the signal files it names; grouped by record), "
+        "one or more .zip archives holding one or more records each, and/or single-file records (.edf, "
+        ".bdf, .npy, .npz, .csv, .json; `fs` and `leads` apply to all of them). The answer has one entry per "
+        "record in upload order: its embedding, or `ok: false` with the 4xx status and message that record "
+        "alone would get from POST /embed. The request itself fails (4xx) only when it cannot be read at "
+        "all: unknown model, over the size limit, no record, more than ECGSSL_SERVE_MAX_RECORDS records."
+    ),
+)
+def embed_batch(
+    request: Request,
+    response: Response,
+    files: list[UploadFile] = File(..., description="the records' files (see above)"),
+    fs: float | None = Form(None, gt=0, description="sampling rate in Hz for records that do not carry one"),
+    leads: str | None = Form(None, description="comma-separated lead names for .npy/.npz/.csv/.json records"),
+    model: str | None = Query(None, description=MODEL_DESCRIPTION),
+    precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
+    windowing: Literal["sliding", "center"] = Query("sliding", description="as for POST /embed"),
+    pad: bool = Query(False, description="as for POST /embed"),
+    interpolate_nan: bool = Query(False, description="as for POST /embed"),
+    session: Session = Depends(db_session),
+) -> EmbedBatchResponse:
+    started = time.perf_counter()
+    served = served_model(session, model)
+    contents = read_files(request, files)
+    lead_names = [name.strip() for name in leads.split(",")] if leads else None
+    limit = get_settings().serve_max_records
+    with tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+        groups = split_records(contents, Path(workdir))
+        if not groups:
+            names = ", ".join(contents)
+            raise ClientError(f"no ECG record in the upload ({names}): expected {ACCEPTED_UPLOADS}")
+        if len(groups) > limit:
+            raise ClientError(
+                f"the upload holds {len(groups)} records; at most {limit} are taken a request "
+                "(ECGSSL_SERVE_MAX_RECORDS)"
+            )
+        recordings: list[Recording | ClientError] = []
+        for index, group in enumerate(groups):
+            if group.error is not None:
+                recordings.append(group.error)
+                continue
+            folder = Path(workdir) / f"record{index}"
+            folder.mkdir()
+            try:
+                recordings.append(read_upload(group.files, folder, fs=fs, lead_names=lead_names))
+            except ClientError as exc:
+                recordings.append(exc)
+    timing = Timing()
+    with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
+        results = embed_recordings(
+            loaded, recordings, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+        )
+    out = []
+    for index, (group, recording, result) in enumerate(zip(groups, recordings, results, strict=True)):
+        if isinstance(result, Embedded):
+            out.append(
+                RecordResult(
+                    index=index,
+                    source=group.label,
+                    ok=True,
+                    status_code=200,
+                    dimension=int(result.vector.shape[0]),
+                    embedding=result.vector.astype(float).tolist(),
+                    record=record_info(recording, result.windows),
+                )
+            )
+        else:
+            out.append(
+                RecordResult(
+                    index=index,
+                    source=group.label,
+                    ok=False,
+                    status_code=result.status_code,
+                    error=str(result),
+                )
+            )
+    server_timing(response, timing, started)
+    return EmbedBatchResponse(
+        model=served.name,
+        version=served.version,
+        variant=loaded.variant,
+        provider=loaded.provider,
+        records=out,
     )

@@ -1,18 +1,47 @@
-"""The model registry, and importing published checkpoints into it."""
+"""The model registry (versions, variants, aliases), and importing published checkpoints into it."""
 
-from fastapi import APIRouter, Depends, status
+import logging
+
+from fastapi import APIRouter, Body, Depends, Path, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
-from api.schemas import ModelImportRequest, ModelList, ModelOut, ModelVersionOut
-from services.db.models import Model, ModelVersion
+from api.schemas import (
+    AliasList,
+    AliasOut,
+    AliasSet,
+    ModelImportRequest,
+    ModelList,
+    ModelOut,
+    ModelVersionOut,
+    ServingOut,
+    VariantOut,
+)
+from services import registry
+from services.db.models import Model, ModelAlias, ModelVersion
+from services.errors import ClientError
+from services.inference.sessions import SESSIONS, ServedModel, plan_session
 from services.model_import import import_checkpoint
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
 
+NamePath = Path(..., description="registry name of the model", examples=["st_mem-tiny"])
+AliasPath = Path(..., description="alias: lower-case letters, digits, '_' or '-'", examples=["production"])
 
-def version_out(v: ModelVersion) -> ModelVersionOut:
+
+def version_out(v: ModelVersion, serving: bool = False) -> ModelVersionOut:
+    variants = {
+        name: VariantOut(**{k: value for k, value in entry.items() if k in VariantOut.model_fields})
+        for name, entry in (v.variants or {}).items()
+    }
+    serving_out = None
+    if serving:
+        plan = plan_session(ServedModel.from_version(v))
+        serving_out = ServingOut(
+            variant=plan.variant, device=plan.device, reason=plan.reason, loaded=v.id in SESSIONS
+        )
     return ModelVersionOut(
         name=v.model.name,
         version=v.version,
@@ -25,19 +54,120 @@ def version_out(v: ModelVersion) -> ModelVersionOut:
         parity_max_abs_diff=v.parity_max_abs_diff,
         metrics=v.metrics,
         clinical_features=v.clinical_normaliser["names"] if v.clinical_normaliser else None,
+        aliases=[a.name for a in v.aliases],
+        variants=variants,
+        serving=serving_out,
         created_at=v.created_at,
     )
 
 
-@router.get("", response_model=ModelList, summary="Registered models and their versions")
-def list_models(session: Session = Depends(db_session)) -> ModelList:
-    models = session.scalars(select(Model).order_by(Model.name))
-    return ModelList(
-        models=[
-            ModelOut(name=m.name, method=m.method, versions=[version_out(v) for v in m.versions])
-            for m in models
-        ]
+def model_out(m: Model) -> ModelOut:
+    return ModelOut(
+        name=m.name,
+        method=m.method,
+        aliases={a.name: a.version.version for a in m.aliases},
+        versions=[version_out(v) for v in m.versions],
     )
+
+
+def alias_out(a: ModelAlias, previous_version: int | None = None) -> AliasOut:
+    return AliasOut(
+        model=a.model.name,
+        alias=a.name,
+        version=a.version.version,
+        ref=a.version.ref,
+        previous_version=previous_version,
+        updated_at=a.updated_at,
+    )
+
+
+@router.get("", response_model=ModelList, summary="Registered models, their versions and aliases")
+def list_models(session: Session = Depends(db_session)) -> ModelList:
+    return ModelList(models=[model_out(m) for m in session.scalars(select(Model).order_by(Model.name))])
+
+
+@router.get("/{name}", response_model=ModelOut, summary="One model: its versions and aliases")
+def get_model(name: str = NamePath, session: Session = Depends(db_session)) -> ModelOut:
+    return model_out(registry.get_model(session, name))
+
+
+@router.get(
+    "/{name}/versions/{version}",
+    response_model=ModelVersionOut,
+    summary="One version: input spec, metrics, parity, file hashes, variants, source job, what serves",
+)
+def get_version(
+    name: str = NamePath,
+    version: int = Path(..., ge=1, description="version number"),
+    session: Session = Depends(db_session),
+) -> ModelVersionOut:
+    return version_out(registry.get_version(session, name, version), serving=True)
+
+
+@router.get("/{name}/aliases", response_model=AliasList, summary="The aliases of a model")
+def list_aliases(name: str = NamePath, session: Session = Depends(db_session)) -> AliasList:
+    model = registry.get_model(session, name)
+    return AliasList(model=model.name, aliases=[alias_out(a) for a in model.aliases])
+
+
+@router.get("/{name}/aliases/{alias}", response_model=AliasOut, summary="The version an alias names")
+def get_alias(
+    name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
+) -> AliasOut:
+    return alias_out(registry.get_alias(session, name, alias))
+
+
+@router.put(
+    "/{name}/aliases/{alias}",
+    response_model=AliasOut,
+    dependencies=[Depends(require_api_key)],
+    summary="Point an alias at a version (promote): requests naming it are served by that version at once",
+    description=(
+        "Creates the alias or moves it. `?model=name@alias` (and `?model=name` for `production`) then "
+        "resolves to the new version: this process loads its session, and the old version's session is "
+        "released once the requests already running on it finish. Other API processes follow on their next "
+        "request."
+    ),
+)
+def put_alias(
+    name: str = NamePath,
+    alias: str = AliasPath,
+    body: AliasSet = Body(...),
+    session: Session = Depends(db_session),
+) -> AliasOut:
+    found, previous_id = registry.set_alias(session, name, alias, body.version)
+    previous = session.get(ModelVersion, previous_id) if previous_id is not None else None
+    out = alias_out(found, previous.version if previous is not None else None)
+    target = ServedModel.from_version(found.version)
+    still_named = previous_id is not None and registry.aliases_pointing_at(session, previous_id)
+    session.commit()  # visible to every process before this one swaps its sessions
+    if previous_id is not None and previous_id != target.version_id:
+        was_loaded = previous_id in SESSIONS
+        if not still_named:
+            SESSIONS.retire_version(previous_id)
+        if was_loaded:  # warm the new version where the old one was serving
+            try:
+                SESSIONS.release(SESSIONS.acquire(target))
+            except ClientError as exc:  # the alias moved; the first request will say what is wrong
+                log.warning("could not load %s after moving %s@%s: %s", target.ref, name, alias, exc)
+    return out
+
+
+@router.delete(
+    "/{name}/aliases/{alias}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    dependencies=[Depends(require_api_key)],
+    summary="Remove an alias (its version stays registered)",
+)
+def delete_alias(
+    name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
+) -> Response:
+    version_id = registry.delete_alias(session, name, alias)
+    still_named = registry.aliases_pointing_at(session, version_id)
+    session.commit()
+    if not still_named:
+        SESSIONS.retire_version(version_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(
@@ -49,9 +179,10 @@ def list_models(session: Session = Depends(db_session)) -> ModelList:
     description=(
         "Loads the checkpoint with strict key matching (format 'st_mem': the official ST-MEM encoder file, "
         "a dict whose 'model' holds 166 tensors for ViT-B/75, or the full masked-autoencoder file, 228 "
-        "tensors), exports the encoder to ONNX, checks ONNX Runtime against PyTorch on real ECG windows and "
-        "registers the version. Synchronous: seconds for small models, up to ~30 s for ViT-B on a small "
-        "CPU. A file of another layout is refused (422) with the missing, unexpected or mis-shaped keys."
+        "tensors), exports the encoder to ONNX, checks ONNX Runtime against PyTorch on real ECG windows, "
+        "makes and checks the int8 variant, and registers the version. Synchronous: seconds for small "
+        "models, up to ~1 min for ViT-B on a small CPU. A file of another layout is refused (422) with the "
+        "missing, unexpected or mis-shaped keys."
     ),
 )
 def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:

@@ -1,82 +1,116 @@
-"""Embeddings from exported ONNX encoders: one cached ONNX Runtime session per model version."""
+"""Embeddings of recordings from exported ONNX encoders (sessions, variants and batching: ``sessions``).
 
-import threading
-from collections import OrderedDict
+A recording is cut into the model's windows by the one preprocessing function; the windows go through
+the version's micro-batched session, and the embedding is their mean. A hybrid model's embedding is the
+encoder's followed by the record's normalised clinical measurements and their missing flags, measured at
+the record's own rate.
+"""
+
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from services.ecg.clinical import FeatureNormaliser, clinical_features
-from services.ecg.preprocess import InputSpec, Windowing, preprocess
+from services.ecg.preprocess import Windowing, model_recording, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError
-from services.export.onnx import INPUT_NAME, OUTPUT_NAME
+from services.export.onnx import OUTPUT_NAME
+from services.inference.sessions import (
+    SESSIONS,
+    LoadedModel,
+    Precision,
+    ServedModel,
+    SessionCache,
+    Timing,
+    infer,
+    resolve_served,
+)
+
+__all__ = [
+    "SESSIONS",
+    "Embedded",
+    "LoadedModel",
+    "ServedModel",
+    "SessionCache",
+    "Timing",
+    "embed_recording",
+    "embed_recordings",
+    "infer",
+    "resolve_served",
+]
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    """What serving needs of a model version (detached from the database session)."""
+@dataclass
+class Embedded:
+    """One record's embedding and the number of windows averaged into it."""
 
-    version_id: int
-    name: str
-    version: int
-    onnx_path: str
-    sha256: str
-    spec: InputSpec
-    embedding_dim: int
-    clinical_normaliser: dict | None = None  # hybrid: clinical measurements appended to the embedding
+    vector: np.ndarray
+    windows: int
 
 
-class SessionCache:
-    """LRU of ONNX Runtime sessions keyed by model version id (thread-safe)."""
-
-    def __init__(self, capacity: int = 8):
-        self.capacity = capacity
-        self._sessions: OrderedDict[int, ort.InferenceSession] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, model: ServedModel) -> ort.InferenceSession:
-        with self._lock:
-            session = self._sessions.get(model.version_id)
-            if session is not None:
-                self._sessions.move_to_end(model.version_id)
-                return session
-        if not Path(model.onnx_path).is_file():
-            raise ClientError(
-                f"the ONNX file of {model.name}@{model.version} is missing from the artifact store"
-            )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(model.onnx_path, options, providers=ort.get_available_providers())
-        with self._lock:
-            self._sessions[model.version_id] = session
-            while len(self._sessions) > self.capacity:
-                self._sessions.popitem(last=False)
-        return session
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-
-SESSIONS = SessionCache()
+def _with_clinical(model: ServedModel, recording: Recording, vector: np.ndarray) -> np.ndarray:
+    if model.clinical_normaliser is None:
+        return vector
+    normaliser = FeatureNormaliser.from_dict(model.clinical_normaliser)
+    clinical = normaliser.transform_stacked(clinical_features(recording)[None])[0]  # (2F,)
+    return np.concatenate([vector, clinical])
 
 
 def embed_recording(
-    model: ServedModel, recording: Recording, windowing: Windowing = "sliding", pad: bool = False
+    model: ServedModel,
+    recording: Recording,
+    windowing: Windowing = "sliding",
+    pad: bool = False,
+    *,
+    precision: Precision | None = None,
+    timing: Timing | None = None,
 ) -> tuple[np.ndarray, int]:
-    """(embedding (D,), number of windows averaged) for one recording at its own sampling rate.
-
-    A hybrid model's embedding is the encoder's (mean over the windows) followed by the record's
-    normalised clinical measurements and their missing flags, measured at the record's own rate.
-    """
+    """(embedding (D,), number of windows averaged) for one recording at its own sampling rate."""
     windows = preprocess(recording, model.spec, windowing=windowing, pad=pad)  # (n, C, L)
-    session = SESSIONS.get(model)
-    out = session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0]  # (n, D)
-    vector = out.mean(axis=0)
-    if model.clinical_normaliser is not None:
-        normaliser = FeatureNormaliser.from_dict(model.clinical_normaliser)
-        clinical = normaliser.transform_stacked(clinical_features(recording)[None])[0]  # (2F,)
-        vector = np.concatenate([vector, clinical])
-    return vector, len(windows)
+    (out,) = infer(model, windows, (OUTPUT_NAME,), precision=precision, timing=timing)  # (n, D)
+    return _with_clinical(model, recording, out.mean(axis=0)), len(windows)
+
+
+def embed_recordings(
+    loaded: LoadedModel,
+    recordings: list[Recording | ClientError],
+    *,
+    windowing: Windowing = "sliding",
+    pad: bool = False,
+    interpolate_nan: bool = False,
+    timing: Timing | None = None,
+) -> list[Embedded | ClientError]:
+    """Embed several recordings on a leased session: one result or error per recording, in order.
+
+    Each recording is checked (``model_recording``: NaN refused or interpolated, flat refused) and cut into
+    windows; all are submitted before any result is awaited, so they share batched runs. A recording that
+    fails (at reading, preprocessing or in its run) gets its error; the others are unaffected.
+    """
+    model = loaded.model
+    pending: list = []
+    for recording in recordings:
+        if isinstance(recording, ClientError):
+            pending.append(recording)
+            continue
+        try:
+            checked = model_recording(
+                recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
+            )
+            windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)
+            pending.append((checked, len(windows), loaded.submit(windows)))
+        except ClientError as exc:
+            pending.append(exc)
+    results: list[Embedded | ClientError] = []
+    for item in pending:
+        if isinstance(item, ClientError):
+            results.append(item)
+            continue
+        checked, n_windows, run = item
+        try:
+            (out,) = run.result(timing)
+            results.append(Embedded(_with_clinical(model, checked, out.mean(axis=0)), n_windows))
+        except ClientError as exc:
+            results.append(exc)
+        except Exception as exc:  # a run that fails on this record alone (the batcher isolated it)
+            results.append(ClientError(f"{checked.source}: the model could not run on this record ({exc})"))
+    return results

@@ -1,0 +1,480 @@
+"""ONNX Runtime sessions per model version: variant and provider choice, reference-counted cache, batching.
+
+The public API for routers (``/embed``, ``/predict``)::
+
+    served = resolve_served(db_session, "name@production")      # ServedModel, detached from the database
+    with SESSIONS.lease(served, precision=None) as loaded:      # LoadedModel, kept alive while leased
+        (embedding,) = loaded.infer(windows)                    # (n, D), run through the micro-batcher
+        emb, probs = loaded.infer(windows, ("embedding", "probabilities"))  # any outputs of the graph
+
+A ``LoadedModel`` is one session of one variant (fp32, int8, fp16) on one provider (CUDA or CPU) of one
+model version, with one ``MicroBatcher`` per tuple of output names: concurrent requests for the same
+version and outputs share runs. Leases are counted: when a version is retired (its alias moved away, or the
+LRU is full) it leaves the cache at once, and its session is closed when the last request that holds it
+finishes, so a request in flight during a promotion completes on the version it started with.
+"""
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from sqlalchemy.orm import Session
+
+from services.config import get_settings
+from services.db.models import ModelVersion
+from services.ecg.preprocess import InputSpec
+from services.errors import ClientError
+from services.export.onnx import INPUT_NAME, OUTPUT_NAME
+from services.inference.batching import BatchTiming, MicroBatcher
+from services.registry import resolve_reference
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["auto", "fp32", "int8", "fp16"]
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelUnavailable(ClientError):
+    """The model's files are not where the registry says (a deployment problem, not the request's)."""
+
+    status_code = 503
+
+
+@dataclass(frozen=True, eq=False)
+class ServedModel:
+    """What serving needs of a model version (detached from the database session)."""
+
+    version_id: int
+    name: str
+    version: int
+    onnx_path: str
+    sha256: str
+    spec: InputSpec
+    embedding_dim: int
+    clinical_normaliser: dict | None = None  # hybrid: clinical measurements appended to the embedding
+    variants: dict | None = None  # ModelVersion.variants: the fp32/int8/fp16 files and their checks
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_version(cls, version: ModelVersion) -> "ServedModel":
+        return cls(
+            version_id=version.id,
+            name=version.model.name,
+            version=version.version,
+            onnx_path=version.onnx_path,
+            sha256=version.sha256,
+            spec=InputSpec.from_dict(version.input_spec),
+            embedding_dim=version.embedding_dim,
+            clinical_normaliser=version.clinical_normaliser,
+            variants=version.variants,
+        )
+
+
+def resolve_served(session: Session, ref: str | None) -> ServedModel:
+    """The model version ``ref`` names (see ``services.registry.resolve_reference``), ready to serve.
+
+    References that move (an alias, a bare name, the default) are remembered per process: when one now
+    names another version than before, the previous version's session is retired from the cache.
+    """
+    resolution = resolve_reference(session, ref)
+    served = ServedModel.from_version(resolution.version)
+    if resolution.moving is not None:
+        SESSIONS.note_reference(resolution.moving, served.version_id)
+    return served
+
+
+# --------------------------------------------------------------------------------------------------
+# which variant, on which provider
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    variant: str  # fp32, int8, fp16
+    path: str
+    device: Literal["cpu", "cuda"]
+    reason: str  # why this variant (shown in logs and on the version endpoint)
+
+
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def _log_once(level: int, message: str) -> None:
+    with _logged_lock:
+        if message in _logged:
+            return
+        _logged.add(message)
+    log.log(level, message)
+
+
+def cuda_available() -> bool:
+    return CUDA in ort.get_available_providers()
+
+
+def _variant_state(model: ServedModel, name: str) -> tuple[bool, str]:
+    """(usable, why not) for a reduced-precision variant of ``model``."""
+    entry = (model.variants or {}).get(name)
+    if entry is None:
+        return False, f"{model.ref} has no {name} variant"
+    if entry.get("status") != "passed":
+        detail = entry.get("reason") or entry.get("error") or ""
+        cosine = entry.get("cosine_min")
+        if cosine is not None:
+            threshold = entry.get("threshold")
+            detail = f"cosine to fp32 {cosine:.6f} < {threshold}" + (f"; {detail}" if detail else "")
+        return False, f"the {name} variant of {model.ref} is {entry.get('status')}" + (
+            f" ({detail})" if detail else ""
+        )
+    if not Path(entry["file"]).is_file():
+        return False, f"the {name} variant file of {model.ref} is missing ({entry['file']})"
+    return True, ""
+
+
+def plan_session(
+    model: ServedModel, precision: Precision | None = None, device: str | None = None, strict: bool = False
+) -> SessionPlan:
+    """Choose variant and provider. ``precision``/``device`` default to the serve settings.
+
+    auto: on CUDA the fp16 variant where it passed its check, else fp32; on the CPU the int8 variant where
+    it passed, else fp32. An explicit precision whose variant cannot serve falls back to fp32 with a logged
+    reason, or, with ``strict`` (a request asked for it), raises a ``ClientError`` saying why.
+    """
+    settings = get_settings()
+    precision = precision or settings.serve_precision
+    device = device or settings.serve_device
+    has_cuda = cuda_available()
+    if device == "cuda" and not has_cuda:
+        _log_once(
+            logging.WARNING,
+            f"serving asked for CUDA but ONNX Runtime has no {CUDA} (providers: "
+            f"{', '.join(ort.get_available_providers())}): falling back to the {CPU}",
+        )
+    on_cuda = device != "cpu" and has_cuda
+    fp32 = SessionPlan("fp32", model.onnx_path, "cuda" if on_cuda else "cpu", "fp32")
+
+    if precision == "fp32":
+        return fp32
+    wanted = precision if precision != "auto" else ("fp16" if on_cuda else "int8")
+    usable, why_not = _variant_state(model, wanted)
+    if wanted == "fp16" and not on_cuda:
+        usable, why_not = False, "fp16 is served on CUDA only, and ONNX Runtime has no CUDA here"
+    if not usable:
+        if strict and precision != "auto":
+            raise ClientError(f"precision '{precision}' cannot be served: {why_not}; fp32 always can")
+        if precision != "auto" or (model.variants or {}).get(wanted) is not None:
+            _log_once(logging.INFO, f"{model.ref}: serving fp32 instead of {wanted}: {why_not}")
+        return SessionPlan(fp32.variant, fp32.path, fp32.device, f"fp32 ({why_not})")
+    path = model.variants[wanted]["file"]
+    if wanted == "int8":  # dynamically quantised graphs run their integer kernels on the CPU provider
+        return SessionPlan("int8", path, "cpu", "int8: passed its check against fp32 on real records")
+    return SessionPlan("fp16", path, "cuda", "fp16: passed its check against fp32 on real records")
+
+
+# --------------------------------------------------------------------------------------------------
+# a loaded session
+
+
+@dataclass
+class Timing:
+    """Accumulates where a request's inference time went (for the Server-Timing header and the bench)."""
+
+    session_s: float = 0.0  # inside session runs this request took part in (each run counted once)
+    queued_s: float = 0.0  # longest wait of its items for a run
+    runs: int = 0
+    _seen: set = field(default_factory=set, repr=False)
+
+    def add(self, batcher_id: int, run: int, timing: BatchTiming) -> None:
+        self.queued_s = max(self.queued_s, timing.queued_s)
+        if (batcher_id, run) not in self._seen:
+            self._seen.add((batcher_id, run))
+            self.session_s += timing.run_s
+            self.runs += 1
+
+
+class PendingRun:
+    """Futures of one submission (its chunks); ``result`` joins them back in order."""
+
+    def __init__(self, parts: list[tuple[int, "object"]]):
+        self._parts = parts  # (batcher id, future)
+
+    def result(self, timing: Timing | None = None) -> list[np.ndarray]:
+        chunks = []
+        for batcher_id, future in self._parts:
+            outputs, batch_timing = future.result()
+            if timing is not None:
+                timing.add(batcher_id, batch_timing.run_id, batch_timing)
+            chunks.append(outputs)
+        if len(chunks) == 1:
+            return chunks[0]
+        return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+class LoadedModel:
+    """One ONNX Runtime session (a variant of a version on a provider) and its micro-batchers."""
+
+    def __init__(self, model: ServedModel, plan: SessionPlan, session: ort.InferenceSession):
+        self.model = model
+        self.plan = plan
+        self.session = session
+        self.variant = plan.variant
+        self.provider = session.get_providers()[0]
+        self.key = (model.version_id, plan.variant, plan.device)
+        self.output_names = tuple(o.name for o in session.get_outputs())
+        self.refs = 0
+        self.retired = False
+        self.closed = False
+        self._batchers: dict[tuple[str, ...], MicroBatcher] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def version_id(self) -> int:
+        return self.model.version_id
+
+    def run(self, windows: np.ndarray, outputs: Sequence[str] = (OUTPUT_NAME,)) -> list[np.ndarray]:
+        """One session run of ``windows`` (B, leads, samples), unbatched: one array per output name."""
+        windows = np.ascontiguousarray(windows, dtype=np.float32)
+        if self.provider == CUDA:  # IO binding: input copied to the GPU once, outputs fetched once
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(windows, "cuda", 0))
+            for name in outputs:
+                binding.bind_output(name, "cuda", 0)
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+        return self.session.run(list(outputs), {INPUT_NAME: windows})
+
+    def batcher(self, outputs: Sequence[str] = (OUTPUT_NAME,)) -> MicroBatcher:
+        """The micro-batcher of this session for ``outputs`` (one per tuple of output names)."""
+        outputs = tuple(outputs)
+        unknown = [name for name in outputs if name not in self.output_names]
+        if unknown:
+            raise ClientError(
+                f"{self.model.ref} has no output {', '.join(unknown)} "
+                f"(its outputs: {', '.join(self.output_names)})"
+            )
+        with self._lock:
+            batcher = self._batchers.get(outputs)
+            if batcher is None:
+                settings = get_settings()
+                batcher = MicroBatcher(
+                    lambda x: self.run(x, outputs),  # looked up at call time
+                    max_batch=settings.serve_max_batch,
+                    max_wait_s=settings.serve_max_wait_ms / 1000,
+                    name=f"{self.model.ref}-{self.variant}-{'+'.join(outputs)}",
+                )
+                self._batchers[outputs] = batcher
+            return batcher
+
+    def submit(self, windows: np.ndarray, outputs: Sequence[str] = (OUTPUT_NAME,)) -> PendingRun:
+        """Queue ``windows`` for batched runs (split into runs of at most ``serve_max_batch`` rows)."""
+        batcher = self.batcher(outputs)
+        windows = np.asarray(windows, dtype=np.float32)
+        step = batcher.max_batch
+        starts = range(0, max(len(windows), 1), step)
+        return PendingRun([(id(batcher), batcher.submit(windows[s : s + step])) for s in starts])
+
+    def infer(
+        self, windows: np.ndarray, outputs: Sequence[str] = (OUTPUT_NAME,), timing: Timing | None = None
+    ) -> list[np.ndarray]:
+        """``windows`` through the micro-batcher: one array (B, ...) per output name."""
+        return self.submit(windows, outputs).result(timing)
+
+    def close(self) -> None:
+        with self._lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+            self.closed = True
+        for batcher in batchers:
+            batcher.close()
+        self.session = None  # type: ignore[assignment]  # ONNX Runtime frees it with the last reference
+        log.info("released the %s session of %s (%s)", self.variant, self.model.ref, self.provider)
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache
+
+
+def _load(model: ServedModel, plan: SessionPlan) -> ort.InferenceSession:
+    if not Path(plan.path).is_file():
+        raise ModelUnavailable(
+            f"the ONNX file of {model.ref} ({plan.variant}) is missing from the artifact store: {plan.path}"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list = [(CUDA, {"device_id": 0}), CPU] if plan.device == "cuda" else [CPU]
+    return ort.InferenceSession(plan.path, options, providers=providers)
+
+
+class SessionCache:
+    """Reference-counted LRU of loaded sessions keyed by (version id, variant, device) (thread-safe)."""
+
+    def __init__(self, capacity: int | None = None):
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._references: dict[str, int] = {}  # moving reference -> version id it last named
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity or get_settings().serve_cache_size
+
+    def acquire(
+        self, model: ServedModel, precision: Precision | None = None, strict: bool = False
+    ) -> LoadedModel:
+        """The loaded session for ``model`` (loaded on first use), leased: ``release`` it when done."""
+        plan = plan_session(model, precision, strict=strict)
+        key = (model.version_id, plan.variant, plan.device)
+        with self._lock:
+            loaded = self._lease_locked(key)
+        if loaded is not None:
+            return loaded
+        with self._load_lock:  # one load at a time; a concurrent request for the same key waits for it
+            with self._lock:
+                loaded = self._lease_locked(key)
+            if loaded is not None:
+                return loaded
+            started = time.perf_counter()
+            session = _load(model, plan)
+            if plan.device == "cuda" and CUDA not in session.get_providers():
+                log.warning(
+                    "%s: the %s did not start (session providers: %s): falling back to the %s",
+                    model.ref,
+                    CUDA,
+                    ", ".join(session.get_providers()),
+                    CPU,
+                )
+                plan = plan_session(model, precision, device="cpu")
+                key = (model.version_id, plan.variant, plan.device)
+                with self._lock:
+                    loaded = self._lease_locked(key)
+                if loaded is not None:
+                    return loaded
+                session = _load(model, plan)
+            loaded = LoadedModel(model, plan, session)
+            log.info(
+                "loaded %s %s on %s in %.2f s (%s)",
+                model.ref,
+                plan.variant,
+                loaded.provider,
+                time.perf_counter() - started,
+                plan.reason,
+            )
+            with self._lock:
+                loaded.refs = 1
+                self._entries[key] = loaded
+                self._evict_locked()
+            return loaded
+
+    def release(self, loaded: LoadedModel) -> None:
+        with self._lock:
+            loaded.refs -= 1
+            close = loaded.retired and loaded.refs == 0 and not loaded.closed
+        if close:
+            loaded.close()
+
+    @contextlib.contextmanager
+    def lease(
+        self, model: ServedModel, precision: Precision | None = None, strict: bool = False
+    ) -> Iterator[LoadedModel]:
+        loaded = self.acquire(model, precision, strict)
+        try:
+            yield loaded
+        finally:
+            self.release(loaded)
+
+    def get(self, model: ServedModel) -> ort.InferenceSession:
+        """The raw session of ``model`` (no lease: it may be released while in use; prefer ``lease``)."""
+        loaded = self.acquire(model)
+        self.release(loaded)
+        return loaded.session
+
+    def retire_version(self, version_id: int) -> int:
+        """Take every session of ``version_id`` out of the cache; each closes when its last lease ends.
+        Returns how many were taken out."""
+        with self._lock:
+            keys = [key for key in self._entries if key[0] == version_id]
+            taken = [self._entries.pop(key) for key in keys]
+            self._references = {r: v for r, v in self._references.items() if v != version_id}
+            to_close = []
+            for loaded in taken:
+                loaded.retired = True
+                if loaded.refs == 0 and not loaded.closed:
+                    to_close.append(loaded)
+        for loaded in to_close:
+            loaded.close()
+        return len(taken)
+
+    def note_reference(self, reference: str, version_id: int) -> None:
+        """``reference`` (an alias, bare name or the default) now names ``version_id``: if it named another
+        version before, and no other remembered reference does, that version's sessions are retired."""
+        with self._lock:
+            previous = self._references.get(reference)
+            self._references[reference] = version_id
+            stale = previous not in (None, version_id) and previous not in self._references.values()
+        if stale:
+            log.info("%s moved from version id %s to %s: old one retired", reference, previous, version_id)
+            self.retire_version(previous)
+
+    def loaded(self, version_id: int | None = None) -> list[LoadedModel]:
+        with self._lock:
+            return [e for e in self._entries.values() if version_id is None or e.version_id == version_id]
+
+    def loaded_versions(self) -> set[int]:
+        with self._lock:
+            return {key[0] for key in self._entries}
+
+    def clear(self) -> None:
+        for version_id in self.loaded_versions():
+            self.retire_version(version_id)
+        with self._lock:
+            self._references.clear()
+
+    def __contains__(self, version_id: object) -> bool:
+        return version_id in self.loaded_versions()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def _lease_locked(self, key: tuple) -> LoadedModel | None:
+        loaded = self._entries.get(key)
+        if loaded is None:
+            return None
+        self._entries.move_to_end(key)
+        loaded.refs += 1
+        return loaded
+
+    def _evict_locked(self) -> None:
+        while len(self._entries) > self.capacity:
+            _, loaded = self._entries.popitem(last=False)
+            loaded.retired = True
+            if loaded.refs == 0 and not loaded.closed:
+                # closing joins nothing and takes no cache lock: safe under the lock
+                loaded.close()
+
+
+SESSIONS = SessionCache()
+
+
+def infer(
+    model: ServedModel,
+    windows: np.ndarray,
+    outputs: Sequence[str] = (OUTPUT_NAME,),
+    *,
+    precision: Precision | None = None,
+    timing: Timing | None = None,
+) -> list[np.ndarray]:
+    """Run ``windows`` (n, leads, samples) through ``model``'s session (leased, micro-batched)."""
+    with SESSIONS.lease(model, precision) as loaded:
+        return loaded.infer(windows, outputs, timing)

@@ -1,0 +1,116 @@
+"""Split an upload that carries several ECG records into one group of files per record.
+
+- a WFDB header (``.hea``) takes the signal files it names (and files sharing its stem in its folder);
+- every ``.npy``, ``.npz``, ``.csv``, ``.tsv``, ``.json``, ``.edf``, ``.bdf`` is a record on its own;
+- a ``.zip`` is expanded (with the single-record upload's guards) and split the same way, folder by folder.
+
+Records come out in upload order (a WFDB record where its header is). Whatever cannot become a record (a
+signal file no header names, an unreadable archive) comes out as an entry carrying the error, so that it is
+reported in its place without failing the others.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from services.ecg.formats import extract_zip
+from services.errors import ClientError, EcgInputError
+
+SINGLE_FILE_SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".json", ".edf", ".bdf")
+
+
+@dataclass
+class RecordFiles:
+    """One record's files (name -> content), or the error that keeps it from being read."""
+
+    label: str  # how the result names it: the header or file name, 'archive.zip:folder/name.hea'
+    files: dict[str, bytes]
+    error: ClientError | None = None
+
+
+def header_signal_files(text: str) -> list[str]:
+    """The signal file names a WFDB header lists (its first column after the record line)."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        return []
+    record = lines[0].split()
+    try:
+        n_signals = int(record[1]) if len(record) > 1 else 0
+    except ValueError:
+        return []
+    names = []
+    for line in lines[1 : 1 + n_signals]:
+        name = line.split()[0]
+        if name != "~" and name not in names:
+            names.append(name)
+    return names
+
+
+def _group(order: list[str], data: dict[str, bytes], prefix: str) -> list[tuple[int, RecordFiles]]:
+    """Group the files at paths ``order`` (posix, relative) into records: (position, record)."""
+    groups: list[tuple[int, RecordFiles]] = []
+    claimed: set[str] = set()
+    for position, path in enumerate(order):
+        header = PurePosixPath(path)
+        if header.suffix.lower() != ".hea":
+            continue
+        folder = header.parent
+        try:
+            names = header_signal_files(data[path].decode("latin-1"))
+        except Exception:
+            names = []
+        files = {header.name: data[path]}
+        for other in order:
+            candidate = PurePosixPath(other)
+            if candidate.parent != folder or other == path:
+                continue
+            named = candidate.name in names
+            same_stem = candidate.stem == header.stem and candidate.suffix.lower() not in (
+                ".hea",
+                ".zip",
+                *SINGLE_FILE_SUFFIXES,
+            )
+            if named or same_stem:
+                files[candidate.name] = data[other]
+                claimed.add(other)
+        groups.append((position, RecordFiles(f"{prefix}{path}", files)))
+    for position, path in enumerate(order):
+        pure = PurePosixPath(path)
+        suffix = pure.suffix.lower()
+        if suffix == ".hea" or path in claimed:
+            continue
+        if suffix in SINGLE_FILE_SUFFIXES:
+            groups.append((position, RecordFiles(f"{prefix}{path}", {pure.name: data[path]})))
+        elif suffix == ".zip" and not prefix:
+            continue  # expanded by the caller
+        else:
+            what = "a .zip inside a .zip" if suffix == ".zip" else "a file that no uploaded WFDB header names"
+            error = EcgInputError(
+                f"{prefix}{path}: {what}; expected a WFDB header with its signal files, or an .edf, .bdf, "
+                ".npy, .npz, .csv or .json file"
+            )
+            groups.append((position, RecordFiles(f"{prefix}{path}", {}, error)))
+    return groups
+
+
+def split_records(files: dict[str, bytes], workdir: Path) -> list[RecordFiles]:
+    """One ``RecordFiles`` per record in ``files`` (name -> content, in upload order), zips expanded under
+    ``workdir`` (an empty directory the caller removes)."""
+    order = list(files)
+    placed: list[tuple[int, int, RecordFiles]] = [(p, 0, r) for p, r in _group(order, files, "")]
+    for position, name in enumerate(order):
+        if not name.lower().endswith(".zip"):
+            continue
+        try:
+            root = Path(workdir) / f"zip{position}"
+            paths = extract_zip(files[name], root, name)
+            relative = [p.relative_to(root.resolve()).as_posix() for p in paths]
+            data = {rel: path.read_bytes() for rel, path in zip(relative, paths, strict=True)}
+            inner = _group(relative, data, f"{name}:")
+            if not inner:
+                raise EcgInputError(f"{name}: the archive holds no ECG record")
+            placed.extend((position, sub, record) for sub, record in inner)
+        except ClientError as exc:
+            placed.append((position, 0, RecordFiles(name, {}, exc)))
+    placed.sort(key=lambda entry: (entry[0], entry[1]))
+    return [record for _, _, record in placed]
