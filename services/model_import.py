@@ -29,7 +29,7 @@ from services.ecg.preprocess import InputSpec, preprocess, standardise
 from services.ecg.recording import read_wfdb
 from services.errors import ClientError, ConflictError, DatasetError, EcgInputError
 from services.export.onnx import export_checked, sha256_file
-from services.models.checkpoints import FORMATS, load_encoder
+from services.models.checkpoints import ENCODER_FILE, FORMATS, load_encoder, save_encoder
 from services.registry import register_model_version
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,7 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
     onnx_path = out_dir / "encoder.onnx"
     try:
         parity = export_checked(encoder, windows, onnx_path)
+        save_encoder(encoder, fmt, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
         version = register_model_version(
             session,
             name=name,

@@ -25,6 +25,7 @@ from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
 from services.jobs import PretrainParams
 from services.models import ecg_jepa, st_mem
+from services.models.checkpoints import ENCODER_FILE, save_encoder
 from services.registry import register_model_version
 from services.training.distributed import die_with_parent, is_main_process, log_tail, run_torchrun
 from services.training.loop import (
@@ -318,6 +319,7 @@ def _export_and_register(
     windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
     onnx_path = plan.job_dir / "encoder.onnx"
     parity = export_checked(encoder, windows, onnx_path)
+    save_encoder(encoder, params.method, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
     embedding_dim = int(encoder(torch.from_numpy(windows[:1])).shape[-1])
     normaliser = None
     if params.clinical_features:

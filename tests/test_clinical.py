@@ -306,9 +306,23 @@ def test_a_hybrid_job_registers_its_normaliser_and_embed_appends_the_measurement
     files = [
         ("files", (record.with_suffix(s).name, record.with_suffix(s).read_bytes())) for s in (".hea", ".dat")
     ]
-    out = client.post("/embed", params={"model": f"{name}@1"}, files=files)
+    out = client.post("/embed", params={"model": f"{name}@1", "precision": "fp32"}, files=files)
     assert out.status_code == 200, out.text
     vector = np.asarray(out.json()["embedding"])
     assert vector.shape == (served["embedding_dim"],)
     expected = normaliser.transform_stacked(clinical_features(read_wfdb(record.with_suffix(".hea")))[None])[0]
     np.testing.assert_allclose(vector[64:], expected, atol=1e-5)
+
+    # the version keeps its PyTorch encoder beside the ONNX file (fine-tuning starts from it): same embedding
+    import torch
+
+    from services.ecg.preprocess import InputSpec, preprocess
+    from services.models.checkpoints import ENCODER_FILE, load_saved_encoder
+
+    with session_scope() as s:
+        onnx_path = Path(s.query(ModelVersion).filter_by(source_job_id=job_id).one().onnx_path)
+    encoder, method = load_saved_encoder(onnx_path.with_name(ENCODER_FILE))
+    windows = preprocess(read_wfdb(record.with_suffix(".hea")), InputSpec())
+    with torch.no_grad():
+        np.testing.assert_allclose(encoder(torch.from_numpy(windows)).mean(0).numpy(), vector[:64], atol=1e-4)
+    assert method == "st_mem"

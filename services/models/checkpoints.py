@@ -408,3 +408,34 @@ def load_encoder(fmt: str, path: Path) -> tuple[nn.Module, CheckpointInfo]:
     if loader is None:
         raise ClientError(f"unknown checkpoint format '{fmt}': one of {', '.join(LOADERS)}")
     return loader(Path(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# the service's own encoder files: ``encoder.pt`` beside every registered version's ONNX file
+
+ENCODER_FILE = "encoder.pt"
+
+
+def save_encoder(encoder: nn.Module, method: str, path: Path) -> None:
+    """Write a model version's PyTorch encoder (what fine-tuning starts from): method, config, weights."""
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    torch.save({"method": method, "config": asdict(encoder.cfg), "state_dict": state}, path)
+
+
+def load_saved_encoder(path: Path) -> tuple[nn.Module, str]:
+    """(encoder in eval mode, method) from a file written by ``save_encoder``."""
+    if not Path(path).is_file():
+        raise ClientError(
+            f"the PyTorch weights of this model version are missing ({Path(path).name}); versions "
+            "registered before weights were kept cannot be fine-tuned"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    method = saved["method"]
+    if method == "ecg_jepa":
+        encoder: nn.Module = EcgJepaEncoder(EcgJepaConfig(**saved["config"]))
+    elif method == "st_mem":
+        encoder = StMemEncoder(StMemConfig(**saved["config"]))
+    else:
+        raise ClientError(f"unknown encoder method '{method}' in {Path(path).name}")
+    encoder.load_state_dict(saved["state_dict"], strict=True)
+    return encoder.eval(), method
