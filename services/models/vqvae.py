@@ -137,13 +137,15 @@ class CosineCodebook(UsageMeter):
 
     @torch.no_grad()
     def kmeans_init(self, z: torch.Tensor) -> None:
-        """Spherical k-means of z (M, d): greedy k-means++ seeds (scikit-learn; on unit vectors squared
-        Euclidean = 2 (1 - cos)), then ``kmeans_iters`` Lloyd rounds by cosine. Fewer vectors than codes:
-        some seeds repeat (the dead-code restart spreads them later)."""
+        """Spherical k-means of z (M, d): greedy k-means++ seeds (scikit-learn, on at most 32 K of the
+        vectors; on unit vectors squared Euclidean = 2 (1 - cos)), then ``kmeans_iters`` Lloyd rounds by
+        cosine on all of them. Fewer vectors than codes: some seeds repeat (restarts spread them later)."""
         seed = int(torch.randint(2**31 - 1, (1,)))  # from torch's RNG, so torch.manual_seed fixes it
         points = z
         if len(z) < self.num_codes:
             points = z[torch.randint(len(z), (self.num_codes,), device=z.device)]
+        elif len(z) > 32 * self.num_codes:
+            points = z[torch.randperm(len(z), device=z.device)[: 32 * self.num_codes]]
         seeds, _ = kmeans_plusplus(points.cpu().double().numpy(), self.num_codes, random_state=seed)
         centroids = F.normalize(torch.as_tensor(seeds, dtype=z.dtype, device=z.device), dim=1)  # (K, d)
         for _ in range(self.kmeans_iters):
@@ -170,7 +172,8 @@ class VqConfig:
     code_dim: int = 32  # the factorised lookup dimension (ViT-VQGAN): tokens projected to it, then unit-norm
     commitment: float = 0.25  # beta
     decay: float = 0.99  # codebook EMA
-    dead_threshold: float = 1.0  # EMA assignments per step under which a code is re-seeded
+    dead_threshold: float = 1.0  # EMA assignments per step under which a code is re-seeded: keep the
+    # tokens per step (all processes) well above num_codes * dead_threshold, or codes churn
     kmeans_iters: int = 10
     decoder_hidden: int = 256
 
