@@ -28,6 +28,7 @@ from services.models.triplet import (
 from services.training.loop import CropDataset, TrainConfig, train
 
 MININGS = ("batch_hard", "semi_hard", "batch_all")
+ENCODER = StMemConfig(width=32, depth=1, heads=2, dim_head=16, mlp_dim=64)  # random weights: fast
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +154,19 @@ def test_pk_dataset_through_a_data_loader() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(first, data.batches, strict=True))
 
 
+def test_pk_batches_train_and_validate_in_the_loop(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    labels = np.eye(3)[np.arange(24) % 3]
+    records = LabelledRecords(torch.randn(24, 12, 2250), labels)
+    train_set = PKBatches(records, p=3, k=4, n_batches=2, seed=0)
+    val_set = PKBatches(records, p=3, k=4, n_batches=1, seed=1)
+    model = TripletModel(StMemEncoder(ENCODER), ENCODER.width, embedding_dim=8, hidden_dim=16)
+    cfg = TrainConfig(epochs=2, batch_size=1, learning_rate=1e-3, warmup_epochs=0, amp=False)
+    history = train(model, train_set, cfg, torch.device("cpu"), tmp_path / "c.pt", val_set=val_set).history
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(np.isfinite(row["val_loss"]) and row["train_loss"] > 0 for row in history)
+
+
 def test_only_the_last_blocks_train() -> None:
     encoder = StMemEncoder(SIZES["tiny"])
     frozen = TripletModel(encoder, 64, embedding_dim=16)
@@ -176,9 +190,6 @@ def test_only_the_last_blocks_train() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Real records
-
-
-ENCODER = StMemConfig(width=32, depth=1, heads=2, dim_head=16, mlp_dim=64)
 
 
 @pytest.fixture(scope="module")
