@@ -142,9 +142,7 @@ def test_original_collapses_and_ours_keeps_the_codebook_in_use(windows, tmp_path
     # The prototype's encoder_vqvae_big.yaml (the one its VQ run used): latent 512, 1024 codes, beta 0.05,
     # AdamW lr 5e-3 constant, weight decay 0.05 (on the codebook too); batch 32 here, 8 steps.
     torch.manual_seed(0)
-    original = OriginalVqVae(
-        StMemEncoder(SIZES["tiny"]), 64, latent_dim=512, num_codes=num_codes, commitment=0.05
-    )
+    original = OriginalVqVae(StMemEncoder(SIZES["tiny"]), 64)  # defaults: encoder_vqvae_big.yaml
     constant = {"warmup_epochs": 0, "amp": False}
     cfg = TrainConfig(epochs=2, batch_size=32, learning_rate=5e-3, min_lr=5e-3, weight_decay=0.05, **constant)
     original_history = _train(original, train_set, cfg, tmp_path / "original.pt")

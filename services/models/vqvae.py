@@ -289,17 +289,18 @@ class OriginalEmaQuantizer(UsageMeter):
 class OriginalVqVae(nn.Module):
     """``EncoderVQVAE`` of the prototype: pooled embedding (B, D_enc) -> Linear -> ONE code per ECG ->
     Linear -> ReLU -> Linear to the whole (C, L) signal; loss = MSE(signal) + codebook + beta * commitment.
-    Defaults: ``encoder_vqvae.yaml`` (latent 128, 64 codes, beta 0.1; trained with AdamW lr 5e-4, wd 0.05,
-    constant lr)."""
+    Defaults: ``encoder_vqvae_big.yaml``, the configuration of the prototype's VQ run (latent 512, 1024
+    codes, beta 0.05; it trained with AdamW lr 5e-3 constant, weight decay 0.05 on everything).
+    ``encoder_vqvae.yaml``: latent 128, 64 codes, beta 0.1, lr 5e-4."""
 
     def __init__(
         self,
         encoder: nn.Module,
         encoder_dim: int,
         signal_shape: tuple[int, int] = (12, 2250),
-        latent_dim: int = 128,
-        num_codes: int = 64,
-        commitment: float = 0.1,
+        latent_dim: int = 512,
+        num_codes: int = 1024,
+        commitment: float = 0.05,
     ):
         super().__init__()
         self.signal_shape = signal_shape
