@@ -50,7 +50,19 @@ class Settings(BaseSettings):
         16, ge=1, le=1024, description="micro-batching: most windows gathered into one session run"
     )
     serve_max_wait_ms: float = Field(
-        2.0, ge=0, le=1000, description="micro-batching: longest a request waits for others to join its run"
+        2.0,
+        ge=0,
+        le=1000,
+        description="micro-batching: longest a run waits for requests in progress (holding the session, "
+        "still preparing their windows) to join it; a request alone never waits",
+    )
+    serve_threads: int = Field(
+        0, ge=0, le=256, description="ONNX Runtime intra-op threads per session (CPU); 0 = one per core"
+    )
+    serve_spinning: bool = Field(
+        False,
+        description="let idle ONNX Runtime threads spin-wait for work: lower latency on a dedicated machine, "
+        "but on a small or shared CPU they take the cores request handling needs",
     )
     serve_cache_size: int = Field(8, ge=1, le=64, description="ONNX Runtime sessions kept loaded per process")
     serve_max_records: int = Field(64, ge=1, le=10_000, description="records one POST /embed/batch may carry")

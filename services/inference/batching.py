@@ -1,10 +1,11 @@
 """Micro-batching: concurrent requests for one session are gathered into one run.
 
 A ``MicroBatcher`` owns one worker thread. Callers ``submit`` an array of rows (windows) and get a
-``Future``; the worker takes the first waiting item, then keeps taking items until ``max_batch`` rows are
-gathered or ``max_wait_s`` has passed since it took the first, runs them as one batch and hands each caller
-its own rows back. Under load the queue fills while a run is in progress, so runs grow without waiting;
-alone, a request waits at most ``max_wait_s``.
+``Future``; the worker takes the first waiting item and everything queued behind it (up to ``max_batch``
+rows), runs them as one batch and hands each caller its own rows back. Under load the queue fills while a
+run is in progress, so runs grow without waiting. When ``waiters`` says more requests hold the session
+than the run has items (they are still preparing their windows), the worker waits for them up to
+``max_wait_s``; a request alone never waits.
 
 A run that fails is retried item by item, so one bad item (a wrong shape, say) fails only its own caller.
 An item with more rows than ``max_batch`` runs alone (split it before submitting to bound a run's size).
@@ -50,8 +51,16 @@ class BatcherClosed(RuntimeError):
 class MicroBatcher:
     """Gathers concurrent submissions into runs of at most ``max_batch`` rows (thread-safe)."""
 
-    def __init__(self, run: RunFn, max_batch: int, max_wait_s: float, name: str = "batcher"):
+    def __init__(
+        self,
+        run: RunFn,
+        max_batch: int,
+        max_wait_s: float,
+        name: str = "batcher",
+        waiters: Callable[[], int] | None = None,
+    ):
         self._run = run
+        self._waiters = waiters  # how many callers may submit soon; None: always wait up to max_wait_s
         self.max_batch = max(1, int(max_batch))
         self.max_wait_s = max(0.0, float(max_wait_s))
         self.name = name
@@ -116,7 +125,9 @@ class MicroBatcher:
             deadline = time.perf_counter() + self.max_wait_s
             closing = False
             while rows < self.max_batch:
-                item = self._next(deadline - time.perf_counter())
+                expected = self._waiters() if self._waiters is not None else None
+                queued_only = expected is not None and len(batch) >= expected
+                item = self._next(0 if queued_only else deadline - time.perf_counter())
                 if item is False:
                     break
                 if item is None:

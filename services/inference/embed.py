@@ -6,6 +6,7 @@ encoder's followed by the record's normalised clinical measurements and their mi
 the record's own rate.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,10 +94,11 @@ def embed_recordings(
             pending.append(recording)
             continue
         try:
-            checked = model_recording(
-                recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
-            )
-            windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)
+            with timing.step("prep") if timing is not None else contextlib.nullcontext():
+                checked = model_recording(
+                    recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
+                )
+                windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)
             pending.append((checked, len(windows), loaded.submit(windows)))
         except ClientError as exc:
             pending.append(exc)

@@ -62,6 +62,8 @@ class ServedModel:
     embedding_dim: int
     clinical_normaliser: dict | None = None  # hybrid: clinical measurements appended to the embedding
     variants: dict | None = None  # ModelVersion.variants: the fp32/int8/fp16 files and their checks
+    head: dict | None = None  # diagnosis models: class names, thresholds (the graph has "probabilities")
+    knn_reference: dict | None = None  # a stored labelled reference set for kNN prediction
 
     @property
     def ref(self) -> str:
@@ -79,6 +81,8 @@ class ServedModel:
             embedding_dim=version.embedding_dim,
             clinical_normaliser=version.clinical_normaliser,
             variants=version.variants,
+            head=version.head,
+            knn_reference=version.knn_reference,
         )
 
 
@@ -193,6 +197,7 @@ class Timing:
     session_s: float = 0.0  # inside session runs this request took part in (each run counted once)
     queued_s: float = 0.0  # longest wait of its items for a run
     runs: int = 0
+    steps: dict[str, float] = field(default_factory=dict)  # other named steps (seconds), e.g. read, prep
     _seen: set = field(default_factory=set, repr=False)
 
     def add(self, batcher_id: int, run: int, timing: BatchTiming) -> None:
@@ -201,6 +206,22 @@ class Timing:
             self._seen.add((batcher_id, run))
             self.session_s += timing.run_s
             self.runs += 1
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time the block and add it to ``steps[name]``."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - started
+
+    def header(self, total_s: float | None = None) -> str:
+        """The ``Server-Timing`` header value (ms): session, queue, the steps, and app = ``total_s``."""
+        parts = [("session", self.session_s), ("queue", self.queued_s), *self.steps.items()]
+        if total_s is not None:
+            parts.append(("app", total_s))
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in parts)
 
 
 class PendingRun:
@@ -272,6 +293,7 @@ class LoadedModel:
                     max_batch=settings.serve_max_batch,
                     max_wait_s=settings.serve_max_wait_ms / 1000,
                     name=f"{self.model.ref}-{self.variant}-{'+'.join(outputs)}",
+                    waiters=lambda: self.refs,  # requests holding the session may still submit
                 )
                 self._batchers[outputs] = batcher
             return batcher
@@ -309,8 +331,12 @@ def _load(model: ServedModel, plan: SessionPlan) -> ort.InferenceSession:
         raise ModelUnavailable(
             f"the ONNX file of {model.ref} ({plan.variant}) is missing from the artifact store: {plan.path}"
         )
+    settings = get_settings()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = settings.serve_threads
+    spinning = "1" if settings.serve_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     providers: list = [(CUDA, {"device_id": 0}), CPU] if plan.device == "cuda" else [CPU]
     return ort.InferenceSession(plan.path, options, providers=providers)
 
