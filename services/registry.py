@@ -44,11 +44,14 @@ def register_model_version(
     metrics: dict,
     clinical_normaliser: dict | None = None,
     variants: dict | None = None,
+    head: dict | None = None,
+    knn_reference: dict | None = None,
 ) -> ModelVersion:
     """Add the next version of model ``name`` (created on first use).
 
     Its ONNX variants (int8, and fp16 where there is CUDA; ``services.inference.variants``) are made and
     checked against fp32 on real records here, before the row is written, unless ``variants`` is given.
+    ``head``: a diagnosis model's classes and thresholds; ``knn_reference``: its stored kNN reference set.
     """
     if variants is None:
         variants = make_variants(Path(onnx_path), InputSpec.from_dict(input_spec), sha256=sha256)
@@ -70,6 +73,8 @@ def register_model_version(
         metrics=metrics,
         clinical_normaliser=clinical_normaliser,
         variants=variants,
+        head=head,
+        knn_reference=knn_reference,
     )
     session.add(version)
     session.flush()

@@ -86,6 +86,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
+    # what a finished downstream job found (metrics per protocol, thresholds, artifacts): JSON, None before
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -148,6 +150,12 @@ class ModelVersion(Base):
     # ONNX variants made at registration (services.inference.variants): name -> file, sha256, and for the
     # reduced-precision ones the check against fp32 on real records (cosine, passed or not)
     variants: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # diagnosis models (linear_probe / finetune jobs): the ONNX graph also outputs ``probabilities`` (B, K);
+    # {task, class_names, thresholds (tuned on the validation fold), ...}. None: an embedding model.
+    head: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # a stored labelled reference set for kNN prediction (services.inference.predict): {file (npz of
+    # training-fold embeddings and labels), class_names, k, metric, thresholds, ...}. None: no kNN predictor.
+    knn_reference: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
