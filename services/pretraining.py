@@ -3,26 +3,24 @@
 import logging
 import os
 import sys
-import time
-import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from services.config import get_settings
 from services.dataset_registry import dataset_for_job, open_registered
 from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
-from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
+from services.db.models import Job
 from services.db.session import session_scope
 from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
+from services.job_runner import JobReporter, run_job
 from services.jobs import PretrainParams
 from services.models import ecg_jepa, st_mem
 from services.models.checkpoints import ENCODER_FILE, save_encoder
@@ -31,110 +29,20 @@ from services.training.distributed import die_with_parent, is_main_process, log_
 from services.training.loop import (
     Cancelled,
     CropDataset,
-    Progress,
     TrainConfig,
     TrainResult,
     pick_device,
     train,
 )
-from services.workers import live_instances
 
 log = logging.getLogger(__name__)
 
 
-class JobReporter:
-    """Writes a job's progress into the database (throttled) and answers 'was a cancel requested?'."""
-
-    def __init__(self, job_id: uuid.UUID, cancel_poll_s: float = 0.5, writes: bool = True):
-        self.job_id = job_id
-        self.cancel_poll_s = cancel_poll_s
-        self.writes = writes  # False on the torchrun ranks other than 0: one process reports
-        self._last_poll = 0.0
-        self._cancelled = False
-
-    def update(self, **fields) -> None:
-        if not self.writes:
-            return
-        with session_scope() as s:
-            job = s.get(Job, self.job_id)
-            for key, value in fields.items():
-                setattr(job, key, value)
-
-    def phase(self, text: str) -> None:
-        log.info("job %s: %s", self.job_id, text)
-        self.update(phase=text)
-
-    def progress(self, p: Progress) -> None:
-        self.update(
-            epoch=p.epoch,
-            epochs=p.epochs,
-            step=p.step,
-            total_steps=p.total_steps,
-            last_loss=p.loss,
-            learning_rate=p.lr,
-            samples_per_s=p.samples_per_s,
-            eta_s=p.eta_s,
-        )
-
-    def epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
-        with session_scope() as s:
-            for name, value in metrics.items():
-                s.merge(JobMetric(job_id=self.job_id, epoch=epoch, name=name, value=float(value)))
-            job = s.get(Job, self.job_id)
-            job.epoch = epoch
-            job.phase = f"training: epoch {epoch}/{job.epochs} done, train_loss {metrics['train_loss']:.4f}"
-
-    def should_cancel(self) -> bool:
-        now = time.monotonic()
-        if not self._cancelled and now - self._last_poll >= self.cancel_poll_s:
-            self._last_poll = now
-            with session_scope() as s:
-                self._cancelled = bool(s.get(Job, self.job_id).cancel_requested)
-        return self._cancelled
-
-
 def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
-    """Run one pretraining job to its end and record the outcome; returns the final status."""
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            log.warning("job %s does not exist; dropping the task", job_id)
-            return "missing"
-        if job.status in FINISHED:
-            return job.status
-        if (
-            job.status == JobStatus.running
-            and job.worker not in (None, worker)
-            and job.worker in live_instances()
-        ):
-            log.info("job %s is running on live worker %s: this delivery is a duplicate", job_id, job.worker)
-            return "duplicate"
-        if job.cancel_requested:
-            job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
-            return job.status
-        job.status, job.worker, job.started_at, job.error = JobStatus.running, worker, utcnow(), None
-        raw_params = dict(job.params)
-
-    reporter = JobReporter(job_id)
-    try:
-        _pretrain(job_id, PretrainParams.model_validate(raw_params), reporter)
-        status, error, phase = JobStatus.succeeded, None, "done"
-    except Cancelled as exc:
-        status, error, phase = JobStatus.cancelled, None, str(exc)
-    except (ClientError, ValidationError) as exc:
-        status, error, phase = JobStatus.failed, str(exc), "failed"
-    except Exception as exc:  # any failure is recorded on the job, never lost
-        log.exception("job %s failed", job_id)
-        status, phase = JobStatus.failed, "failed"
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
-    reporter.update(
-        status=status,
-        error=error,
-        phase=phase,
-        finished_at=utcnow(),
-        eta_s=0.0 if status == "succeeded" else None,
+    """Run one pretraining job to its end and record the outcome (``services.job_runner.run_job``)."""
+    return run_job(
+        job_id, worker, lambda raw, reporter: _pretrain(job_id, PretrainParams.model_validate(raw), reporter)
     )
-    return status
 
 
 @dataclass

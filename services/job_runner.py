@@ -1,0 +1,136 @@
+"""The envelope every job runs in: claim, run the job's body, record the outcome; and the progress reporter.
+
+``run_job(job_id, worker, body)`` is what each Celery task calls (through ``run_pretrain_job``,
+``run_finetune_job``, ``run_evaluate_job``):
+
+- a missing job is dropped, a finished one left alone; a job running on another *live* worker is a
+  duplicate delivery and is skipped; a job cancelled while queued ends as cancelled without running;
+- otherwise the job is marked running on this worker and ``body(params, reporter)`` runs; its return
+  value (a JSON-able dict, or None) is stored as the job's ``result``;
+- the outcome is always recorded: succeeded, cancelled (``Cancelled`` from the loop), failed with the
+  message of a client error (bad parameters, unusable data) or with the traceback of anything else.
+"""
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
+from services.db.session import session_scope
+from services.errors import ClientError
+from services.training.loop import Cancelled, Progress
+from services.workers import live_instances
+
+log = logging.getLogger(__name__)
+
+
+class JobReporter:
+    """Writes a job's progress into the database (throttled) and answers 'was a cancel requested?'."""
+
+    def __init__(self, job_id: uuid.UUID, cancel_poll_s: float = 0.5, writes: bool = True):
+        self.job_id = job_id
+        self.cancel_poll_s = cancel_poll_s
+        self.writes = writes  # False on the torchrun ranks other than 0: one process reports
+        self._last_poll = 0.0
+        self._cancelled = False
+
+    def update(self, **fields) -> None:
+        if not self.writes:
+            return
+        with session_scope() as s:
+            job = s.get(Job, self.job_id)
+            for key, value in fields.items():
+                setattr(job, key, value)
+
+    def phase(self, text: str) -> None:
+        log.info("job %s: %s", self.job_id, text)
+        self.update(phase=text[:200])
+
+    def progress(self, p: Progress) -> None:
+        self.update(
+            epoch=p.epoch,
+            epochs=p.epochs,
+            step=p.step,
+            total_steps=p.total_steps,
+            last_loss=p.loss,
+            learning_rate=p.lr,
+            samples_per_s=p.samples_per_s,
+            eta_s=p.eta_s,
+        )
+
+    def epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
+        with session_scope() as s:
+            for name, value in metrics.items():
+                s.merge(JobMetric(job_id=self.job_id, epoch=epoch, name=name, value=float(value)))
+            job = s.get(Job, self.job_id)
+            job.epoch = epoch
+            job.phase = f"training: epoch {epoch}/{job.epochs} done, train_loss {metrics['train_loss']:.4f}"
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_poll >= self.cancel_poll_s:
+            self._last_poll = now
+            with session_scope() as s:
+                self._cancelled = bool(s.get(Job, self.job_id).cancel_requested)
+        return self._cancelled
+
+    def check_cancel(self, where: str) -> None:
+        """Raise ``Cancelled`` between phases that do not run through the training loop."""
+        self._last_poll = 0.0
+        if self.should_cancel():
+            raise Cancelled(f"cancelled {where}")
+
+
+JobBody = Callable[[dict, JobReporter], dict | None]
+
+
+def run_job(job_id: uuid.UUID, worker: str, body: JobBody) -> str:
+    """Run one job to its end and record the outcome; returns the final status (or 'missing', 'duplicate')."""
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            log.warning("job %s does not exist; dropping the task", job_id)
+            return "missing"
+        if job.status in FINISHED:
+            return job.status
+        if (
+            job.status == JobStatus.running
+            and job.worker not in (None, worker)
+            and job.worker in live_instances()
+        ):
+            log.info("job %s is running on live worker %s: this delivery is a duplicate", job_id, job.worker)
+            return "duplicate"
+        if job.cancel_requested:
+            job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
+            return job.status
+        job.status, job.worker, job.started_at, job.error = JobStatus.running, worker, utcnow(), None
+        raw_params = dict(job.params)
+
+    reporter = JobReporter(job_id)
+    outcome: dict = {}
+    try:
+        result = body(raw_params, reporter)
+        status, error, phase = JobStatus.succeeded, None, "done"
+        if result is not None:
+            outcome["result"] = result
+    except Cancelled as exc:
+        status, error, phase = JobStatus.cancelled, None, str(exc)
+    except (ClientError, ValidationError) as exc:
+        status, error, phase = JobStatus.failed, str(exc), "failed"
+    except Exception as exc:  # any failure is recorded on the job, never lost
+        log.exception("job %s failed", job_id)
+        status, phase = JobStatus.failed, "failed"
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+    reporter.update(
+        status=status,
+        error=error,
+        phase=phase,
+        finished_at=utcnow(),
+        eta_s=0.0 if status == "succeeded" else None,
+        **outcome,
+    )
+    return status
