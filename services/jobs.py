@@ -1,12 +1,15 @@
-"""Jobs: what a pretraining job takes, and the queries behind the jobs API (no torch imported here)."""
+"""Jobs: what pretraining and downstream jobs take, and the queries behind the jobs API (no torch here)."""
 
+import re
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.config import get_settings
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
 
@@ -122,6 +125,153 @@ class PretrainParams(BaseModel):
         return self.model_name or f"{self.method}-{self.model_size}"
 
 
+# --------------------------------------------------------------------------------------------------
+# downstream jobs: fine-tuning (4 methods) and evaluation of a registered model version
+
+FinetuneMethod = Literal["linear_probe", "finetune", "triplet", "vqvae"]
+Protocol = Literal["knn", "linear_probe", "clustering"]
+MODEL_REF = Field(
+    ...,
+    min_length=1,
+    description="the base model version, as /embed takes it: 'name@version', 'name@alias' or 'name'",
+    examples=["st_mem-tiny@1"],
+)
+DATASET_REF = Field(
+    ...,
+    description="a registered labelled dataset's name, or a path under the data root (registered on first "
+    "use); split into train / val / test by its folds (PTB-XL 1-8 / 9 / 10) or 80/10/10 by patient",
+    examples=["ptbxl-500"],
+)
+
+
+class TripletOptions(BaseModel):
+    """Triplet-loss metric head (services.models.triplet): P x K class-balanced batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_dim: int = Field(128, ge=2, le=4096, description="size of the unit-norm embedding")
+    hidden_dim: int = Field(256, ge=2, le=8192, description="hidden layer of the projection MLP")
+    margin: float = Field(0.2, gt=0, le=2.0, description="hinge margin on unit vectors (distances 0..2)")
+    mining: Literal["batch_hard", "semi_hard", "batch_all"] = Field(
+        "batch_all", description="which triplets of each P x K batch count"
+    )
+    p: int = Field(5, ge=2, le=100, description="classes per batch")
+    k: int = Field(8, ge=2, le=1000, description="records per class in a batch")
+    unfreeze_blocks: int = Field(0, ge=0, le=48, description="train the encoder's last N blocks too")
+
+
+class VqvaeOptions(BaseModel):
+    """Token-level VQ-VAE head (services.models.vqvae) on the frozen encoder's patch tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_codes: int = Field(256, ge=2, le=65_536, description="codebook size")
+    code_dim: int = Field(32, ge=2, le=1024, description="dimension of the (unit-norm) codes")
+    commitment: float = Field(0.25, ge=0, le=10, description="beta of the commitment term")
+    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook")
+    dead_threshold: float = Field(
+        1.0, ge=0, description="EMA assignments per step below which a code restarts"
+    )
+    decoder_hidden: int = Field(256, ge=2, le=8192)
+
+
+class DownstreamCommon(BaseModel):
+    model: str = MODEL_REF
+    dataset: str = DATASET_REF
+    seed: int = Field(0, ge=0)
+    record_limit: int | None = Field(
+        None, ge=3, description="use only the dataset's first N records (in its order), then split them"
+    )
+    knn_k: int = Field(20, ge=1, le=1000, description="neighbours of the kNN protocol / predictor")
+    knn_metric: Literal["cosine", "euclidean"] = Field("cosine", description="kNN distance")
+
+
+class FinetuneParams(DownstreamCommon):
+    """Adapt a registered encoder to a labelled dataset; the result is registered as a new model version."""
+
+    method: FinetuneMethod = Field(
+        ...,
+        description="linear_probe: linear head on frozen features (computed once); finetune: encoder + head, "
+        "all trained, RandAugment; triplet: triplet-loss metric head; vqvae: token VQ-VAE head",
+    )
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096, description="records per step (triplet: P x K instead)")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1.0,
+        description="peak lr; default linear_probe 1e-2, finetune 1e-3 x batch_size / 256 (ST-MEM), "
+        "triplet and vqvae 1e-3",
+    )
+    weight_decay: float | None = Field(
+        None, ge=0, le=1.0, description="AdamW weight decay; default finetune 0.05, others 0.01"
+    )
+    warmup_epochs: float = Field(1.0, ge=0)
+    augment: bool = Field(True, description="finetune: ST-MEM's RandAugment on the training windows")
+    triplet: TripletOptions = Field(default_factory=TripletOptions, description="method triplet only")
+    vqvae: VqvaeOptions = Field(default_factory=VqvaeOptions, description="method vqvae only")
+    model_name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<base name>-<method>'"
+    )
+    checkpoint_every: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _options_match_the_method(self) -> "FinetuneParams":
+        defaults = {"triplet": TripletOptions(), "vqvae": VqvaeOptions()}
+        for option, default in defaults.items():  # (the stored params carry both, at their defaults)
+            if self.method != option and getattr(self, option) != default:
+                raise ValueError(f"'{option}' options were given but method is '{self.method}'")
+        return self
+
+    @property
+    def peak_lr(self) -> float:
+        if self.learning_rate:
+            return self.learning_rate
+        return {"linear_probe": 1e-2, "finetune": 1e-3 * self.batch_size / 256}.get(self.method, 1e-3)
+
+    @property
+    def decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.05 if self.method == "finetune" else 0.01
+
+    def registry_name(self, base_name: str) -> str:
+        return self.model_name or f"{base_name}-{self.method}"[:100]
+
+
+class EvaluateParams(DownstreamCommon):
+    """Evaluate a registered model version's embeddings (as served: its fp32 ONNX graph) on a labelled
+    dataset: kNN, linear probe, clustering; optionally store the training embeddings as its kNN reference."""
+
+    protocols: list[Protocol] = Field(
+        default_factory=lambda: ["knn", "linear_probe", "clustering"], min_length=1
+    )
+    probe_epochs: int = Field(100, ge=1, le=10_000, description="linear probe: epochs of the linear head")
+    probe_learning_rate: float = Field(1e-2, gt=0, le=1.0)
+    probe_weight_decay: float = Field(1e-2, ge=0, le=1.0)
+    store_reference: bool = Field(
+        True,
+        description="with 'knn': keep the training-fold embeddings and labels as the version's reference "
+        "set for POST /predict?method=knn (replacing an earlier one)",
+    )
+    map_method: Literal["tsne", "pca"] = Field("tsne", description="2-D map of the test embeddings")
+
+    @field_validator("protocols")
+    @classmethod
+    def _unique(cls, protocols: list[str]) -> list[str]:
+        return list(dict.fromkeys(protocols))
+
+
+def check_labelled(dataset: Dataset) -> None:
+    """Downstream jobs need labels: refuse a dataset whose summary shows none."""
+    counts = (dataset.summary or {}).get("label_counts") or {}
+    if not any(counts.values()):
+        raise ClientError(
+            f"dataset '{dataset.name}' has no labels, so it cannot train or evaluate a classifier: use a "
+            "labelled dataset (PTB-XL superclasses, a wfdb_folder with labels_csv, an npz with labels)"
+        )
+
+
 def check_params_fit_dataset(params: PretrainParams, dataset: Dataset) -> None:
     """Refuse, before queueing, what the dataset's summary already shows cannot work."""
     folds = {int(f) for f in (dataset.summary or {}).get("folds", {})}
@@ -176,3 +326,34 @@ def request_cancel(session: Session, job_id: uuid.UUID) -> Job:
 def fail_job(session: Session, job_id: uuid.UUID, error: str) -> None:
     job = get_job(session, job_id)
     job.status, job.error, job.finished_at, job.phase = JobStatus.failed, error, utcnow(), "failed"
+
+
+# --------------------------------------------------------------------------------------------------
+# a job's files: <artifact_dir>/jobs/<id>/ (checkpoints, ONNX), and its pictures under artifacts/
+
+ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,120}\.png$")
+
+
+def job_dir(job_id: uuid.UUID) -> Path:
+    return Path(get_settings().artifact_dir) / "jobs" / str(job_id)
+
+
+def artifacts_dir(job_id: uuid.UUID) -> Path:
+    """Where a job writes its PNG artifacts (plots)."""
+    return job_dir(job_id) / "artifacts"
+
+
+def list_artifacts(job_id: uuid.UUID) -> list[str]:
+    folder = artifacts_dir(job_id)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_file() and ARTIFACT_NAME.match(p.name))
+
+
+def artifact_path(job_id: uuid.UUID, name: str) -> Path:
+    """The file of a job's artifact ``name``; 404 for anything not in its listing (no path is built from a
+    name that is not a plain PNG file name of that folder)."""
+    if not ARTIFACT_NAME.match(name) or name not in list_artifacts(job_id):
+        available = ", ".join(list_artifacts(job_id)) or "none"
+        raise NotFoundError(f"job {job_id} has no artifact '{name}' (its artifacts: {available})")
+    return artifacts_dir(job_id) / name

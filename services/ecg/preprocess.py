@@ -178,6 +178,15 @@ def window_starts(length: int, window: int, windowing: Windowing) -> list[int]:
     return sorted({int(round(s)) for s in np.linspace(0, length - window, n)})
 
 
+def three_crop_starts(length: int, window: int) -> list[int]:
+    """ST-MEM's test-time crops (methods.md 1.4): 3 starts spaced by (length - window) // 2, e.g.
+    0, 125, 250 for 2500 samples and a 2250-sample window; one start (0) when the window fills the signal."""
+    if length < window:
+        raise ValueError(f"signal of {length} samples is shorter than the {window}-sample window")
+    step = (length - window) // 2
+    return [0] if step == 0 else [0, step, 2 * step]
+
+
 def preprocess(
     recording: Recording,
     spec: InputSpec,

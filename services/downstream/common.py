@@ -1,0 +1,197 @@
+"""What fine-tuning and evaluation jobs share: the linear probe through the training loop, per-epoch logging
+with extra validation metrics, kNN / clustering with their plots, and kNN reference sets."""
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.downstream.data import FeatureRecords
+from services.evaluation.linear_probe import macro_auroc
+from services.evaluation.metrics import (
+    ClassificationResult,
+    clustering_evaluation,
+    knn_evaluation,
+    knn_scores,
+)
+from services.evaluation.plots import (
+    plot_confusion_matrices,
+    plot_embedding_map,
+    plot_history,
+    plot_roc_curves,
+)
+from services.job_runner import JobReporter
+from services.models.heads import LinearHead, MultiLabelLoss
+from services.training.loop import TrainConfig, train
+
+DOWNSTREAM_BETAS = (0.9, 0.999)  # AdamW defaults, as ST-MEM's fine-tuning (pretraining uses 0.95)
+
+
+@dataclass
+class EpochLog:
+    """The loop's ``on_epoch``: adds ``extra(epoch)`` metrics (e.g. validation AUROC, codebook usage) to the
+    loop's own (train_loss, val_loss, lr, ...), writes them to the job, and keeps the history for plots."""
+
+    reporter: JobReporter | None
+    extra: Callable[[], dict[str, float]] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        metrics = {**metrics, **(self.extra() if self.extra is not None else {})}
+        self.history.append({"epoch": epoch, **metrics})
+        if self.reporter is not None:
+            self.reporter.epoch_metrics(epoch, metrics)
+
+
+def scores_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Macro AUROC, NaN-safe for JSON (no class with both outcomes: 0.5)."""
+    value = macro_auroc(labels, scores)[0]
+    return value if np.isfinite(value) else 0.5
+
+
+def fit_linear_head(
+    features: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    cfg: TrainConfig,
+    device: torch.device,
+    checkpoint: Path,
+    reporter: JobReporter | None = None,
+) -> tuple[LinearHead, list[dict[str, float]]]:
+    """A linear head (BCE, AdamW) on frozen features (records, D) of the train split, through the training
+    loop; per epoch: train_loss, val_loss and val_macro_auroc. Features are standardised with training-split
+    statistics folded into the head."""
+    train_x = features["train"]
+    head = LinearHead(
+        train_x.shape[1], labels["train"].shape[1], mean=train_x.mean(0), std=train_x.std(0) + 1e-6
+    )
+    val_x = torch.as_tensor(features["val"], dtype=torch.float32)
+
+    @torch.no_grad()
+    def val_auroc() -> dict[str, float]:
+        head.eval()
+        scores = head(val_x.to(next(head.parameters()).device)).float().cpu().numpy()
+        head.train()
+        return {"val_macro_auroc": scores_auroc(labels["val"], scores)}
+
+    log = EpochLog(reporter, val_auroc)
+    train(
+        MultiLabelLoss(head),
+        FeatureRecords(train_x, labels["train"]),
+        cfg,
+        device,
+        checkpoint_path=checkpoint,
+        val_set=FeatureRecords(features["val"], labels["val"]),
+        on_progress=reporter.progress if reporter else None,
+        on_epoch=log,
+        should_cancel=reporter.should_cancel if reporter else None,
+    )
+    return head.cpu().eval(), log.history
+
+
+@torch.no_grad()
+def head_scores(head: nn.Module, features: np.ndarray) -> np.ndarray:
+    """Sigmoid probabilities (N, K) of a linear head on features (N, D)."""
+    return torch.sigmoid(head(torch.as_tensor(features, dtype=torch.float32))).numpy()
+
+
+# --------------------------------------------------------------------------------------------------
+# results and pictures
+
+
+def classification_plots(
+    name: str, result: ClassificationResult, labels: np.ndarray, scores: np.ndarray, folder: Path
+) -> list[str]:
+    """ROC curves per class and confusion matrices at the result's (validation-tuned) thresholds."""
+    thresholds = np.array([result.thresholds[c] for c in result.auroc_per_class])
+    names = list(result.auroc_per_class)
+    roc = plot_roc_curves(labels, scores, names, folder / f"roc_{name}.png")
+    confusion = plot_confusion_matrices(
+        labels, scores >= thresholds[None, :], names, folder / f"confusion_{name}.png"
+    )
+    return [roc.name, confusion.name]
+
+
+def knn_protocol(
+    embeddings: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    class_names: tuple[str, ...],
+    k: int,
+    metric: str,
+    folder: Path,
+) -> tuple[dict, list[str]]:
+    """kNN fitted on the train split, thresholds tuned on val, read on test; its plots."""
+    result = knn_evaluation(
+        embeddings["train"], labels["train"], embeddings["val"], labels["val"],
+        embeddings["test"], labels["test"], class_names, k=k, metric=metric,
+    )  # fmt: skip
+    scores = knn_scores(embeddings["train"], labels["train"], embeddings["test"], k, metric)
+    return result.to_dict(), classification_plots("knn", result, labels["test"], scores, folder)
+
+
+def clustering_protocol(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    folder: Path,
+    seed: int,
+    map_method: str = "tsne",
+    title: str = "",
+) -> tuple[dict, list[str]]:
+    """Cluster indices and k-means ARI/NMI of the (test) embeddings, and their 2-D map by superclass."""
+    result = clustering_evaluation(embeddings, labels, class_names, seed=seed).to_dict()
+    path = folder / "embedding_map.png"
+    plot_embedding_map(embeddings, labels, class_names, path, method=map_method, seed=seed, title=title)
+    return result, [path.name]
+
+
+def history_plot(history: list[dict[str, float]], folder: Path, name: str, title: str) -> list[str]:
+    if not history:
+        return []
+    return [plot_history(history, folder / f"{name}.png", title=title).name]
+
+
+# --------------------------------------------------------------------------------------------------
+# kNN reference sets (POST /predict?method=knn)
+
+
+def save_reference(
+    path: Path,
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    record_ids: np.ndarray,
+    class_names: tuple[str, ...],
+    knn: dict,
+    dataset: str,
+    job_id: uuid.UUID,
+) -> dict:
+    """Write the labelled reference set (npz) and return the ``model_versions.knn_reference`` entry; the
+    thresholds are those kNN's validation votes tuned (``knn``: a kNN ``ClassificationResult`` dict)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(
+        tmp,
+        embeddings=embeddings.astype(np.float32),
+        labels=labels.astype(np.float32),
+        record_ids=np.asarray(record_ids).astype(str),
+        class_names=np.array(class_names),
+    )
+    tmp.replace(path)
+    return {
+        "file": str(path.resolve()),
+        "class_names": list(class_names),
+        "thresholds": [knn["thresholds"][c] for c in class_names],
+        "k": knn["params"]["k"],
+        "metric": knn["params"]["metric"],
+        "records": int(len(embeddings)),
+        "dimension": int(embeddings.shape[1]),
+        "dataset": dataset,
+        "split": "train",
+        "source_job_id": str(job_id),
+        "val_thresholds_from": "kNN votes of the validation split (max F1 per class)",
+        "test_macro_auroc": knn["macro_auroc"],
+        "test_macro_f1": knn["macro_f1"],
+    }

@@ -1,0 +1,442 @@
+"""Fine-tuning jobs (``POST /jobs/finetune``): adapt a registered encoder to a labelled dataset, evaluate
+it, export it to ONNX, check parity, and register it as a new model version.
+
+Methods (all train through the one training loop, ``services.training.loop.train``):
+
+- ``linear_probe``: embeddings of every record computed once with the frozen encoder (3-crop mean), then a
+  linear head (BCE per class) on them; exported as encoder + head -> (embedding, probabilities);
+- ``finetune``: encoder + linear head all trained on random 9-s crops with ST-MEM's RandAugment (after
+  standardisation), BCE; evaluated with 3-crop averaging of the probabilities;
+- ``triplet``: the triplet-loss metric head of ``services.models.triplet`` (P x K batches), exported as the
+  unit-norm embedding model;
+- ``vqvae``: the token-level VQ-VAE of ``services.models.vqvae`` on the frozen encoder, with codebook usage
+  and perplexity logged every epoch; exported as its embedding (mean of the record's quantised tokens).
+
+Every method is then evaluated on the test split: kNN (train split as reference, thresholds tuned on val)
+and clustering indices of its embeddings, and for the two diagnosis methods the head's macro/per-class
+AUROC and macro F1 at thresholds tuned on the validation split; those thresholds are stored with the head.
+The training-split embeddings and labels are kept as the version's kNN reference set
+(``POST /predict?method=knn``).
+"""
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from services.config import get_settings
+from services.dataset_registry import dataset_for_job
+from services.db.models import Job
+from services.db.session import session_scope
+from services.downstream.common import (
+    DOWNSTREAM_BETAS,
+    EpochLog,
+    classification_plots,
+    clustering_protocol,
+    fit_linear_head,
+    history_plot,
+    knn_protocol,
+    save_reference,
+    scores_auroc,
+)
+from services.downstream.data import (
+    LabelledData,
+    features_of,
+    open_labelled,
+    record_features,
+    split_labels,
+    torch_fn,
+)
+from services.ecg.preprocess import InputSpec
+from services.errors import ClientError
+from services.evaluation.metrics import classification_result, knn_scores
+from services.evaluation.plots import plot_history
+from services.export.onnx import HEAD_OUTPUTS, OUTPUT_NAME, export_checked, sha256_file
+from services.job_runner import JobReporter, run_job
+from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
+from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
+from services.models.heads import DiagnosisModel, Embedder, LinearHead, MultiLabelLoss
+from services.models.triplet import LabelledRecords, PKBatches, TripletModel
+from services.models.vqvae import VqConfig, VqVae
+from services.registry import register_model_version, resolve_model_version
+from services.training.augment import Augmented, RandAugment
+from services.training.loop import CropDataset, TrainConfig, pick_device, train
+
+log = logging.getLogger(__name__)
+
+VAL_KNN_TRAIN_RECORDS = 1000  # per-epoch kNN check: at most this many training records as neighbours
+
+
+def run_finetune_job(job_id: uuid.UUID, worker: str) -> str:
+    """Run one fine-tuning job to its end and record the outcome (``services.job_runner.run_job``)."""
+    return run_job(
+        job_id, worker, lambda raw, reporter: finetune(job_id, FinetuneParams.model_validate(raw), reporter)
+    )
+
+
+@dataclass
+class Base:
+    """The registered version a job starts from."""
+
+    ref: str
+    name: str
+    spec: InputSpec
+    encoder_path: Path
+    hybrid: bool
+
+
+@dataclass
+class Trained:
+    """A method's outcome: what is exported (``outputs`` names its outputs), how to embed and score."""
+
+    exported: nn.Module  # (B, C, L) -> embedding, or (embedding, probabilities)
+    outputs: tuple[str, ...]
+    embed: Callable[[torch.Tensor], torch.Tensor]  # (B, C, L) -> (B, E)
+    encoder: nn.Module  # the encoder part, saved as encoder.pt
+    history: list[dict[str, float]]
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None  # diagnosis methods
+    features: dict[str, np.ndarray] | None = None  # linear probe: the frozen features, already computed
+    extra: dict = field(default_factory=dict)  # method-specific results (e.g. codebook usage)
+
+
+def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -> dict:
+    device = pick_device(get_settings().device)
+    reporter.phase("opening the base model and the dataset")
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        version = resolve_model_version(s, params.model)
+        base = Base(
+            ref=version.ref,
+            name=version.model.name,
+            spec=InputSpec.from_dict(version.input_spec),
+            encoder_path=Path(version.onnx_path).with_name(ENCODER_FILE),
+            hybrid=version.clinical_normaliser is not None,
+        )
+        row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
+    encoder, family = load_saved_encoder(base.encoder_path)
+    data = open_labelled(row, base.spec, params.record_limit, reporter)
+    folder, work = artifacts_dir(job_id), job_dir(job_id)
+    reporter.phase(
+        f"training ({params.method}) on {device.type}: {data.counts()['train']} records, "
+        f"{data.counts()['val']} for validation"
+    )
+    trained = METHODS[params.method](encoder, family, data, params, device, work / "checkpoint.pt", reporter)
+    reporter.check_cancel("after training")
+
+    reporter.phase("evaluating on the test split")
+    result, head, embeddings = _evaluate(trained, data, params, device, folder)
+    reporter.check_cancel("before export")
+    reporter.phase("exporting to ONNX and checking parity")
+    return _export_and_register(job_id, params, base, family, data, trained, result, head, embeddings)
+
+
+# --------------------------------------------------------------------------------------------------
+# the four methods
+
+
+def _config(params: FinetuneParams, batch_size: int | None = None) -> TrainConfig:
+    return TrainConfig(
+        epochs=params.epochs,
+        batch_size=batch_size or params.batch_size,
+        learning_rate=params.peak_lr,
+        weight_decay=params.decay,
+        betas=DOWNSTREAM_BETAS,
+        warmup_epochs=params.warmup_epochs,
+        seed=params.seed,
+        checkpoint_every=params.checkpoint_every,
+    )
+
+
+def _width(encoder: nn.Module) -> int:
+    return int(encoder.cfg.width)
+
+
+def _crops(data: LabelledData, split: str, random: bool, seed: int) -> CropDataset:
+    return CropDataset(
+        data.cache.signals, data.spec.samples, random_crop=random, seed=seed, indices=data.segments(split)
+    )
+
+
+def _labelled(data: LabelledData, split: str, signals: torch.utils.data.Dataset) -> LabelledRecords:
+    return LabelledRecords(signals, data.segment_labels(data.segments(split)))
+
+
+def _evaluating(model: nn.Module, fn: Callable[[], dict[str, float]]) -> Callable[[], dict[str, float]]:
+    """``fn`` run with ``model`` in eval mode (the loop calls ``on_epoch`` in training mode)."""
+
+    def run() -> dict[str, float]:
+        model.eval()
+        try:
+            return fn()
+        finally:
+            model.train()
+
+    return run
+
+
+def _val_knn(data: LabelledData, embed: Callable, params: FinetuneParams, device: torch.device) -> dict:
+    """Per-epoch check of an embedding model: macro AUROC on val of kNN among training records."""
+    fn = torch_fn(embed, device)
+    train_records = data.records["train"][:VAL_KNN_TRAIN_RECORDS]
+    train_x = features_of(data, fn, data.spec.samples, train_records)
+    val_x = features_of(data, fn, data.spec.samples, data.records["val"])
+    scores = knn_scores(train_x, data.labels[train_records], val_x, params.knn_k, params.knn_metric)
+    return {"val_knn_macro_auroc": scores_auroc(data.labels[data.records["val"]], scores)}
+
+
+def _linear_probe(
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    device: torch.device, checkpoint: Path, reporter: JobReporter,
+) -> Trained:  # fmt: skip
+    reporter.phase("embedding every record once with the frozen encoder (3-crop mean)")
+    encoder = encoder.eval().requires_grad_(False).to(device)
+    features = record_features(data, torch_fn(encoder, device), data.spec.samples)
+    reporter.check_cancel("after embedding the records")
+    head, history = fit_linear_head(
+        features, split_labels(data), _config(params), device, checkpoint, reporter
+    )
+    model = DiagnosisModel(encoder.cpu(), head)
+    return Trained(
+        model, HEAD_OUTPUTS, encoder, encoder, history, probabilities=model.probabilities, features=features
+    )
+
+
+def _finetune(
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    device: torch.device, checkpoint: Path, reporter: JobReporter,
+) -> Trained:  # fmt: skip
+    model = DiagnosisModel(encoder, LinearHead(_width(encoder), len(data.class_names)))
+    windows = _crops(data, "train", random=True, seed=params.seed)
+    if params.augment:
+        windows = Augmented(windows, RandAugment(), seed=params.seed)
+    val_labels = data.labels[data.records["val"]]
+
+    def val_auroc() -> dict[str, float]:
+        probs = features_of(
+            data, torch_fn(model.probabilities, device), data.spec.samples, data.records["val"]
+        )
+        return {"val_macro_auroc": scores_auroc(val_labels, probs)}
+
+    log = EpochLog(reporter, _evaluating(model, val_auroc))
+    _train(MultiLabelLoss(model), _labelled(data, "train", windows), _config(params), device, checkpoint,
+           _labelled(data, "val", _crops(data, "val", False, params.seed)), log, reporter)  # fmt: skip
+    model = model.cpu().eval()
+    return Trained(model, HEAD_OUTPUTS, model.encoder, model.encoder, log.history, model.probabilities)
+
+
+def _triplet(
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    device: torch.device, checkpoint: Path, reporter: JobReporter,
+) -> Trained:  # fmt: skip
+    o = params.triplet
+    model = TripletModel(
+        encoder, _width(encoder), o.embedding_dim, o.hidden_dim, o.margin, o.mining,
+        trainable_blocks=o.unfreeze_blocks,
+    )  # fmt: skip
+    try:
+        train_set = PKBatches(_labelled(data, "train", _crops(data, "train", True, params.seed)), o.p, o.k,
+                              seed=params.seed)  # fmt: skip
+    except ValueError as exc:
+        raise ClientError(f"method triplet: the training split cannot make P x K batches: {exc}") from None
+    try:  # a fixed validation draw (epoch 0) for val_loss, where the split allows P x K batches
+        val_set = PKBatches(_labelled(data, "val", _crops(data, "val", False, params.seed)), o.p, o.k,
+                            seed=params.seed)  # fmt: skip
+    except ValueError:
+        val_set = None
+    log = EpochLog(reporter, _evaluating(model, lambda: _val_knn(data, model.embed, params, device)))
+    _train(model, train_set, _config(params, batch_size=1), device, checkpoint, val_set, log, reporter)
+    model = model.cpu().eval()
+    extra = {"triplet": o.model_dump(), "batches_per_epoch": len(train_set), "batch_records": o.p * o.k}
+    return Trained(Embedder(model), (OUTPUT_NAME,), model.embed, model.encoder, log.history, extra=extra)
+
+
+def _vqvae(
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    device: torch.device, checkpoint: Path, reporter: JobReporter,
+) -> Trained:  # fmt: skip
+    if not hasattr(encoder, "forward_tokens") or family != "st_mem":
+        raise ClientError(
+            f"method vqvae quantises an ST-MEM encoder's per-lead patch tokens; the base model is {family}"
+        )
+    o = params.vqvae
+    cfg = VqConfig(
+        num_codes=o.num_codes, code_dim=o.code_dim, commitment=o.commitment, decay=o.decay,
+        dead_threshold=o.dead_threshold, decoder_hidden=o.decoder_hidden,
+    )  # fmt: skip
+    model = VqVae(encoder, _width(encoder), encoder.cfg.patch_size, cfg)
+    usage: list[dict] = []
+
+    def epoch_metrics() -> dict[str, float]:
+        stats = model.pop_usage()  # training assignments of this epoch
+        usage.append(stats)
+        return {
+            "codes_used": stats["codes_used"],
+            "code_usage": stats["usage"],
+            "perplexity": stats["perplexity"],
+            **_val_knn(data, model.embed, params, device),
+        }
+
+    log = EpochLog(reporter, _evaluating(model, epoch_metrics))
+    _train(model, _crops(data, "train", True, params.seed), _config(params), device, checkpoint,
+           _crops(data, "val", False, params.seed), log, reporter)  # fmt: skip
+    model = model.cpu().eval()
+    extra = {"codebook": {"num_codes": o.num_codes, "code_dim": o.code_dim, "last_epoch": usage[-1] if usage
+                          else None, "per_epoch": usage}}  # fmt: skip
+    return Trained(Embedder(model), (OUTPUT_NAME,), model.embed, model.encoder, log.history, extra=extra)
+
+
+def _train(
+    model: nn.Module,
+    train_set: torch.utils.data.Dataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    checkpoint: Path,
+    val_set: torch.utils.data.Dataset | None,
+    log: EpochLog,
+    reporter: JobReporter,
+) -> None:
+    train(
+        model, train_set, cfg, device, checkpoint_path=checkpoint, val_set=val_set,
+        on_progress=reporter.progress, on_epoch=log, should_cancel=reporter.should_cancel,
+    )  # fmt: skip
+
+
+METHODS = {"linear_probe": _linear_probe, "finetune": _finetune, "triplet": _triplet, "vqvae": _vqvae}
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluation, export, registration
+
+
+def _evaluate(
+    trained: Trained, data: LabelledData, params: FinetuneParams, device: torch.device, folder: Path
+) -> tuple[dict, dict | None, dict[str, np.ndarray]]:
+    """(result, head entry or None, embeddings per split) on the test split; plots into ``folder``."""
+    window, names = data.spec.samples, data.class_names
+    labels = split_labels(data)
+    trained.exported.to(device).eval()
+    embeddings = trained.features or record_features(data, torch_fn(trained.embed, device), window)
+    result: dict = {"artifacts": []}
+    result["knn"], plots = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, folder)
+    result["artifacts"] += plots
+    title = f"{params.method}: test embeddings by superclass"
+    result["clustering"], plots = clustering_protocol(embeddings["test"], labels["test"], names, folder,
+                                                      params.seed, title=title)  # fmt: skip
+    result["artifacts"] += plots
+    head = None
+    if trained.probabilities is not None:
+        probs = record_features(data, torch_fn(trained.probabilities, device), window, splits=("val", "test"))
+        scores = classification_result(
+            params.method, labels["val"], probs["val"], labels["test"], probs["test"], names,
+            {"test_time": "3-crop mean of the probabilities"},
+        )  # fmt: skip
+        result["test"] = scores.to_dict()
+        result["artifacts"] += classification_plots(
+            params.method, scores, labels["test"], probs["test"], folder
+        )
+        head = {
+            "task": "multi-label diagnosis",
+            "method": params.method,
+            "class_names": list(names),
+            "thresholds": [result["test"]["thresholds"][c] for c in names],
+            "activation": "sigmoid",
+            "output": "probabilities",
+            "thresholds_from": "validation split: per class, the threshold of maximal F1",
+            "dataset": data.name,
+            "test_macro_auroc": result["test"]["macro_auroc"],
+            "test_macro_f1": result["test"]["macro_f1"],
+        }
+    history = [
+        {k: v for k, v in row.items() if k not in ("codes_used", "perplexity")} for row in trained.history
+    ]
+    result["artifacts"] += history_plot(history, folder, "history", f"{params.method}: per-epoch metrics")
+    if "codebook" in trained.extra:
+        codebook = [{"epoch": r["epoch"], "codes_used": r["codes_used"], "perplexity": r["perplexity"]}
+                    for r in trained.history]  # fmt: skip
+        result["artifacts"].append(plot_history(codebook, folder / "codebook.png", "codebook usage").name)
+    trained.exported.cpu()
+    return result, head, embeddings
+
+
+def _export_and_register(
+    job_id: uuid.UUID,
+    params: FinetuneParams,
+    base: Base,
+    family: str,
+    data: LabelledData,
+    trained: Trained,
+    result: dict,
+    head: dict | None,
+    embeddings: dict[str, np.ndarray],
+) -> dict:
+    work = job_dir(job_id)
+    check = _crops(data, "val", random=False, seed=params.seed)
+    windows = np.stack([check[i].numpy() for i in range(min(8, len(check)))])  # real records, centre crops
+    onnx_path = work / "model.onnx"
+    exported = trained.exported.cpu().float().eval()
+    parity = export_checked(exported, windows, onnx_path, trained.outputs)
+    save_encoder(trained.encoder, family, work / ENCODER_FILE)  # what a further fine-tuning starts from
+    torch.save(
+        {
+            "method": params.method,
+            "params": params.model_dump(mode="json"),
+            "state_dict": exported.state_dict(),
+        },
+        work / "downstream.pt",
+    )
+    reference = save_reference(
+        work / "knn_reference.npz", embeddings["train"], data.labels[data.records["train"]],
+        data.cache.record_ids[data.records["train"]], data.class_names, result["knn"], data.name, job_id,
+    )  # fmt: skip
+    with torch.no_grad():
+        first = exported(torch.from_numpy(windows[:1]))
+    embedding_dim = int((first[0] if isinstance(first, tuple) else first).shape[-1])
+    final = {k: v for k, v in (trained.history[-1] if trained.history else {}).items() if k != "epoch"}
+    summary = {
+        "knn_test_macro_auroc": result["knn"]["macro_auroc"],
+        "knn_test_macro_f1": result["knn"]["macro_f1"],
+    }
+    if head is not None:
+        summary.update(test_macro_auroc=head["test_macro_auroc"], test_macro_f1=head["test_macro_f1"])
+    with session_scope() as s:
+        version = register_model_version(
+            s,
+            name=params.registry_name(base.name),
+            method=params.method,
+            source_job_id=job_id,
+            onnx_path=str(onnx_path.resolve()),
+            sha256=sha256_file(onnx_path),
+            input_spec=base.spec.to_dict(),
+            embedding_dim=embedding_dim,
+            parity_max_abs_diff=parity,
+            metrics={
+                **final,
+                **summary,
+                "base_model": base.ref,
+                "encoder_family": family,
+                "dataset": data.name,
+                "records": data.counts(),
+            },
+            head=head,
+            knn_reference=reference,
+        )
+        ref = version.ref
+    result.update(
+        method=params.method,
+        base_model=base.ref,
+        model_version=ref,
+        dataset=data.name,
+        records=data.counts(),
+        class_names=list(data.class_names),
+        parity_max_abs_diff=parity,
+        clinical_features_used=False,  # a hybrid base's measurements are not part of the fine-tuned model
+        base_is_hybrid=base.hybrid,
+        **trained.extra,
+    )
+    result["artifacts"] = list_artifacts(job_id)
+    return result

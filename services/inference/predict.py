@@ -1,0 +1,160 @@
+"""Diagnosis probabilities of recordings from a registered version, by one of two methods.
+
+- ``head``: a diagnosis model (``model_versions.head``; made by linear_probe / finetune jobs) whose ONNX
+  graph outputs ``probabilities`` (B, K) (sigmoid per class); a record's probabilities are the mean over its
+  windows;
+- ``knn``: any embedding model with a stored reference set (``model_versions.knn_reference``: training-split
+  embeddings and multi-hot labels, kept by every fine-tuning job and by evaluation jobs with the ``knn``
+  protocol): a record's embedding (as ``/embed`` computes it) votes with its k nearest reference records;
+  a class's probability is the fraction of them that carry it.
+
+Either way the classes are independent (multi-label): probabilities need not sum to 1, and a class is
+predicted when its probability reaches the threshold tuned on the validation split (None: never).
+"""
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from services.ecg.preprocess import Windowing, model_recording, preprocess
+from services.ecg.recording import Recording
+from services.errors import ClientError, ConflictError
+from services.evaluation.metrics import knn_scores
+from services.export.onnx import PROBABILITIES_NAME
+from services.inference.embed import Embedded, embed_recordings
+from services.inference.sessions import LoadedModel, ModelUnavailable, ServedModel, Timing
+
+PredictMethod = Literal["head", "knn"]
+
+FINETUNE_HINT = "fine-tune it into a diagnosis model (POST /jobs/finetune, method linear_probe or finetune)"
+REFERENCE_HINT = "store a kNN reference set for it (POST /jobs/evaluate with protocols ['knn'])"
+
+
+@dataclass
+class Predicted:
+    """One record's class probabilities (K,) and the number of windows (or embedding windows) used."""
+
+    probabilities: np.ndarray
+    windows: int
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """What a method predicts: class names, thresholds (None: never predicted), and its description."""
+
+    method: PredictMethod
+    class_names: tuple[str, ...]
+    thresholds: tuple[float | None, ...]
+
+    def labels(self, probabilities: np.ndarray) -> list[str]:
+        return [
+            name
+            for name, p, t in zip(self.class_names, probabilities, self.thresholds, strict=True)
+            if t is not None and p >= t
+        ]
+
+
+def classifier(model: ServedModel, requested: PredictMethod | None) -> Classifier:
+    """The method to serve (``requested``, or the head where there is one, else kNN); 409 when the version
+    cannot predict that way, with what to do about it."""
+    if requested == "head" and model.head is None:
+        raise ConflictError(
+            f"{model.ref} has no diagnosis head (it is an embedding model): "
+            + ("use method=knn (it has a kNN reference set), or " if model.knn_reference else "")
+            + FINETUNE_HINT
+        )
+    if requested == "knn" and model.knn_reference is None:
+        raise ConflictError(f"{model.ref} has no kNN reference set: {REFERENCE_HINT}")
+    method = requested or ("head" if model.head else "knn" if model.knn_reference else None)
+    if method is None:
+        raise ConflictError(
+            f"{model.ref} is an embedding model without a diagnosis head or a kNN reference set, so it "
+            f"cannot predict diagnoses: {FINETUNE_HINT}, or {REFERENCE_HINT} (POST /embed serves its "
+            "embeddings)"
+        )
+    entry = model.head if method == "head" else model.knn_reference
+    return Classifier(method, tuple(entry["class_names"]), tuple(entry["thresholds"]))
+
+
+@lru_cache(maxsize=16)
+def _reference(path: str, mtime_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as data:
+        return data["embeddings"], data["labels"]
+
+
+def load_reference(model: ServedModel) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (N, D), labels (N, K)) of the version's reference set (cached until its file changes)."""
+    path = Path(model.knn_reference["file"])
+    if not path.is_file():
+        raise ModelUnavailable(
+            f"the kNN reference set of {model.ref} is missing from the artifact store: {path}"
+        )
+    return _reference(str(path), path.stat().st_mtime_ns)
+
+
+def predict_recordings(
+    loaded: LoadedModel,
+    recordings: list[Recording | ClientError],
+    how: Classifier,
+    *,
+    windowing: Windowing = "sliding",
+    pad: bool = False,
+    interpolate_nan: bool = False,
+    timing: Timing | None = None,
+) -> list[Predicted | ClientError]:
+    """Class probabilities of several recordings on a leased session: one result or error each, in order."""
+    if how.method == "knn":
+        return _knn(loaded, recordings, windowing, pad, interpolate_nan, timing)
+    model, pending = loaded.model, []
+    for recording in recordings:  # all submitted before any result is awaited: they share batched runs
+        if isinstance(recording, ClientError):
+            pending.append(recording)
+            continue
+        try:
+            checked = model_recording(
+                recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
+            )
+            windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)  # (n, C, L)
+            pending.append((len(windows), loaded.submit(windows, (PROBABILITIES_NAME,))))
+        except ClientError as exc:
+            pending.append(exc)
+    results: list[Predicted | ClientError] = []
+    for item in pending:
+        if isinstance(item, ClientError):
+            results.append(item)
+            continue
+        n_windows, run = item
+        (probabilities,) = run.result(timing)  # (n, K)
+        results.append(Predicted(probabilities.mean(axis=0), n_windows))
+    return results
+
+
+def _knn(
+    loaded: LoadedModel,
+    recordings: list[Recording | ClientError],
+    windowing: Windowing,
+    pad: bool,
+    interpolate_nan: bool,
+    timing: Timing | None,
+) -> list[Predicted | ClientError]:
+    model, reference = loaded.model, loaded.model.knn_reference
+    x, y = load_reference(model)
+    embedded = embed_recordings(
+        loaded, recordings, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+    )
+    results: list[Predicted | ClientError] = []
+    for item in embedded:
+        if not isinstance(item, Embedded):
+            results.append(item)
+            continue
+        if item.vector.shape[0] != x.shape[1]:
+            raise ConflictError(
+                f"the kNN reference set of {model.ref} holds {x.shape[1]}-d embeddings but the model gives "
+                f"{item.vector.shape[0]}-d ones: store a new one ({REFERENCE_HINT})"
+            )
+        votes = knn_scores(x, y, item.vector[None].astype(np.float32), reference["k"], reference["metric"])
+        results.append(Predicted(votes[0], item.windows))
+    return results
