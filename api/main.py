@@ -3,7 +3,7 @@
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from api.routers import datasets, embed, health, jobs, models
+from api.routers import datasets, embed, health, jobs, models, predict
 from services.errors import ClientError
 
 
@@ -21,7 +21,7 @@ def create_app() -> FastAPI:
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
 
-    for router in (datasets.router, jobs.router, models.router, embed.router, health.router):
+    for router in (datasets.router, jobs.router, models.router, embed.router, predict.router, health.router):
         app.include_router(router)
     return app
 

@@ -5,12 +5,26 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.jobs import EvaluateParams, FinetuneParams
 from services.models.checkpoints import ImportFormat
 from services.pretraining import PretrainParams
 
 
 class PretrainRequest(PretrainParams):
     """Queue a self-supervised pretraining job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class FinetuneRequest(FinetuneParams):
+    """Queue a fine-tuning job: a registered encoder adapted to a labelled dataset, registered as a new
+    version (diagnosis model for linear_probe / finetune, embedding model for triplet / vqvae)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvaluateRequest(EvaluateParams):
+    """Queue an evaluation job of a registered version's embeddings on a labelled dataset."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +64,14 @@ class JobOut(BaseModel):
     cancel_requested: bool
     worker: str | None
     model_version: str | None = Field(None, description="'name@version' registered by this job")
+    result: dict | None = Field(
+        None,
+        description="downstream jobs, once finished: metrics per protocol (macro and per-class AUROC, macro "
+        "F1 at thresholds tuned on the validation split, kNN, cluster indices), records per split, artifacts",
+    )
+    artifacts: list[str] = Field(
+        default_factory=list, description="PNG files of the job: GET /jobs/{id}/artifacts/{name}"
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -107,6 +129,15 @@ class ModelVersionOut(BaseModel):
     metrics: dict
     clinical_features: list[str] | None = Field(
         None, description="hybrid models: the clinical measurements appended to the embedding (then flags)"
+    )
+    head: dict | None = Field(
+        None,
+        description="diagnosis models: class names, per-class thresholds tuned on the validation split, the "
+        "test scores; POST /predict serves their probabilities",
+    )
+    knn_reference: dict | None = Field(
+        None,
+        description="a stored labelled reference set (training-split embeddings): POST /predict?method=knn",
     )
     aliases: list[str] = Field(default_factory=list, description="aliases that point at this version")
     variants: dict[str, VariantOut] = Field(
@@ -178,6 +209,32 @@ class RecordResult(BaseModel):
     embedding: list[float] | None = None
     record: RecordInfo | None = None
     error: str | None = Field(None, description="what is wrong with this record and what was expected")
+
+
+class KnnInfo(BaseModel):
+    k: int
+    metric: str
+    reference_records: int = Field(description="labelled training records the record was compared with")
+    dataset: str
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    method: str = Field(description="head: the diagnosis model's own head; knn: votes of the reference set")
+    classes: list[str]
+    probabilities: dict[str, float] = Field(
+        description="per class, in [0, 1] and independent of the others (multi-label: they need not sum to "
+        "1); head: the mean over the record's windows; knn: the share of the k neighbours with the class"
+    )
+    thresholds: dict[str, float | None] = Field(
+        description="per class, tuned on the validation split (max F1); None: never predicted"
+    )
+    labels: list[str] = Field(description="the classes whose probability reaches their threshold")
+    record: RecordInfo
+    knn: KnnInfo | None = None
+    variant: str | None = Field(None, description="ONNX variant that served: fp32, int8 or fp16")
+    provider: str | None = Field(None, description="ONNX Runtime execution provider that served")
 
 
 class EmbedBatchResponse(BaseModel):

@@ -1,15 +1,28 @@
-"""Training jobs: queue, list, inspect, cancel."""
+"""Jobs: queue (pretraining, fine-tuning, evaluation), list, inspect, cancel, and their PNG artifacts."""
 
 import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
-from api.schemas import EpochMetrics, JobCreated, JobList, JobOut, JobProgress, PretrainRequest
+from api.schemas import (
+    EpochMetrics,
+    EvaluateRequest,
+    FinetuneRequest,
+    JobCreated,
+    JobList,
+    JobOut,
+    JobProgress,
+    PretrainRequest,
+)
 from services import jobs
 from services.dataset_registry import dataset_for_job
 from services.db.models import Job, JobStatus
+from services.errors import ClientError
+from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -30,6 +43,8 @@ def job_out(job: Job) -> JobOut:
         cancel_requested=job.cancel_requested,
         worker=job.worker,
         model_version=job.model_version.ref if job.model_version else None,
+        result=job.result,
+        artifacts=jobs.list_artifacts(job.id),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
@@ -49,11 +64,56 @@ def submit_pretrain(
     dataset = dataset_for_job(session, body.dataset)
     jobs.check_params_fit_dataset(body, dataset)
     job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset=dataset)
-    session.commit()  # the worker must find the row as soon as the task arrives
-    from worker.tasks import pretrain
+    return _enqueue(session, job, request)
 
+
+@router.post(
+    "/finetune",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobCreated,
+    dependencies=[Depends(require_api_key)],
+    summary="Queue a fine-tuning job: linear probe, full fine-tune, triplet head or VQ-VAE head",
+)
+def submit_finetune(
+    body: FinetuneRequest, request: Request, session: Session = Depends(db_session)
+) -> JobCreated:
+    base = resolve_model_version(session, body.model)
+    if body.method == "vqvae" and base.model.method == "ecg_jepa":
+        raise ClientError(
+            f"method vqvae quantises an ST-MEM encoder's per-lead patch tokens; {base.ref} is ECG-JEPA"
+        )
+    dataset = dataset_for_job(session, body.dataset)
+    jobs.check_labelled(dataset)
+    job = jobs.create_job(session, "finetune", body, epochs=body.epochs, dataset=dataset)
+    return _enqueue(session, job, request)
+
+
+@router.post(
+    "/evaluate",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobCreated,
+    dependencies=[Depends(require_api_key)],
+    summary="Queue an evaluation job: kNN, linear probe and clustering of a version's embeddings",
+)
+def submit_evaluate(
+    body: EvaluateRequest, request: Request, session: Session = Depends(db_session)
+) -> JobCreated:
+    resolve_model_version(session, body.model)
+    dataset = dataset_for_job(session, body.dataset)
+    jobs.check_labelled(dataset)
+    epochs = body.probe_epochs if "linear_probe" in body.protocols else 0
+    job = jobs.create_job(session, "evaluate", body, epochs=epochs, dataset=dataset)
+    return _enqueue(session, job, request)
+
+
+def _enqueue(session: Session, job: Job, request: Request) -> JobCreated:
+    """Commit the job and send its Celery task (``ecgssl.<kind>``) to the gpu queue."""
+    session.commit()  # the worker must find the row as soon as the task arrives
+    from worker import tasks
+
+    task = {"pretrain": tasks.pretrain, "finetune": tasks.finetune, "evaluate": tasks.evaluate}[job.kind]
     try:
-        pretrain.apply_async(args=[str(job.id)], queue="gpu")
+        task.apply_async(args=[str(job.id)], queue="gpu")
     except Exception as exc:  # broker down: record it on the job and tell the client to retry later
         jobs.fail_job(session, job.id, f"could not queue the job: broker unavailable ({exc})")
         session.commit()
@@ -83,3 +143,20 @@ def get_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> JobOut
 )
 def cancel_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> JobOut:
     return job_out(jobs.request_cancel(session, job_id))
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "the PNG file"}},
+    summary="One of a job's PNG artifacts (plots), by the name GET /jobs/{id} lists",
+)
+def get_artifact(
+    job_id: uuid.UUID,
+    name: str = PathParam(
+        ..., description="a name from the job's 'artifacts' list", examples=["roc_knn.png"]
+    ),
+    session: Session = Depends(db_session),
+) -> FileResponse:
+    jobs.get_job(session, job_id)  # 404 for an unknown job
+    return FileResponse(jobs.artifact_path(job_id, name), media_type="image/png", filename=name)

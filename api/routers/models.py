@@ -54,6 +54,10 @@ def version_out(v: ModelVersion, serving: bool = False) -> ModelVersionOut:
         parity_max_abs_diff=v.parity_max_abs_diff,
         metrics=v.metrics,
         clinical_features=v.clinical_normaliser["names"] if v.clinical_normaliser else None,
+        head=v.head,
+        knn_reference={k: value for k, value in v.knn_reference.items() if k != "file"}
+        if v.knn_reference
+        else None,
         aliases=[a.name for a in v.aliases],
         variants=variants,
         serving=serving_out,

@@ -1,0 +1,114 @@
+"""Diagnosis probabilities of an uploaded ECG: a diagnosis model's head, or kNN against a reference set."""
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from sqlalchemy.orm import Session
+
+from api.deps import db_session, require_api_key
+from api.routers.embed import (
+    FILES_DESCRIPTION,
+    MODEL_DESCRIPTION,
+    PRECISION_DESCRIPTION,
+    read_files,
+    record_info,
+    served_model,
+    server_timing,
+)
+from api.schemas import KnnInfo, PredictResponse
+from services.ecg.recording import ACCEPTED_UPLOADS, read_upload
+from services.errors import ClientError
+from services.inference.predict import PredictMethod, classifier, predict_recordings
+from services.inference.sessions import SESSIONS, Precision, Timing
+
+router = APIRouter(tags=["inference"])
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    dependencies=[Depends(require_api_key)],
+    summary="Diagnosis probabilities of one ECG (PTB-XL superclasses for models fine-tuned on PTB-XL)",
+    description=f"Upload {ACCEPTED_UPLOADS}, as for POST /embed. `method=head` (the default for diagnosis "
+    "models, made by POST /jobs/finetune with method linear_probe or finetune): the model's own head, "
+    "probabilities averaged over the record's windows. `method=knn` (the default for other models that "
+    "have a reference set): the record's embedding votes with its k nearest labelled training records, "
+    "stored by fine-tuning jobs and by POST /jobs/evaluate with the knn protocol. Classes are independent "
+    "(multi-label); `labels` are those at or above their validation-tuned threshold. A model that can do "
+    "neither gets 409 with what to do.",
+)
+def predict(
+    request: Request,
+    response: Response,
+    files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
+    fs: float | None = Form(
+        None, gt=0, description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one"
+    ),
+    leads: str | None = Form(
+        None, description="comma-separated lead names of the rows/columns (.npy, .npz, .csv, .json)"
+    ),
+    model: str | None = Query(None, description=MODEL_DESCRIPTION),
+    method: PredictMethod | None = Query(
+        None, description="head or knn; default: head where the model has one, else knn"
+    ),
+    precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
+    windowing: Literal["sliding", "center"] = Query(
+        "sliding", description="longer records: mean over sliding windows, or one centre crop"
+    ),
+    pad: bool = Query(False, description="zero-pad a record shorter than the model's window"),
+    interpolate_nan: bool = Query(
+        False, description="fill NaN/inf samples by linear interpolation instead of refusing the record"
+    ),
+    session: Session = Depends(db_session),
+) -> PredictResponse:
+    started = time.perf_counter()
+    timing = Timing()
+    with timing.step("resolve"):
+        served = served_model(session, model)
+    how = classifier(served, method)  # 409 before reading the upload when the model cannot predict
+    contents = read_files(request, files)
+    headers = [name for name in contents if name.lower().endswith(".hea")]
+    if len(headers) > 1:
+        raise ClientError(
+            f"several WFDB headers uploaded ({', '.join(headers)}): POST /predict takes one record"
+        )
+    lead_names = [name.strip() for name in leads.split(",")] if leads else None
+    with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
+        with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+            recording = read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
+        (result,) = predict_recordings(
+            loaded,
+            [recording],
+            how,
+            windowing=windowing,
+            pad=pad,
+            interpolate_nan=interpolate_nan,
+            timing=timing,
+        )
+    if isinstance(result, ClientError):
+        raise result
+    server_timing(response, timing, started)
+    reference = served.knn_reference if how.method == "knn" else None
+    return PredictResponse(
+        model=served.name,
+        version=served.version,
+        method=how.method,
+        classes=list(how.class_names),
+        probabilities={c: float(p) for c, p in zip(how.class_names, result.probabilities, strict=True)},
+        thresholds=dict(zip(how.class_names, how.thresholds, strict=True)),
+        labels=how.labels(result.probabilities),
+        record=record_info(recording, result.windows),
+        knn=KnnInfo(
+            k=reference["k"],
+            metric=reference["metric"],
+            reference_records=reference["records"],
+            dataset=reference["dataset"],
+        )
+        if reference
+        else None,
+        variant=loaded.variant,
+        provider=loaded.provider,
+    )
