@@ -456,3 +456,31 @@ def test_bad_requests_get_4xx_naming_the_problem(
     job_id = post_job(client, "evaluate", {"model": base, "dataset": "ptbxl-500", "protocols": ["knn"]})
     for name in ("roc_knn.png", "..%2F..%2Fjob.png", "%2Fetc%2Fpasswd", "checkpoint.pt"):
         assert client.get(f"/jobs/{job_id}/artifacts/{name}").status_code == 404, name
+
+
+def test_vqvae_runs_on_an_ecg_jepa_encoder_through_its_lead_token_grid(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    from services.export.onnx import export_checked
+    from services.models import ecg_jepa
+    from services.models.heads import Embedder, LeadTokens
+    from services.models.vqvae import VqConfig, VqVae
+
+    torch.manual_seed(0)
+    encoder = ecg_jepa.EcgJepaEncoder(ecg_jepa.SIZES["tiny"]).eval()
+    windows = preprocess(read_wfdb(data_dir / f"{RECORD}.hea"), ecg_jepa.INPUT_SPEC)  # (1, 8, 2500)
+    x = torch.from_numpy(windows).repeat(4, 1, 1)
+    tokens = LeadTokens(encoder).forward_tokens(x)
+    cfg = encoder.cfg
+    assert tokens.shape == (4, 8, cfg.seq_len // cfg.patch_size, cfg.width)
+    flat = encoder.forward_tokens(x)  # lead-major (B, C * N, D): lead 1's tokens follow lead 0's
+    torch.testing.assert_close(
+        tokens[:, 1], flat[:, cfg.seq_len // cfg.patch_size : 2 * (cfg.seq_len // cfg.patch_size)]
+    )
+    model = VqVae(LeadTokens(encoder), cfg.width, cfg.patch_size, VqConfig(num_codes=16, code_dim=8))
+    model.train()
+    loss = model(x)
+    loss.backward()
+    assert torch.isfinite(loss) and model.pop_usage()["codes_used"] > 1
+    parity = export_checked(Embedder(model.eval()), windows, tmp_path / "vq.onnx")
+    assert parity < 1e-4

@@ -21,7 +21,6 @@ from api.schemas import (
 from services import jobs
 from services.dataset_registry import dataset_for_job
 from services.db.models import Job, JobStatus
-from services.errors import ClientError
 from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -77,11 +76,7 @@ def submit_pretrain(
 def submit_finetune(
     body: FinetuneRequest, request: Request, session: Session = Depends(db_session)
 ) -> JobCreated:
-    base = resolve_model_version(session, body.model)
-    if body.method == "vqvae" and base.model.method == "ecg_jepa":
-        raise ClientError(
-            f"method vqvae quantises an ST-MEM encoder's per-lead patch tokens; {base.ref} is ECG-JEPA"
-        )
+    resolve_model_version(session, body.model)
     dataset = dataset_for_job(session, body.dataset)
     jobs.check_labelled(dataset)
     job = jobs.create_job(session, "finetune", body, epochs=body.epochs, dataset=dataset)

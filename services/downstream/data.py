@@ -128,21 +128,29 @@ def open_labelled(
 # 3-crop features of cached segments
 
 
-def crops(signals: np.ndarray, row: int, window: int) -> np.ndarray:
-    """The 3 test-time crops of one cached segment, each standardised: (3, C, window) (1 when equal)."""
+def crops(signals: np.ndarray, row: int, window: int, centre_only: bool = False) -> np.ndarray:
+    """The 3 test-time crops of one cached segment, each standardised: (3, C, window) (1 when the window
+    fills the segment); ``centre_only``: the middle one alone (1, C, window)."""
     segment = np.asarray(signals[row], dtype=np.float32)  # (C, T)
     starts = three_crop_starts(segment.shape[-1], window)
+    starts = starts[len(starts) // 2 :][:1] if centre_only else starts
     return standardise(np.stack([segment[:, s : s + window] for s in starts]))
 
 
 def three_crop(
-    fn: WindowFn, signals: np.ndarray, rows: np.ndarray, window: int, batch: int = 64
+    fn: WindowFn,
+    signals: np.ndarray,
+    rows: np.ndarray,
+    window: int,
+    batch: int = 64,
+    centre_only: bool = False,
 ) -> np.ndarray:
-    """(len(rows), ...) outputs of ``fn`` averaged over each segment's 3 crops (methods.md 1.4)."""
+    """(len(rows), ...) outputs of ``fn`` averaged over each segment's 3 crops (methods.md 1.4), or of the
+    centre crop alone (``centre_only``: a cheaper per-epoch check)."""
     out: list[np.ndarray] = []
     per_batch = max(1, batch // 3)
     for start in range(0, len(rows), per_batch):
-        chunk = [crops(signals, int(r), window) for r in rows[start : start + per_batch]]
+        chunk = [crops(signals, int(r), window, centre_only) for r in rows[start : start + per_batch]]
         n = len(chunk[0])
         values = np.asarray(fn(np.concatenate(chunk)))  # (len(chunk) * n, ...)
         out.append(values.reshape(len(chunk), n, *values.shape[1:]).mean(axis=1))
@@ -159,10 +167,13 @@ def torch_fn(module: Callable[[torch.Tensor], torch.Tensor], device: torch.devic
     return run
 
 
-def features_of(data: LabelledData, fn: WindowFn, window: int, records: np.ndarray) -> np.ndarray:
-    """(len(records), ...): ``fn`` of each record's segments averaged over 3 crops, then over its segments."""
+def features_of(
+    data: LabelledData, fn: WindowFn, window: int, records: np.ndarray, centre_only: bool = False
+) -> np.ndarray:
+    """(len(records), ...): ``fn`` of each record's segments averaged over 3 crops (or the centre crop),
+    then over its segments."""
     segments = data.cache.segments_of(records)  # ascending rows of cache.signals
-    values = three_crop(fn, data.cache.signals, segments, window)  # (S, ...)
+    values = three_crop(fn, data.cache.signals, segments, window, centre_only=centre_only)  # (S, ...)
     lookup = np.full(len(data.labels), -1)
     lookup[records] = np.arange(len(records))
     owner = lookup[data.cache.record_index[segments]]  # (S,) position in ``records``

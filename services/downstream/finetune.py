@@ -9,8 +9,9 @@ Methods (all train through the one training loop, ``services.training.loop.train
   standardisation), BCE; evaluated with 3-crop averaging of the probabilities;
 - ``triplet``: the triplet-loss metric head of ``services.models.triplet`` (P x K batches), exported as the
   unit-norm embedding model;
-- ``vqvae``: the token-level VQ-VAE of ``services.models.vqvae`` on the frozen encoder, with codebook usage
-  and perplexity logged every epoch; exported as its embedding (mean of the record's quantised tokens).
+- ``vqvae``: the token-level VQ-VAE of ``services.models.vqvae`` on the frozen encoder's per-lead patch tokens
+  (ECG-JEPA's regrouped by ``LeadTokens``), with codebook usage and perplexity logged every epoch; exported
+  as its embedding (mean of the record's quantised tokens).
 
 Every method is then evaluated on the test split: kNN (train split as reference, thresholds tuned on val)
 and clustering indices of its embeddings, and for the two diagnosis methods the head's macro/per-class
@@ -60,7 +61,7 @@ from services.export.onnx import HEAD_OUTPUTS, OUTPUT_NAME, export_checked, sha2
 from services.job_runner import JobReporter, run_job
 from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
-from services.models.heads import DiagnosisModel, Embedder, LinearHead, MultiLabelLoss
+from services.models.heads import DiagnosisModel, Embedder, LeadTokens, LinearHead, MultiLabelLoss
 from services.models.triplet import LabelledRecords, PKBatches, TripletModel
 from services.models.vqvae import VqConfig, VqVae
 from services.registry import register_model_version, resolve_model_version
@@ -180,11 +181,12 @@ def _evaluating(model: nn.Module, fn: Callable[[], dict[str, float]]) -> Callabl
 
 
 def _val_knn(data: LabelledData, embed: Callable, params: FinetuneParams, device: torch.device) -> dict:
-    """Per-epoch check of an embedding model: macro AUROC on val of kNN among training records."""
+    """Per-epoch check of an embedding model: macro AUROC on val of kNN among training records (centre
+    crops: a third of the final evaluation's cost)."""
     fn = torch_fn(embed, device)
     train_records = data.records["train"][:VAL_KNN_TRAIN_RECORDS]
-    train_x = features_of(data, fn, data.spec.samples, train_records)
-    val_x = features_of(data, fn, data.spec.samples, data.records["val"])
+    train_x = features_of(data, fn, data.spec.samples, train_records, centre_only=True)
+    val_x = features_of(data, fn, data.spec.samples, data.records["val"], centre_only=True)
     scores = knn_scores(train_x, data.labels[train_records], val_x, params.knn_k, params.knn_metric)
     return {"val_knn_macro_auroc": scores_auroc(data.labels[data.records["val"]], scores)}
 
@@ -259,16 +261,13 @@ def _vqvae(
     encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
-    if not hasattr(encoder, "forward_tokens") or family != "st_mem":
-        raise ClientError(
-            f"method vqvae quantises an ST-MEM encoder's per-lead patch tokens; the base model is {family}"
-        )
+    tokens = LeadTokens(encoder) if family == "ecg_jepa" else encoder  # per-lead patch tokens (B, C, N, D)
     o = params.vqvae
     cfg = VqConfig(
         num_codes=o.num_codes, code_dim=o.code_dim, commitment=o.commitment, decay=o.decay,
         dead_threshold=o.dead_threshold, decoder_hidden=o.decoder_hidden,
     )  # fmt: skip
-    model = VqVae(encoder, _width(encoder), encoder.cfg.patch_size, cfg)
+    model = VqVae(tokens, _width(encoder), encoder.cfg.patch_size, cfg)
     usage: list[dict] = []
 
     def epoch_metrics() -> dict[str, float]:
@@ -287,7 +286,7 @@ def _vqvae(
     model = model.cpu().eval()
     extra = {"codebook": {"num_codes": o.num_codes, "code_dim": o.code_dim, "last_epoch": usage[-1] if usage
                           else None, "per_epoch": usage}}  # fmt: skip
-    return Trained(Embedder(model), (OUTPUT_NAME,), model.embed, model.encoder, log.history, extra=extra)
+    return Trained(Embedder(model), (OUTPUT_NAME,), model.embed, encoder, log.history, extra=extra)
 
 
 def _train(
