@@ -326,7 +326,7 @@ def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
     assert ref == result["model_version"] and ref.split("@")[0] == f"{base.split('@')[0]}-{method}"
     with session_scope() as s:
         version = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one()
-        head = version.head
+        head, int8 = version.head, version.variants["int8"]
         expected = torch_probabilities(version, data_dir)
     assert head["class_names"] == ["NORM", "MI", "STTC", "CD", "HYP"] and head["output"] == "probabilities"
     assert head["thresholds"] == [test["thresholds"][c] for c in head["class_names"]]  # tuned on val, stored
@@ -342,6 +342,12 @@ def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
     for cls, p in prediction["probabilities"].items():
         threshold = prediction["thresholds"][cls]
         assert (cls in prediction["labels"]) == (threshold is not None and p >= threshold)
+    # the int8 variant serves (default precision on the CPU) only if its probabilities passed their check too
+    assert (int8["status"] == "passed") == (int8["probabilities_max_abs_diff"] <= 0.01), int8
+    served = client.post(f"/predict?model={ref}", files=upload(data_dir)).json()
+    assert served["variant"] == ("int8" if int8["status"] == "passed" else "fp32")
+    served_p = np.array([served["probabilities"][c] for c in head["class_names"]])
+    np.testing.assert_allclose(served_p, expected, atol=0.03 if served["variant"] == "int8" else 1e-4)
     # the same record, kNN against the training embeddings the job stored
     knn = client.post(f"/predict?model={ref}&method=knn", files=upload(data_dir))
     assert knn.status_code == 200 and knn.json()["knn"]["reference_records"] == 67

@@ -123,13 +123,16 @@ def knn_protocol(
     metric: str,
     folder: Path,
 ) -> tuple[dict, list[str]]:
-    """kNN fitted on the train split, thresholds tuned on val, read on test; its plots."""
+    """kNN fitted on the train split, thresholds tuned on val, read on test (with val's macro AUROC, for
+    choosing settings without the test split); its plots."""
     result = knn_evaluation(
         embeddings["train"], labels["train"], embeddings["val"], labels["val"],
         embeddings["test"], labels["test"], class_names, k=k, metric=metric,
     )  # fmt: skip
+    val_scores = knn_scores(embeddings["train"], labels["train"], embeddings["val"], k, metric)
     scores = knn_scores(embeddings["train"], labels["train"], embeddings["test"], k, metric)
-    return result.to_dict(), classification_plots("knn", result, labels["test"], scores, folder)
+    out = {**result.to_dict(), "val_macro_auroc": scores_auroc(labels["val"], val_scores)}
+    return out, classification_plots("knn", result, labels["test"], scores, folder)
 
 
 def clustering_protocol(

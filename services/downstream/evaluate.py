@@ -29,6 +29,7 @@ from services.downstream.common import (
     history_plot,
     knn_protocol,
     save_reference,
+    scores_auroc,
 )
 from services.downstream.data import open_labelled, record_features, split_labels
 from services.evaluation.metrics import classification_result
@@ -106,7 +107,10 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
             "linear_probe", labels["val"], scores["val"], labels["test"], scores["test"], names,
             {"epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "weight_decay": cfg.weight_decay},
         )  # fmt: skip
-        result["linear_probe"] = probe.to_dict()
+        result["linear_probe"] = {
+            **probe.to_dict(),
+            "val_macro_auroc": scores_auroc(labels["val"], scores["val"]),
+        }
         classification_plots("linear_probe", probe, labels["test"], scores["test"], folder)
         history_plot(history, folder, "history", f"linear probe on {served.ref}")
 

@@ -57,7 +57,15 @@ from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.evaluation.metrics import classification_result, knn_scores
 from services.evaluation.plots import plot_history
-from services.export.onnx import HEAD_OUTPUTS, OUTPUT_NAME, export_checked, sha256_file
+from services.export.onnx import (
+    HEAD_OUTPUTS,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PROBABILITIES_NAME,
+    export_checked,
+    sha256_file,
+)
+from services.inference.variants import CUDA, make_variants
 from services.job_runner import JobReporter, run_job
 from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
@@ -71,6 +79,7 @@ from services.training.loop import CropDataset, TrainConfig, pick_device, train
 log = logging.getLogger(__name__)
 
 VAL_KNN_TRAIN_RECORDS = 1000  # per-epoch kNN check: at most this many training records as neighbours
+PROBABILITY_TOLERANCE = 0.01  # a reduced-precision variant of a diagnosis model serves only this close
 
 
 def run_finetune_job(job_id: uuid.UUID, worker: str) -> str:
@@ -334,7 +343,7 @@ def _evaluate(
             params.method, labels["val"], probs["val"], labels["test"], probs["test"], names,
             {"test_time": "3-crop mean of the probabilities"},
         )  # fmt: skip
-        result["test"] = scores.to_dict()
+        result["test"] = {**scores.to_dict(), "val_macro_auroc": scores_auroc(labels["val"], probs["val"])}
         result["artifacts"] += classification_plots(
             params.method, scores, labels["test"], probs["test"], folder
         )
@@ -402,6 +411,9 @@ def _export_and_register(
     }
     if head is not None:
         summary.update(test_macro_auroc=head["test_macro_auroc"], test_macro_f1=head["test_macro_f1"])
+    variants = make_variants(onnx_path, base.spec)
+    if head is not None:
+        check_head_variants(variants, onnx_path, windows)
     with session_scope() as s:
         version = register_model_version(
             s,
@@ -423,6 +435,7 @@ def _export_and_register(
             },
             head=head,
             knn_reference=reference,
+            variants=variants,
         )
         ref = version.ref
     result.update(
@@ -439,3 +452,32 @@ def _export_and_register(
     )
     result["artifacts"] = list_artifacts(job_id)
     return result
+
+
+def check_head_variants(variants: dict, onnx_path: Path, windows: np.ndarray) -> None:
+    """The int8 / fp16 variants of a diagnosis model are checked on its embedding (cosine, at registration)
+    and here on its probabilities: a variant whose probabilities differ from fp32 by more than
+    ``PROBABILITY_TOLERANCE`` on the check windows is marked failed (then fp32 serves, with the reason).
+
+    (Measured: an int8 linear-probe model kept cosine 0.99997 to fp32 yet moved probabilities by up to
+    0.025, enough to cross a threshold.)"""
+    import onnxruntime as ort
+
+    fp32 = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reference = fp32.run([PROBABILITIES_NAME], {INPUT_NAME: windows})[0]
+    for name, entry in variants.items():
+        if name == "fp32" or entry.get("status") != "passed":
+            continue
+        providers = [CUDA, "CPUExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"]
+        available = [p for p in providers if p in ort.get_available_providers()]
+        got = ort.InferenceSession(entry["file"], providers=available).run(
+            [PROBABILITIES_NAME], {INPUT_NAME: windows}
+        )[0]
+        diff = float(np.abs(got - reference).max())
+        entry["probabilities_max_abs_diff"] = diff
+        if not diff <= PROBABILITY_TOLERANCE:
+            entry["status"] = "failed"
+            entry["reason"] = (
+                f"probabilities differ from fp32 by up to {diff:.4f} (> {PROBABILITY_TOLERANCE}) on the "
+                "check windows, although the embedding passed"
+            )
