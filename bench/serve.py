@@ -416,6 +416,10 @@ def main() -> None:
                 f" -> overhead p50 {percentile(extra, 50):.1f} ms, p99 {percentile(extra, 99):.1f} ms"
                 " (target <= 15 ms)"
             )
+            names = [n for n in over["steps"][0] if n not in ("session", "app")]
+            medians = {n: percentile([t.get(n, 0.0) for t in over["steps"]], 50) for n in names}
+            steps = ", ".join(f"{n} {ms:.1f}" for n, ms in medians.items())
+            print(f"  inside the handler (Server-Timing, p50 ms): {steps}")
             load = load_run(url, ref, uploads, args.clients, args.load_seconds)
             lat = load["latencies"]
             elapsed = load["elapsed"]
