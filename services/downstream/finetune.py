@@ -364,9 +364,10 @@ def _evaluate(
     ]
     result["artifacts"] += history_plot(history, folder, "history", f"{params.method}: per-epoch metrics")
     if "codebook" in trained.extra:
-        codebook = [{"epoch": r["epoch"], "codes_used": r["codes_used"], "perplexity": r["perplexity"]}
-                    for r in trained.history]  # fmt: skip
-        result["artifacts"].append(plot_history(codebook, folder / "codebook.png", "codebook usage").name)
+        keep = ("epoch", "train_loss", "val_loss", "codes_used", "perplexity")  # losses left, usage right
+        codebook = [{k: v for k, v in row.items() if k in keep} for row in trained.history]
+        title = f"VQ-VAE: loss and codebook usage ({trained.extra['codebook']['num_codes']} codes)"
+        result["artifacts"].append(plot_history(codebook, folder / "codebook.png", title).name)
     trained.exported.cpu()
     return result, head, embeddings
 
