@@ -46,6 +46,24 @@ def read_files(request: Request, files: list[UploadFile]) -> dict[str, bytes]:
     return contents
 
 
+def one_record_upload(request: Request, files: list[UploadFile], refusal: str) -> dict[str, bytes]:
+    """The uploaded files of one record; several WFDB headers are refused with ``refusal`` appended."""
+    contents = read_files(request, files)
+    headers = [name for name in contents if name.lower().endswith(".hea")]
+    if len(headers) > 1:
+        raise ClientError(f"several WFDB headers uploaded ({', '.join(headers)}): {refusal}")
+    return contents
+
+
+def read_recording(
+    contents: dict[str, bytes], fs: float | None, leads: str | None, timing: Timing
+) -> Recording:
+    """The one record of an upload, read in mV; ``leads`` is the comma-separated form field."""
+    lead_names = [name.strip() for name in leads.split(",")] if leads else None
+    with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+        return read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
+
+
 def served_model(session: Session, ref: str | None) -> ServedModel:
     """The version ``ref`` names, detached; the database connection goes back to the pool at once."""
     served = resolve_served(session, ref)
@@ -113,17 +131,13 @@ def embed(
     timing = Timing()
     with timing.step("resolve"):
         served = served_model(session, model)
-    contents = read_files(request, files)
-    headers = [name for name in contents if name.lower().endswith(".hea")]
-    if len(headers) > 1:
-        raise ClientError(
-            f"several WFDB headers uploaded ({', '.join(headers)}): POST /embed takes one record; "
-            "POST /embed/batch takes several and answers one result per record"
-        )
-    lead_names = [name.strip() for name in leads.split(",")] if leads else None
+    contents = one_record_upload(
+        request,
+        files,
+        "POST /embed takes one record; POST /embed/batch takes several and answers one result per record",
+    )
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-            recording = read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
+        recording = read_recording(contents, fs, leads, timing)
         (result,) = embed_recordings(
             loaded, [recording], windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
         )

@@ -1,8 +1,6 @@
 """Diagnosis probabilities of an uploaded ECG: a diagnosis model's head, or kNN against a reference set."""
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
@@ -13,13 +11,14 @@ from api.routers.embed import (
     FILES_DESCRIPTION,
     MODEL_DESCRIPTION,
     PRECISION_DESCRIPTION,
-    read_files,
+    one_record_upload,
+    read_recording,
     record_info,
     served_model,
     server_timing,
 )
 from api.schemas import KnnInfo, PredictResponse
-from services.ecg.recording import ACCEPTED_UPLOADS, read_upload
+from services.ecg.recording import ACCEPTED_UPLOADS
 from services.errors import ClientError
 from services.inference.predict import PredictMethod, classifier, predict_recordings
 from services.inference.sessions import SESSIONS, Precision, Timing
@@ -69,16 +68,9 @@ def predict(
     with timing.step("resolve"):
         served = served_model(session, model)
     how = classifier(served, method)  # 409 before reading the upload when the model cannot predict
-    contents = read_files(request, files)
-    headers = [name for name in contents if name.lower().endswith(".hea")]
-    if len(headers) > 1:
-        raise ClientError(
-            f"several WFDB headers uploaded ({', '.join(headers)}): POST /predict takes one record"
-        )
-    lead_names = [name.strip() for name in leads.split(",")] if leads else None
+    contents = one_record_upload(request, files, "POST /predict takes one record")
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-            recording = read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
+        recording = read_recording(contents, fs, leads, timing)
         (result,) = predict_recordings(
             loaded,
             [recording],
