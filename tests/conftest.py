@@ -7,6 +7,7 @@ database (dropped at the end) and its own Redis database index; every test that 
 
 import os
 import random
+import re
 import shutil
 import tempfile
 import uuid
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+CHECKPOINT_KEYS = ROOT.parent / "shared" / "reference" / "checkpoint-keys.txt"
 PG_ADMIN = os.environ.get("ECGSSL_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_BASE = os.environ.get("ECGSSL_TEST_REDIS", "redis://127.0.0.1:6379")
 
@@ -191,3 +193,39 @@ def registered_tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Pa
             metrics={},
         )
         return version.ref, encoder
+
+
+# the official checkpoints' parameter names and shapes (../shared/reference/checkpoint-keys.txt)
+
+
+def parse_reference(path: Path) -> dict[str, dict]:
+    """Sections of checkpoint-keys.txt: {title: {entry, tensors, elements, listed {name: shape}, last}}."""
+    sections: dict[str, dict] = {}
+    current: dict | None = None
+    head = re.compile(r"### (.+?) checkpoint \['(\w+)'\] \(.*\): (\d+) tensors, ([\d,]+) elements")
+    row = re.compile(r"\s+([\w.]+)\s+\(([\d, ]*)\)\s*$")
+    more = re.compile(r"\s+\.\.\. \((\d+) more; last: ([\w.]+) \(([\d, ]*)\)\)")
+
+    def shape(text: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in text.replace(" ", "").split(",") if d)
+
+    for line in path.read_text().splitlines():
+        if m := head.match(line):
+            current = sections[m.group(1)] = {
+                "entry": m.group(2),
+                "tensors": int(m.group(3)),
+                "elements": int(m.group(4).replace(",", "")),
+                "listed": {},
+            }
+        elif current is not None and (m := more.match(line)):
+            current["more"], current["last"] = int(m.group(1)), (m.group(2), shape(m.group(3)))
+        elif current is not None and (m := row.match(line)):
+            current["listed"][m.group(1)] = shape(m.group(2))
+    return sections
+
+
+def checkpoint_key_sections() -> dict[str, dict]:
+    """``parse_reference`` of the shared listing; the calling test is skipped when it is missing."""
+    if not CHECKPOINT_KEYS.is_file():
+        pytest.skip(f"no reference key list at {CHECKPOINT_KEYS}")
+    return parse_reference(CHECKPOINT_KEYS)

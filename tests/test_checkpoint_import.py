@@ -34,7 +34,7 @@ from services.models.ecg_jepa import SIZES as JEPA_SIZES
 from services.models.ecg_jepa import EcgJepaEncoder
 from services.models.st_mem import SIZES, StMemEncoder, StMemMae
 
-from .conftest import DATA, ROOT
+from .conftest import DATA, ROOT, parse_reference
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "checkpoint-keys.txt"
 PARITY_COPIES = [f"ptbxl-500/records500/00000/{i:05d}_hr" for i in range(1, 5)]
@@ -44,32 +44,6 @@ TIMINGS: dict[str, float] = {}
 
 # --------------------------------------------------------------------------------------------------
 # the reference listing, and checkpoint files built from the model classes
-
-
-def parse_reference(path: Path) -> dict[str, dict]:
-    """Sections of checkpoint-keys.txt: {title: {entry, tensors, elements, listed {name: shape}, last}}."""
-    sections: dict[str, dict] = {}
-    current: dict | None = None
-    head = re.compile(r"### (.+?) checkpoint \['(\w+)'\] \(.*\): (\d+) tensors, ([\d,]+) elements")
-    row = re.compile(r"\s+([\w.]+)\s+\(([\d, ]*)\)\s*$")
-    more = re.compile(r"\s+\.\.\. \((\d+) more; last: ([\w.]+) \(([\d, ]*)\)\)")
-
-    def shape(text: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in text.replace(" ", "").split(",") if d)
-
-    for line in path.read_text().splitlines():
-        if m := head.match(line):
-            current = sections[m.group(1)] = {
-                "entry": m.group(2),
-                "tensors": int(m.group(3)),
-                "elements": int(m.group(4).replace(",", "")),
-                "listed": {},
-            }
-        elif current is not None and (m := more.match(line)):
-            current["more"], current["last"] = int(m.group(1)), (m.group(2), shape(m.group(3)))
-        elif current is not None and (m := row.match(line)):
-            current["listed"][m.group(1)] = shape(m.group(2))
-    return sections
 
 
 @pytest.fixture(scope="module")

@@ -37,37 +37,16 @@ from services.models.st_mem import StMemEncoder
 from services.pretraining import run_pretrain_job
 from services.training.loop import CropDataset, TrainConfig, train
 
-CHECKPOINT_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys.txt"
+from .conftest import checkpoint_key_sections
+
 TINY = SIZES["tiny"]
 CPU = torch.device("cpu")
 
 
 def _reference_section() -> dict:
     """The ECG-JEPA section of checkpoint-keys.txt: totals, listed (name, shape) in order, the last entry."""
-    if not CHECKPOINT_KEYS.is_file():
-        pytest.skip(f"no reference key list at {CHECKPOINT_KEYS}")
-    (text,) = [s for s in CHECKPOINT_KEYS.read_text().split("### ") if s.startswith("ECG-JEPA checkpoint")]
-    head, *lines = text.splitlines()
-    totals = re.search(r"\['(\w+)'\].*: ([\d,]+) tensors, ([\d,]+) elements", head)
-    listed, last, more = [], None, 0
-    for line in filter(None, (line.strip() for line in lines)):
-        if m := re.fullmatch(r"\.\.\. \((\d+) more; last: (\S+) (\(.*\))\)", line):
-            more, last = int(m.group(1)), (m.group(2), _shape(m.group(3)))
-        else:
-            name, shape = line.split(None, 1)
-            listed.append((name, _shape(shape)))
-    return {
-        "entry": totals.group(1),
-        "tensors": int(totals.group(2).replace(",", "")),
-        "elements": int(totals.group(3).replace(",", "")),
-        "listed": listed,
-        "more": more,
-        "last": last,
-    }
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in re.findall(r"\d+", text))
+    section = checkpoint_key_sections()["ECG-JEPA"]
+    return {**section, "listed": list(section["listed"].items())}
 
 
 def _layout(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:

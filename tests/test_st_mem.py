@@ -2,7 +2,6 @@
 
 import importlib.util
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -14,42 +13,15 @@ from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.recording import read_wfdb
 from services.models.st_mem import SIZES, StMemEncoder, StMemMae, attention, sincos_table
 
-CHECKPOINT_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint-keys.txt"
+from .conftest import checkpoint_key_sections
+
 TINY = SIZES["tiny"]
 
 
-def _parse_section(title_prefix: str) -> dict:
+def _parse_section(title: str) -> dict:
     """One section of checkpoint-keys.txt: totals, listed (name, shape) pairs and the last entry."""
-    if not CHECKPOINT_KEYS.is_file():
-        pytest.skip(f"no reference key list at {CHECKPOINT_KEYS}")
-    sections = CHECKPOINT_KEYS.read_text().split("### ")
-    (text,) = [s for s in sections if s.startswith(title_prefix)]
-    head, *lines = text.splitlines()
-    totals = re.search(r": ([\d,]+) tensors, ([\d,]+) elements", head)
-    listed: list[tuple[str, tuple[int, ...]]] = []
-    last, n_more = None, 0
-    for line in lines:
-        line = line.strip()
-        if not line:
-            continue
-        more = re.fullmatch(r"\.\.\. \((\d+) more; last: (\S+) (\(.*\))\)", line)
-        if more:
-            last = (more.group(2), _shape(more.group(3)))
-            n_more = int(more.group(1))
-            continue
-        name, shape = line.split(None, 1)
-        listed.append((name, _shape(shape)))
-    return {
-        "tensors": int(totals.group(1).replace(",", "")),
-        "elements": int(totals.group(2).replace(",", "")),
-        "listed": listed,
-        "last": last,
-        "more": n_more,
-    }
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in re.findall(r"\d+", text))
+    section = checkpoint_key_sections()[title]
+    return {**section, "listed": list(section["listed"].items())}
 
 
 def _layout(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -72,7 +44,7 @@ def real_windows(ptbxl_dir: Path) -> torch.Tensor:
 
 
 def test_base_encoder_matches_the_official_checkpoint():
-    ref = _parse_section("ST-MEM encoder checkpoint")
+    ref = _parse_section("ST-MEM encoder")
     assert (ref["tensors"], ref["elements"]) == (166, 85_150_614)
     with torch.device("meta"):
         encoder = StMemEncoder(SIZES["base"])
@@ -87,7 +59,7 @@ def test_base_encoder_matches_the_official_checkpoint():
 
 
 def test_base_mae_matches_the_official_checkpoint():
-    ref = _parse_section("ST-MEM full checkpoint")
+    ref = _parse_section("ST-MEM full")
     assert (ref["tensors"], ref["elements"]) == (228, 88_594_807)
     with torch.device("meta"):
         mae = StMemMae(SIZES["base"])
