@@ -14,6 +14,8 @@ from services.datasets.ptbxl import SUPERCLASSES, PtbxlDataset
 from services.ecg.preprocess import InputSpec
 from services.evaluation.linear_probe import macro_auroc
 from services.evaluation.metrics import knn_evaluation, knn_scores
+from services.models.ecg_jepa import SIZES as JEPA_SIZES
+from services.models.ecg_jepa import EcgJepaEncoder
 from services.models.st_mem import SIZES, StMemConfig, StMemEncoder
 from services.models.triplet import (
     LabelledBatch,
@@ -186,6 +188,26 @@ def test_only_the_last_blocks_train() -> None:
         encoder.block1.ff.fn.net[0].weight.grad is not None
         and encoder.block0.attn.fn.to_qkv.weight.grad is None
     )
+
+
+def test_only_the_last_blocks_train_on_ecg_jepa() -> None:
+    # ECG-JEPA keeps its blocks at encoder_blocks.blocks (the official layout), not at .blocks
+    encoder = EcgJepaEncoder(JEPA_SIZES["tiny"])
+    tuned = TripletModel(encoder, 64, embedding_dim=16, trainable_blocks=1)
+    trainable = {".".join(n.split(".")[:3]) if n.startswith("encoder_blocks") else n.split(".")[0]
+                 for n, p in encoder.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trainable == {"encoder_blocks.blocks.1", "norm"}
+    tuned.train()
+    assert encoder.training
+    x = LabelledBatch(torch.randn(1, 6, 8, 2500), torch.eye(3).repeat_interleave(2, 0)[None])
+    tuned(x).backward()
+    blocks = encoder.encoder_blocks.blocks
+    assert blocks[1].mlp.fc1.weight.grad is not None and blocks[0].attn.qkv.weight.grad is None
+    assert encoder.W_P.weight.grad is None
+    # every block at most: asking for more blocks than the encoder has unfreezes them all
+    encoder = EcgJepaEncoder(JEPA_SIZES["tiny"])
+    TripletModel(encoder, 64, embedding_dim=16, trainable_blocks=5)
+    assert all(p.requires_grad for p in encoder.encoder_blocks.parameters())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -206,12 +206,22 @@ class PKBatches(Dataset):
 # Model
 
 
+def transformer_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's transformer blocks in order: ST-MEM's ``blocks`` (``block0``, ``block1``...), ECG-JEPA's
+    ``encoder_blocks.blocks`` (the official checkpoint layout)."""
+    if isinstance(getattr(encoder, "encoder_blocks", None), nn.Module):
+        return list(encoder.encoder_blocks.blocks)
+    if hasattr(encoder, "blocks"):
+        return list(encoder.blocks)
+    raise ValueError(f"{type(encoder).__name__} has no transformer blocks to unfreeze")
+
+
 def last_blocks(encoder: nn.Module, k: int) -> list[nn.Module]:
-    """The modules to unfreeze for the last ``k`` blocks: ``encoder.blocks[-k:]`` and the final ``norm``
-    after them where the encoder has one (ST-MEM, ECG-JEPA)."""
+    """The modules to unfreeze for the last ``k`` blocks (all of them where ``k`` exceeds the depth) and the
+    final ``norm`` after them where the encoder has one (ST-MEM, ECG-JEPA)."""
     if k <= 0:
         return []
-    modules = list(encoder.blocks)[-k:]
+    modules = transformer_blocks(encoder)[-k:]
     norm = getattr(encoder, "norm", None)
     return modules + ([norm] if isinstance(norm, nn.Module) else [])
 
