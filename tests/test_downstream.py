@@ -15,6 +15,7 @@ from PIL import Image
 from services.config import get_settings
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
+from services.downstream.common import fit_linear_head, head_scores
 from services.downstream.data import crops, three_crop
 from services.ecg.preprocess import InputSpec, preprocess, three_crop_starts
 from services.ecg.recording import read_wfdb
@@ -22,6 +23,7 @@ from services.models.checkpoints import load_saved_encoder
 from services.models.heads import DiagnosisModel, LinearHead
 from services.training import augment
 from services.training.augment import Augmented, RandAugment
+from services.training.loop import TrainConfig
 from tests.test_api import queued_tasks
 
 RECORD = "ptbxl-500/records500/00000/00010_hr"  # fold 10 (test split)
@@ -181,6 +183,33 @@ def test_three_crops_start_at_0_125_250_and_are_averaged() -> None:
     for got, start_values in zip(windows[:3], raw, strict=True):
         standard = (start_values - start_values.mean()) / start_values.std()
         np.testing.assert_allclose(got[0], standard, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# the linear head's standardisation
+
+
+def test_a_column_constant_in_training_is_not_blown_up_at_val_or_serve(tmp_path: Path) -> None:
+    # e.g. a hybrid version's missing-measurement flag, 0 on every training record and 1 at val/serve
+    rng = np.random.default_rng(0)
+    train_x = rng.standard_normal((64, 8)).astype(np.float32)
+    train_x[:, 7] = 0.0
+    val_x = rng.standard_normal((16, 8)).astype(np.float32)
+    labels = (rng.random((80, 5)) < 0.3).astype(np.float32)
+    cfg = TrainConfig(epochs=2, batch_size=16, learning_rate=1e-2, warmup_epochs=0, amp=False)
+    head, _ = fit_linear_head(
+        {"train": train_x, "val": val_x}, {"train": labels[:64], "val": labels[64:]},
+        cfg, torch.device("cpu"), tmp_path / "head.pt",
+    )  # fmt: skip
+    assert head.std[7].item() == 1.0  # std 1 where the training std is below 1e-6 (as StandardScaler)
+    np.testing.assert_allclose(head.std[:7].numpy(), train_x[:, :7].std(0), rtol=1e-5)
+    flagged = val_x.copy()
+    flagged[:, 7] = 1.0
+    # the flag moves the logits by one weight (|w| < 1 at initialisation, untrained: the column was 0),
+    # not by 1e6 weights: the sigmoid is not saturated
+    shift = head_scores(head, flagged) - head_scores(head, val_x)
+    assert np.abs(shift).max() < 0.3, shift
+    assert (np.abs(head_scores(head, flagged) - 0.5) < 0.49).all()
 
 
 # --------------------------------------------------------------------------------------------------

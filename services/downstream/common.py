@@ -53,6 +53,19 @@ def scores_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return value if np.isfinite(value) else 0.5
 
 
+MIN_STD = 1e-6  # a feature whose training std is below this is constant: it is centred, not scaled
+
+
+def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per column of training features (N, D), std 1 for columns constant in training (as
+    scikit-learn's ``StandardScaler`` and ``FeatureNormaliser.fit``): such a column (e.g. a hybrid version's
+    missing-measurement flag) that differs at val, test or serve time then moves the logits by its weight,
+    not by a millionfold multiple of it."""
+    x = np.asarray(x, dtype=np.float64)
+    std = x.std(0)
+    return x.mean(0), np.where(std < MIN_STD, 1.0, std)
+
+
 def fit_linear_head(
     features: dict[str, np.ndarray],
     labels: dict[str, np.ndarray],
@@ -63,11 +76,10 @@ def fit_linear_head(
 ) -> tuple[LinearHead, list[dict[str, float]]]:
     """A linear head (BCE, AdamW) on frozen features (records, D) of the train split, through the training
     loop; per epoch: train_loss, val_loss and val_macro_auroc. Features are standardised with training-split
-    statistics folded into the head."""
+    statistics folded into the head (``standardisation``)."""
     train_x = features["train"]
-    head = LinearHead(
-        train_x.shape[1], labels["train"].shape[1], mean=train_x.mean(0), std=train_x.std(0) + 1e-6
-    )
+    mean, std = standardisation(train_x)
+    head = LinearHead(train_x.shape[1], labels["train"].shape[1], mean=mean, std=std)
     val_x = torch.as_tensor(features["val"], dtype=torch.float32)
 
     @torch.no_grad()
