@@ -400,7 +400,7 @@ def _served(two_versions: TwoVersions, variants: dict | None = None) -> ServedMo
 
 
 def test_provider_choice_picks_cuda_and_fp16_when_onnx_runtime_has_cuda(
-    two_versions: TwoVersions, monkeypatch: pytest.MonkeyPatch
+    two_versions: TwoVersions, listed_cuda: pytest.MonkeyPatch
 ) -> None:
     served = _served(two_versions)
     fp16 = make_variants(Path(served.onnx_path), served.spec, which=["fp16"])["fp16"]
@@ -408,9 +408,6 @@ def test_provider_choice_picks_cuda_and_fp16_when_onnx_runtime_has_cuda(
     variants = {**served.variants, "fp16": fp16}
     with_fp16 = ServedModel(**{**served.__dict__, "variants": variants})
 
-    monkeypatch.setattr(
-        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
     plan = plan_session(with_fp16, "auto")
     assert (plan.variant, plan.device) == ("fp16", "cuda")
     assert plan_session(served, "auto").variant == "fp32"  # no fp16 variant: fp32 on CUDA
@@ -419,15 +416,23 @@ def test_provider_choice_picks_cuda_and_fp16_when_onnx_runtime_has_cuda(
     assert plan_session(with_fp16, "auto", device="cpu").variant == "int8"
 
 
+@pytest.fixture
+def listed_cuda(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """ONNX Runtime lists CUDA (it cannot start here: a CPU-only build), and no CUDA start has failed yet in
+    this process (the remembered failure is restored afterwards)."""
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(sessions_module, "_cuda_failure", None, raising=False)
+    return monkeypatch
+
+
 def test_cuda_that_does_not_start_falls_back_to_the_cpu_provider_with_a_log(
-    two_versions: TwoVersions, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    two_versions: TwoVersions, listed_cuda: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """ONNX Runtime lists CUDA but the session cannot use it (a CPU-only build here): logged, CPU serves."""
     served = _served(two_versions)
     SESSIONS.retire_version(served.version_id)
-    monkeypatch.setattr(
-        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    )
     windows = np.random.default_rng(0).standard_normal((2, 12, SPEC.samples)).astype(np.float32)
     with (
         caplog.at_level(logging.WARNING, logger="services.inference.sessions"),
@@ -439,6 +444,36 @@ def test_cuda_that_does_not_start_falls_back_to_the_cpu_provider_with_a_log(
     with torch.no_grad():
         expected = two_versions.encoders[0](torch.from_numpy(windows)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    SESSIONS.retire_version(served.version_id)
+
+
+def test_cuda_that_does_not_start_is_tried_once_per_process(
+    two_versions: TwoVersions, listed_cuda: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After one failed CUDA start later requests plan the CPU provider at once: they hit the cached CPU
+    session (no new CUDA attempt, no new warning), whichever precision they ask for."""
+    served = _served(two_versions)
+    SESSIONS.retire_version(served.version_id)
+    loads: list[tuple[str, str]] = []
+    original = sessions_module._load
+
+    def counted(model: ServedModel, plan: sessions_module.SessionPlan) -> ort.InferenceSession:
+        loads.append((plan.variant, plan.device))
+        return original(model, plan)
+
+    listed_cuda.setattr(sessions_module, "_load", counted)
+    windows = np.random.default_rng(0).standard_normal((1, 12, SPEC.samples)).astype(np.float32)
+    with caplog.at_level(logging.WARNING, logger="services.inference.sessions"):
+        for _ in range(3):
+            with SESSIONS.lease(served, "fp32") as loaded:
+                assert loaded.provider == "CPUExecutionProvider" and loaded.plan.device == "cpu"
+                loaded.infer(windows)
+        plan = plan_session(served, "fp32")
+    assert loads == [("fp32", "cuda"), ("fp32", "cpu")]  # one CUDA attempt, then the CPU session serves
+    assert (plan.device, plan.variant) == ("cpu", "fp32") and "did not start" in plan.reason
+    warnings = [r.getMessage() for r in caplog.records if "did not start" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert len([e for e in SESSIONS.loaded(served.version_id)]) == 1
     SESSIONS.retire_version(served.version_id)
 
 

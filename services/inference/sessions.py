@@ -15,6 +15,7 @@ finishes, so a request in flight during a promotion completes on the version it 
 """
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -123,8 +124,31 @@ def _log_once(level: int, message: str) -> None:
     log.log(level, message)
 
 
+_cuda_failure: str | None = None  # why a CUDA session did not start in this process (None: none failed)
+_cuda_lock = threading.Lock()
+
+
 def cuda_available() -> bool:
-    return CUDA in ort.get_available_providers()
+    """ONNX Runtime lists CUDA and no CUDA session has failed to start in this process."""
+    return CUDA in ort.get_available_providers() and _cuda_failure is None
+
+
+def _note_cuda_failure(model: "ServedModel", why: str) -> None:
+    """Remember (process-wide) that a CUDA session did not start, so that later plans choose the CPU
+    provider at once instead of trying CUDA again on every request; logged once."""
+    global _cuda_failure
+    with _cuda_lock:
+        first = _cuda_failure is None
+        if first:
+            _cuda_failure = why
+    if first:
+        log.warning(
+            "%s: the %s did not start (%s): falling back to the %s for this process",
+            model.ref,
+            CUDA,
+            why,
+            CPU,
+        )
 
 
 def _variant_state(model: ServedModel, name: str) -> tuple[bool, str]:
@@ -159,30 +183,39 @@ def plan_session(
     precision = precision or settings.serve_precision
     device = device or settings.serve_device
     has_cuda = cuda_available()
-    if device == "cuda" and not has_cuda:
+    failure = _cuda_failure
+    if device == "cuda" and not has_cuda and failure is None:
         _log_once(
             logging.WARNING,
             f"serving asked for CUDA but ONNX Runtime has no {CUDA} (providers: "
             f"{', '.join(ort.get_available_providers())}): falling back to the {CPU}",
         )
     on_cuda = device != "cpu" and has_cuda
-    fp32 = SessionPlan("fp32", model.onnx_path, "cuda" if on_cuda else "cpu", "fp32")
+    no_cuda = (
+        "ONNX Runtime has no CUDA"
+        if failure is None
+        else f"the {CUDA} did not start in this process ({failure})"
+    )
+    cpu_reason = "" if on_cuda or device == "cpu" or failure is None else f"; {no_cuda}"
+    fp32 = SessionPlan("fp32", model.onnx_path, "cuda" if on_cuda else "cpu", "fp32" + cpu_reason)
 
     if precision == "fp32":
         return fp32
     wanted = precision if precision != "auto" else ("fp16" if on_cuda else "int8")
     usable, why_not = _variant_state(model, wanted)
     if wanted == "fp16" and not on_cuda:
-        usable, why_not = False, "fp16 is served on CUDA only, and ONNX Runtime has no CUDA here"
+        usable, why_not = False, f"fp16 is served on CUDA only, and {no_cuda} here"
     if not usable:
         if strict and precision != "auto":
             raise ClientError(f"precision '{precision}' cannot be served: {why_not}; fp32 always can")
         if precision != "auto" or (model.variants or {}).get(wanted) is not None:
             _log_once(logging.INFO, f"{model.ref}: serving fp32 instead of {wanted}: {why_not}")
-        return SessionPlan(fp32.variant, fp32.path, fp32.device, f"fp32 ({why_not})")
+        suffix = cpu_reason if wanted != "fp16" else ""  # fp16's reason already says why there is no CUDA
+        return SessionPlan(fp32.variant, fp32.path, fp32.device, f"fp32 ({why_not}){suffix}")
     path = model.variants[wanted]["file"]
     if wanted == "int8":  # dynamically quantised graphs run their integer kernels on the CPU provider
-        return SessionPlan("int8", path, "cpu", "int8: passed its check against fp32 on real records")
+        reason = "int8: passed its check against fp32 on real records"
+        return SessionPlan("int8", path, "cpu", reason + cpu_reason)
     return SessionPlan("fp16", path, "cuda", "fp16: passed its check against fp32 on real records")
 
 
@@ -366,27 +399,35 @@ class SessionCache:
         if loaded is not None:
             return loaded
         with self._load_lock:  # one load at a time; a concurrent request for the same key waits for it
+            if plan.device == "cuda" and not cuda_available():  # CUDA failed to start while we waited
+                plan = plan_session(model, precision, strict=strict)
+                key = (model.version_id, plan.variant, plan.device)
             with self._lock:
                 loaded = self._lease_locked(key)
             if loaded is not None:
                 return loaded
             started = time.perf_counter()
-            session = _load(model, plan)
-            if plan.device == "cuda" and CUDA not in session.get_providers():
-                log.warning(
-                    "%s: the %s did not start (session providers: %s): falling back to the %s",
-                    model.ref,
-                    CUDA,
-                    ", ".join(session.get_providers()),
-                    CPU,
-                )
+            try:
+                session = _load(model, plan)
+                cuda_error = None
+            except ModelUnavailable:
+                raise
+            except Exception as exc:  # a CUDA session that raises is tried on the CPU provider below
+                if plan.device != "cuda":
+                    raise
+                session, cuda_error = None, f"{type(exc).__name__}: {exc}"
+            if plan.device == "cuda" and (session is None or CUDA not in session.get_providers()):
+                why = cuda_error or f"session providers: {', '.join(session.get_providers())}"
                 plan = plan_session(model, precision, device="cpu")
                 key = (model.version_id, plan.variant, plan.device)
                 with self._lock:
                     loaded = self._lease_locked(key)
+                if loaded is None:
+                    session = _load(model, plan)
+                _note_cuda_failure(model, why)  # after the CPU provider served: a broken file is not CUDA's
                 if loaded is not None:
                     return loaded
-                session = _load(model, plan)
+                plan = dataclasses.replace(plan, reason=f"{plan.reason}; the {CUDA} did not start ({why})")
             loaded = LoadedModel(model, plan, session)
             log.info(
                 "loaded %s %s on %s in %.2f s (%s)",
