@@ -317,6 +317,26 @@ def test_evaluate_job_scores_protocols_stores_a_reference_and_serves_knn_predict
         assert (cls in prediction["labels"]) == (threshold is not None and p >= threshold)
 
 
+def test_evaluate_job_on_a_test_split_of_one_class_reports_why_there_are_no_cluster_indices(
+    client: TestClient, base: str
+) -> None:
+    # ptbxl-500's first 20 records: 14 train, 5 val and 1 test record (NORM): cluster indices are undefined
+    # there, but the kNN and linear-probe results still come back
+    body = {"model": base, "dataset": "ptbxl-500", "record_limit": 20, "knn_k": 5, "probe_epochs": 2,
+            "store_reference": False}  # fmt: skip
+    job = finished(client, post_job(client, "evaluate", body))
+    result = job["result"]
+    assert result["records"] == {"train": 14, "val": 5, "test": 1}
+    clusters = result["clustering"]
+    assert clusters["n_records"] == 1 and clusters["n_classes"] == 1
+    for index in ("davies_bouldin", "silhouette", "calinski_harabasz", "kmeans_ari", "kmeans_nmi"):
+        assert clusters[index] is None, index
+    assert "at least 2 classes" in clusters["undefined_reason"]
+    assert "at least 2 records" in clusters["embedding_map_skipped"]
+    assert "embedding_map.png" not in job["artifacts"] and "roc_knn.png" in job["artifacts"]
+    assert 0 <= result["knn"]["macro_f1"] <= 1 and 0 <= result["linear_probe"]["macro_f1"] <= 1
+
+
 def torch_probabilities(version: ModelVersion, data_dir: Path) -> np.ndarray:
     """The registered diagnosis model rebuilt in PyTorch from its saved weights: mean probabilities of the
     record's sliding windows, as /predict computes them."""

@@ -146,6 +146,27 @@ def test_clustering_nmi_is_below_one_on_real_embeddings_and_one_only_when_perfec
     assert json.loads(json.dumps(found.to_dict()))["kmeans_nmi"] == found.kmeans_nmi
 
 
+def test_clustering_indices_are_undefined_with_a_reason_below_two_classes() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 8))
+    one_class = np.tile([1, 0, 0, 0, 0], (6, 1))
+    one_record_each = np.array([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0]] + [[0] * 5] * 4)  # n == classes
+    for labels in (one_class, one_record_each, np.zeros((6, 5))):
+        result = clustering_evaluation(x, labels, SUPERCLASSES)
+        as_json = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+        for index in ("davies_bouldin", "silhouette", "calinski_harabasz", "kmeans_ari", "kmeans_nmi"):
+            assert as_json[index] is None, (labels, index)
+        assert "at least 2 classes and more records than classes" in as_json["undefined_reason"]
+        assert (
+            f"{result.n_records} labelled record(s) of {result.n_classes} class(es)"
+            in result.undefined_reason
+        )
+    assert clustering_evaluation(x, one_class, SUPERCLASSES).class_counts == {"NORM": 6}
+    # two classes among three records: defined, no reason
+    defined = clustering_evaluation(x[:3], np.array([[1, 0, 0, 0, 0]] * 2 + [[0, 1, 0, 0, 0]]), SUPERCLASSES)
+    assert defined.undefined_reason is None and -1 <= defined.silhouette <= 1
+
+
 # --------------------------------------------------------------------------------------------------
 # plots
 

@@ -156,8 +156,14 @@ def clustering_protocol(
     map_method: str = "tsne",
     title: str = "",
 ) -> tuple[dict, list[str]]:
-    """Cluster indices and k-means ARI/NMI of the (test) embeddings, and their 2-D map by superclass."""
+    """Cluster indices and k-means ARI/NMI of the (test) embeddings, and their 2-D map by superclass.
+
+    On a split too small for them (e.g. a small ``record_limit``) the indices are None with
+    ``undefined_reason``, and with a single record no map is drawn (``embedding_map_skipped`` says so)."""
     result = clustering_evaluation(embeddings, labels, class_names, seed=seed).to_dict()
+    if len(embeddings) < 2:
+        result["embedding_map_skipped"] = f"a 2-D map needs at least 2 records, not {len(embeddings)}"
+        return result, []
     path = folder / "embedding_map.png"
     plot_embedding_map(embeddings, labels, class_names, path, method=map_method, seed=seed, title=title)
     return result, [path.name]

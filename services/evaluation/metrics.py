@@ -72,6 +72,7 @@ class ClusteringResult:
     kmeans_ari: float  # k-means clusters vs classes: 0 = chance, 1 = identical partitions
     kmeans_nmi: float  # k-means clusters vs classes: 1 = identical partitions
     class_counts: dict[str, int]
+    undefined_reason: str | None = None  # why the indices are NaN (None in JSON), e.g. one class present
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -190,11 +191,25 @@ def clustering_evaluation(
     seed: int = 0,
 ) -> ClusteringResult:
     """Cluster indices of L2-normalised embeddings against the classes (``single_label``), and k-means
-    with k = number of classes present scored against them (ARI, NMI). Unlabelled records are left out."""
+    with k = number of classes present scored against them (ARI, NMI). Unlabelled records are left out.
+
+    The indices are defined only for 2 to n - 1 classes among n records (scikit-learn raises otherwise, and
+    k-means with one cluster per record or one cluster in all matches any partition trivially): outside
+    that, e.g. a small test split whose records are all NORM, every index is NaN and ``undefined_reason``
+    says why, so the job's other protocols still report."""
     y = single_label(labels, priority)
     keep = y >= 0
-    x, y = normalize(np.asarray(embeddings, dtype=np.float64)[keep]), y[keep]  # unit rows: (n, D)
+    y = y[keep]
     present = np.unique(y)
+    counts = {class_names[k]: int((y == k).sum()) for k in present}
+    if not 2 <= len(present) < len(y):
+        reason = (
+            f"cluster indices need at least 2 classes and more records than classes; the split has "
+            f"{len(y)} labelled record(s) of {len(present)} class(es)"
+        )
+        nan = float("nan")
+        return ClusteringResult(len(y), len(present), nan, nan, nan, nan, nan, counts, reason)
+    x = normalize(np.asarray(embeddings, dtype=np.float64)[keep])  # unit rows: (n, D)
     clusters = KMeans(n_clusters=len(present), n_init=10, random_state=seed).fit_predict(x)
     return ClusteringResult(
         n_records=len(y),
@@ -204,5 +219,5 @@ def clustering_evaluation(
         calinski_harabasz=float(calinski_harabasz_score(x, y)),
         kmeans_ari=float(adjusted_rand_score(y, clusters)),
         kmeans_nmi=float(normalized_mutual_info_score(y, clusters)),
-        class_counts={class_names[k]: int((y == k).sum()) for k in present},
+        class_counts=counts,
     )
