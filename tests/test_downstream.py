@@ -16,9 +16,11 @@ from services.config import get_settings
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
 from services.downstream.common import fit_linear_head, head_scores
-from services.downstream.data import crops, three_crop
+from services.downstream.data import crops, features_of, open_labelled, three_crop, torch_fn
 from services.ecg.preprocess import InputSpec, preprocess, three_crop_starts
 from services.ecg.recording import read_wfdb
+from services.evaluation.metrics import tune_thresholds
+from services.job_runner import JobReporter
 from services.models.checkpoints import load_saved_encoder
 from services.models.heads import DiagnosisModel, LinearHead
 from services.training import augment
@@ -350,6 +352,28 @@ def torch_probabilities(version: ModelVersion, data_dir: Path) -> np.ndarray:
         return model.eval()(torch.from_numpy(windows))[1].numpy().mean(axis=0)
 
 
+def fold_tuned_thresholds(version: ModelVersion, job_id: str) -> dict[str, np.ndarray]:
+    """Per-class max-F1 thresholds tuned on the job's val and on its test split, from the registered model's
+    own probabilities (PyTorch, rebuilt from its saved weights; 3-crop mean per segment, then per record)."""
+    folder = Path(version.onnx_path).parent
+    encoder, _ = load_saved_encoder(folder / "encoder.pt")
+    model = DiagnosisModel(encoder, LinearHead(64, 5))
+    model.load_state_dict(torch.load(folder / "downstream.pt", weights_only=True)["state_dict"])
+    with session_scope() as s:
+        job = s.get(Job, uuid.UUID(job_id))
+        data = open_labelled(
+            job.dataset, InputSpec.from_dict(version.input_spec), job.params["record_limit"],
+            JobReporter(job.id, writes=False),
+        )  # fmt: skip
+    fn = torch_fn(model.eval().probabilities, torch.device("cpu"))
+    return {
+        split: tune_thresholds(
+            data.labels[data.records[split]], features_of(data, fn, data.spec.samples, data.records[split])
+        )
+        for split in ("val", "test")
+    }
+
+
 @pytest.mark.parametrize("method", ["linear_probe", "finetune"])
 def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
     client: TestClient, base: str, data_dir: Path, method: str
@@ -377,8 +401,14 @@ def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
         version = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one()
         head, int8 = version.head, version.variants["int8"]
         expected = torch_probabilities(version, data_dir)
+        tuned = fold_tuned_thresholds(version, job["id"])
     assert head["class_names"] == ["NORM", "MI", "STTC", "CD", "HYP"] and head["output"] == "probabilities"
-    assert head["thresholds"] == [test["thresholds"][c] for c in head["class_names"]]  # tuned on val, stored
+    # the stored thresholds are those that maximise F1 on the validation fold's probabilities, not the test
+    # fold's (which differ here, so the check can tell them apart); None = never predicted (no positive)
+    stored = np.array([np.inf if t is None else t for t in head["thresholds"]])
+    np.testing.assert_allclose(stored, tuned["val"], rtol=1e-4)
+    assert not np.allclose(stored, tuned["test"], rtol=1e-4), (stored, tuned["test"])
+    assert head["thresholds"] == [test["thresholds"][c] for c in head["class_names"]]  # and reported so
 
     response = client.post(f"/predict?model={ref}&precision=fp32", files=upload(data_dir))
     assert response.status_code == 200, response.text
