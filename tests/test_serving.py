@@ -29,7 +29,14 @@ from services.errors import ClientError
 from services.export.onnx import OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
 from services.inference import sessions as sessions_module
 from services.inference.batching import MicroBatcher
-from services.inference.sessions import SESSIONS, LoadedModel, ServedModel, infer, plan_session
+from services.inference.sessions import (
+    SESSIONS,
+    LoadedModel,
+    ServedModel,
+    infer,
+    plan_session,
+    resolve_served,
+)
 from services.inference.variants import MIN_COSINE, make_variants
 from services.models.st_mem import SIZES, StMemEncoder
 from services.registry import register_model_version
@@ -363,6 +370,100 @@ def test_a_moved_alias_is_followed_by_a_process_that_did_not_move_it(
             registry.set_alias(s, name, "canary", 2)
         assert client.post("/embed", params=params, files=files).json()["version"] == 2
         assert v1 not in SESSIONS and v2 in SESSIONS
+    finally:
+        with session_scope() as s:
+            registry.delete_alias(s, name, "canary")
+
+
+def test_a_version_promoted_away_between_look_up_and_lease_is_served_but_not_cached(
+    client: TestClient, two_versions: TwoVersions
+) -> None:
+    """The request looked up name@production (v1), then the alias moved to v2 before its lease: it finishes
+    on v1, whose session is closed when it ends instead of staying cached as if it were live."""
+    name, (v1, v2) = two_versions.name, two_versions.version_ids
+    assert client.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
+    try:
+        SESSIONS.retire_version(v1)
+        with session_scope() as s:
+            served = resolve_served(s, f"{name}@production")  # the request's look-up
+        assert served.version_id == v1 and v1 not in SESSIONS
+        moved = client.put(f"/models/{name}/aliases/production", json={"version": 2})  # then the promotion
+        assert moved.status_code == 200 and moved.json()["previous_version"] == 1
+        windows = np.random.default_rng(3).standard_normal((1, 12, SPEC.samples)).astype(np.float32)
+        with SESSIONS.lease(served, "fp32") as loaded:  # then its lease
+            assert loaded.version_id == v1 and v1 not in SESSIONS
+            (got,) = loaded.infer(windows)
+        assert loaded.closed and v1 not in SESSIONS
+        with torch.no_grad():
+            np.testing.assert_allclose(
+                got, two_versions.encoders[0](torch.from_numpy(windows)).numpy(), atol=1e-4
+            )
+        with session_scope() as s:  # a look-up after the promotion is served by v2 and cached
+            served = resolve_served(s, f"{name}@production")
+        with SESSIONS.lease(served, "fp32") as loaded:
+            assert loaded.version_id == v2
+        assert v2 in SESSIONS and not loaded.closed
+    finally:
+        client.delete(f"/models/{name}/aliases/production")
+
+
+def test_a_look_up_noted_after_a_later_one_does_not_move_the_reference_back(
+    two_versions: TwoVersions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request A reads name@canary (v1); the alias moves to v2 (another process); request B reads v2 and
+    notes it; A notes last. A must not retire v2 nor make v1 the remembered, cached version."""
+    from services import registry
+
+    name, (v1, v2) = two_versions.name, two_versions.version_ids
+    ref = f"{name}@canary"
+    with session_scope() as s:
+        registry.set_alias(s, name, "canary", 1)
+    try:
+        for version_id in (v1, v2):
+            SESSIONS.retire_version(version_id)
+        with session_scope() as s:  # the process has served name@canary = v1 before
+            served = resolve_served(s, ref)
+        with SESSIONS.lease(served, "fp32"):
+            pass
+        assert v1 in SESSIONS
+
+        read, proceed = threading.Event(), threading.Event()
+        original = sessions_module.resolve_reference
+        main = threading.current_thread()
+
+        def held_after_reading(session, reference):  # noqa: ANN001, ANN202
+            resolution = original(session, reference)
+            if threading.current_thread() is not main:  # request A: held between reading and noting
+                read.set()
+                assert proceed.wait(60)
+            return resolution
+
+        monkeypatch.setattr(sessions_module, "resolve_reference", held_after_reading)
+
+        def request_a() -> ServedModel:
+            with session_scope() as s:
+                return resolve_served(s, ref)
+
+        with ThreadPoolExecutor(1) as pool:
+            a = pool.submit(request_a)
+            assert read.wait(60)
+            with session_scope() as s:  # another process moves the alias
+                registry.set_alias(s, name, "canary", 2)
+            with session_scope() as s:  # request B
+                served_b = resolve_served(s, ref)
+            with SESSIONS.lease(served_b, "fp32") as loaded_b:
+                assert loaded_b.version_id == v2
+            assert v2 in SESSIONS and v1 not in SESSIONS
+            proceed.set()
+            served_a = a.result(60)
+        assert served_a.version_id == v1
+        assert v2 in SESSIONS and not loaded_b.closed  # A's late note did not retire v2
+        with SESSIONS.lease(served_a, "fp32") as loaded_a:  # A is still served, by v1, uncached
+            assert loaded_a.version_id == v1
+        assert loaded_a.closed and v1 not in SESSIONS
+        with session_scope() as s:  # the reference is still remembered as v2: nothing is retired
+            assert resolve_served(s, ref).version_id == v2
+        assert v2 in SESSIONS and not loaded_b.closed
     finally:
         with session_scope() as s:
             registry.delete_alias(s, name, "canary")

@@ -11,7 +11,9 @@ A ``LoadedModel`` is one session of one variant (fp32, int8, fp16) on one provid
 model version, with one ``MicroBatcher`` per tuple of output names: concurrent requests for the same
 version and outputs share runs. Leases are counted: when a version is retired (its alias moved away, or the
 LRU is full) it leaves the cache at once, and its session is closed when the last request that holds it
-finishes, so a request in flight during a promotion completes on the version it started with.
+finishes, so a request in flight during a promotion completes on the version it started with. A request
+that looked a version up before it was retired, but leases it only after, is served by a session of its own
+that is not cached (``ServedModel.looked_up``).
 """
 
 import contextlib
@@ -65,13 +67,15 @@ class ServedModel:
     variants: dict | None = None  # ModelVersion.variants: the fp32/int8/fp16 files and their checks
     head: dict | None = None  # diagnosis models: class names, thresholds (the graph has "probabilities")
     knn_reference: dict | None = None  # a stored labelled reference set for kNN prediction
+    looked_up: int | None = None  # ``SessionCache.ticket()`` taken before the registry look-up (None: not
+    # tracked): a session loaded for a version retired after it is served but not cached
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
     @classmethod
-    def from_version(cls, version: ModelVersion) -> "ServedModel":
+    def from_version(cls, version: ModelVersion, looked_up: int | None = None) -> "ServedModel":
         return cls(
             version_id=version.id,
             name=version.model.name,
@@ -84,6 +88,7 @@ class ServedModel:
             variants=version.variants,
             head=version.head,
             knn_reference=version.knn_reference,
+            looked_up=looked_up,
         )
 
 
@@ -91,12 +96,16 @@ def resolve_served(session: Session, ref: str | None) -> ServedModel:
     """The model version ``ref`` names (see ``services.registry.resolve_reference``), ready to serve.
 
     References that move (an alias, a bare name, the default) are remembered per process: when one now
-    names another version than before, the previous version's session is retired from the cache.
+    names another version than before, the previous version's session is retired from the cache. The look-up
+    is stamped (``ServedModel.looked_up``) so that a version retired between it and the lease (a promotion
+    in between) is served to this request without being cached again, and so that a look-up noted after a
+    later one does not move the reference back.
     """
+    looked_up = SESSIONS.ticket()  # before reading the registry: a retirement after this may be missed
     resolution = resolve_reference(session, ref)
-    served = ServedModel.from_version(resolution.version)
+    served = ServedModel.from_version(resolution.version, looked_up)
     if resolution.moving is not None:
-        SESSIONS.note_reference(resolution.moving, served.version_id)
+        SESSIONS.note_reference(resolution.moving, served.version_id, looked_up)
     return served
 
 
@@ -380,7 +389,10 @@ class SessionCache:
     def __init__(self, capacity: int | None = None):
         self._capacity = capacity
         self._entries: OrderedDict[tuple, LoadedModel] = OrderedDict()
-        self._references: dict[str, int] = {}  # moving reference -> version id it last named
+        # moving reference -> (version id it last named, ticket of that look-up or None)
+        self._references: dict[str, tuple[int, int | None]] = {}
+        self._clock = 0  # tickets: look-ups and retirements in one order
+        self._retired_at: dict[int, int] = {}  # version id -> ticket of its last retirement
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
 
@@ -388,10 +400,20 @@ class SessionCache:
     def capacity(self) -> int:
         return self._capacity or get_settings().serve_cache_size
 
+    def ticket(self) -> int:
+        """The next tick of the cache's clock (look-ups take one; each retirement takes one)."""
+        with self._lock:
+            self._clock += 1
+            return self._clock
+
     def acquire(
-        self, model: ServedModel, precision: Precision | None = None, strict: bool = False
+        self, model: ServedModel, precision: Precision | None = None, strict: bool = False, cache: bool = True
     ) -> LoadedModel:
-        """The loaded session for ``model`` (loaded on first use), leased: ``release`` it when done."""
+        """The loaded session for ``model`` (loaded on first use), leased: ``release`` it when done.
+
+        A session loaded here is cached unless ``cache`` is False or the version was retired after
+        ``model.looked_up`` (a promotion between the request's look-up and its lease): then it serves this
+        lease alone and is closed when released."""
         plan = plan_session(model, precision, strict=strict)
         key = (model.version_id, plan.variant, plan.device)
         with self._lock:
@@ -439,8 +461,17 @@ class SessionCache:
             )
             with self._lock:
                 loaded.refs = 1
-                self._entries[key] = loaded
-                self._evict_locked()
+                retired_since = (
+                    model.looked_up is not None
+                    and self._retired_at.get(model.version_id, 0) > model.looked_up
+                )
+                if cache and not retired_since:
+                    self._entries[key] = loaded
+                    self._evict_locked()
+                else:
+                    loaded.retired = True  # closed when this lease ends
+            if retired_since:
+                log.info("%s was retired after this request looked it up: served once, not cached", model.ref)
             return loaded
 
     def release(self, loaded: LoadedModel) -> None:
@@ -452,9 +483,9 @@ class SessionCache:
 
     @contextlib.contextmanager
     def lease(
-        self, model: ServedModel, precision: Precision | None = None, strict: bool = False
+        self, model: ServedModel, precision: Precision | None = None, strict: bool = False, cache: bool = True
     ) -> Iterator[LoadedModel]:
-        loaded = self.acquire(model, precision, strict)
+        loaded = self.acquire(model, precision, strict, cache)
         try:
             yield loaded
         finally:
@@ -470,28 +501,50 @@ class SessionCache:
         """Take every session of ``version_id`` out of the cache; each closes when its last lease ends.
         Returns how many were taken out."""
         with self._lock:
-            keys = [key for key in self._entries if key[0] == version_id]
-            taken = [self._entries.pop(key) for key in keys]
-            self._references = {r: v for r, v in self._references.items() if v != version_id}
-            to_close = []
-            for loaded in taken:
-                loaded.retired = True
-                if loaded.refs == 0 and not loaded.closed:
-                    to_close.append(loaded)
+            taken, to_close = self._retire_locked(version_id)
         for loaded in to_close:
             loaded.close()
-        return len(taken)
+        return taken
 
-    def note_reference(self, reference: str, version_id: int) -> None:
+    def _retire_locked(self, version_id: int) -> tuple[int, list[LoadedModel]]:
+        """(sessions taken out, those to close now); under the lock."""
+        self._clock += 1
+        self._retired_at[version_id] = self._clock
+        keys = [key for key in self._entries if key[0] == version_id]
+        taken = [self._entries.pop(key) for key in keys]
+        self._references = {r: noted for r, noted in self._references.items() if noted[0] != version_id}
+        to_close = []
+        for loaded in taken:
+            loaded.retired = True
+            if loaded.refs == 0 and not loaded.closed:
+                to_close.append(loaded)
+        return len(taken), to_close
+
+    def note_reference(self, reference: str, version_id: int, looked_up: int | None = None) -> None:
         """``reference`` (an alias, bare name or the default) now names ``version_id``: if it named another
-        version before, and no other remembered reference does, that version's sessions are retired."""
+        version before, and no other remembered reference does, that version's sessions are retired.
+
+        ``looked_up`` (the look-up's ``ticket``) orders notes that arrive out of order: a look-up older than
+        the one remembered for ``reference``, or older than the retirement of ``version_id``, saw a state
+        that has moved on since and is not noted (it would retire the newer version)."""
+        to_close: list[LoadedModel] = []
         with self._lock:
-            previous = self._references.get(reference)
-            self._references[reference] = version_id
-            stale = previous not in (None, version_id) and previous not in self._references.values()
-        if stale:
-            log.info("%s moved from version id %s to %s: old one retired", reference, previous, version_id)
-            self.retire_version(previous)
+            noted = self._references.get(reference)
+            if looked_up is not None and (
+                self._retired_at.get(version_id, 0) > looked_up
+                or (noted is not None and noted[1] is not None and noted[1] > looked_up)
+            ):
+                return
+            previous = noted[0] if noted is not None else None
+            self._references[reference] = (version_id, looked_up)
+            named = {v for v, _ in self._references.values()}
+            if previous not in (None, version_id) and previous not in named:
+                log.info(
+                    "%s moved from version id %s to %s: old one retired", reference, previous, version_id
+                )
+                _, to_close = self._retire_locked(previous)
+        for loaded in to_close:
+            loaded.close()
 
     def loaded(self, version_id: int | None = None) -> list[LoadedModel]:
         with self._lock:
