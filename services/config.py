@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     default_model: str | None = Field(
         None,
         description="model served when a request names none: 'name' (its 'production' alias, else its newest "
-        "version), 'name@alias' or 'name@version'; unset: the newest version of any model",
+        "version), 'name@alias' or 'name@version'; unset: the model of the newest version, as 'name'",
     )
     serve_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto",

@@ -2,7 +2,8 @@
 
 A request names a model as ``name@version`` (pinned), ``name@alias`` (e.g. ``name@production``), ``name``
 (its ``production`` alias if set, else its newest version) or nothing: the ``default_model`` setting,
-itself any of these; unset, the newest version of any model.
+itself any of these; unset, the model of the newest version of any model, named as ``name`` (so its
+``production`` alias where it has one: a newer version serves only once promoted).
 """
 
 import logging
@@ -114,7 +115,8 @@ class Resolution:
 
 
 def resolve_reference(session: Session, ref: str | None) -> Resolution:
-    """``name@version``, ``name@alias``, ``name`` or None (the configured default, else the newest)."""
+    """``name@version``, ``name@alias``, ``name`` or None: the configured default, else the model of the
+    newest version as ``name`` (its production alias, else its newest version)."""
     if not ref:
         default = get_settings().default_model
         if default:
@@ -127,7 +129,8 @@ def resolve_reference(session: Session, ref: str | None) -> Resolution:
             raise NotFoundError(
                 "no model is registered yet: run a pretraining job first (POST /jobs/pretrain)"
             )
-        return Resolution(newest, "default:newest")
+        # one moving key whichever model is newest, so a default that moves to another model retires the old
+        return Resolution(resolve_reference(session, newest.model.name).version, "default:newest")
     match = _REF.match(ref)
     if match is None or match["selector"] == "":
         raise ClientError(

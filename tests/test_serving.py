@@ -228,6 +228,45 @@ def test_default_model_serves_its_production_alias(
         client.delete(f"/models/{name}/aliases/production")
 
 
+def test_without_a_default_model_setting_the_newest_model_serves_its_production_alias(
+    client: TestClient, two_versions: TwoVersions, data_dir: Path, settings_env: pytest.MonkeyPatch
+) -> None:
+    """ECGSSL_DEFAULT_MODEL unset (the shipped default): a request naming no model gets the model of the
+    newest version, by name: its production alias where set, so an unpromoted newer version does not serve."""
+    from services.db.models import ModelVersion
+
+    settings_env.delenv("ECGSSL_DEFAULT_MODEL", raising=False)
+    name = f"newest-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:  # the two versions' files again, under a model registered last
+        for version_id in two_versions.version_ids:
+            row = s.get(ModelVersion, version_id)
+            register_model_version(
+                s,
+                name=name,
+                method="st_mem",
+                source_job_id=None,
+                onnx_path=row.onnx_path,
+                sha256=row.sha256,
+                input_spec=row.input_spec,
+                embedding_dim=row.embedding_dim,
+                parity_max_abs_diff=row.parity_max_abs_diff,
+                metrics=row.metrics,
+                variants=row.variants,
+            )
+    files = wfdb_files(data_dir / RECORDS[0])
+
+    def default() -> tuple[str, int]:
+        response = client.post("/embed", files=files)
+        assert response.status_code == 200, response.text
+        return response.json()["model"], response.json()["version"]
+
+    assert default() == (name, 2)  # no production alias: the model's newest version
+    assert client.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
+    assert default() == (name, 1)  # version 2 is newer but not promoted
+    assert client.delete(f"/models/{name}/aliases/production").status_code == 204
+    assert default() == (name, 2)
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "expected"),
     [

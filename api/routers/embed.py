@@ -90,7 +90,8 @@ def server_timing(response: Response, timing: Timing, started: float) -> None:
 FILES_DESCRIPTION = "WFDB .hea plus its .dat/.mat files, or one .zip, .edf, .bdf, .npy, .npz, .csv, .json"
 MODEL_DESCRIPTION = (
     "'name@version', 'name@alias' or 'name' (its 'production' alias, else its newest version); default: "
-    "the ECGSSL_DEFAULT_MODEL setting, else the newest version of any model"
+    "the ECGSSL_DEFAULT_MODEL setting, else the model of the newest version, as 'name' (its 'production' "
+    "alias, else its newest version)"
 )
 PRECISION_DESCRIPTION = (
     "ONNX variant: fp32 (exact), int8 (CPU) or fp16 (CUDA), refused with the reason when the version's "
