@@ -29,6 +29,7 @@ ALIAS_PATTERN = r"[a-z][a-z0-9_\-]{0,63}"
 RESERVED_ALIASES = frozenset({"latest"})  # would read as "the newest version", which a bare name already is
 _REF = re.compile(rf"^(?P<name>{NAME_PATTERN})(?:@(?P<selector>.*))?$")
 _ALIAS = re.compile(rf"^{ALIAS_PATTERN}$")
+_VERSION = re.compile(r"[0-9]{1,64}\Z")  # as long as an alias may be; int() of it is cheap
 
 
 def register_model_version(
@@ -146,7 +147,7 @@ def resolve_reference(session: Session, ref: str | None) -> Resolution:
         if not model.versions:
             raise NotFoundError(f"model '{name}' has no version yet")
         return Resolution(model.versions[-1], name)
-    if selector.isdigit():
+    if _VERSION.match(selector):  # ASCII digits only: '²'.isdigit() is True but int('²') fails
         return Resolution(get_version(session, name, int(selector)), None)
     alias = _alias_of(model, selector)
     if alias is None:

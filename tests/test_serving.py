@@ -314,6 +314,10 @@ def test_bad_registry_requests_get_4xx_naming_the_problem(
         ("{name}@1@2", 422, "neither a version nor an alias"),
         ("{name}@staging", 422, "'staging' is neither a version nor an alias"),
         ("{name}@Prod", 422, "must be a number"),
+        ("{name}@\u00b2", 422, "must be a number"),  # '²'.isdigit() is True but int('²') fails
+        ("{name}@\u0661", 422, "must be a number"),  # an Arabic-Indic one: not read as version 1
+        ("{name}@" + "9" * 40, 404, "has no version 9999"),
+        ("{name}@" + "9" * 5000, 422, "neither a version nor an alias"),  # int() refuses over 4300 digits
         ("bad name", 422, "is not valid"),
         ("{name}@99", 404, "has no version 99"),
         ("other-{name}", 404, "is not registered"),
