@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
@@ -203,15 +205,30 @@ def set_alias(session: Session, name: str, alias: str, number: int) -> tuple[Mod
             f"model '{name}' has no version {number} to point alias '{alias}' at (its versions: "
             f"{_versions_text(model)})"
         )
-    found = _alias_of(model, alias)
+    # Insert-if-absent, then lock the row and move it: two requests creating the same alias at once do not
+    # hit the unique constraint (the second waits for the first in PostgreSQL, then moves its alias).
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(dialect)
+    created = False
+    if insert is not None:
+        statement = insert(ModelAlias).values(model_id=model.id, name=alias, version_id=target.id)
+        statement = statement.on_conflict_do_nothing(index_elements=["model_id", "name"])
+        created = session.execute(statement.returning(ModelAlias.id)).first() is not None
+    found = session.scalar(
+        select(ModelAlias)
+        .where(ModelAlias.model_id == model.id, ModelAlias.name == alias)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
     previous = None
-    if found is None:
+    if found is None:  # another database: the plain ORM insert
         found = ModelAlias(model=model, name=alias, version=target)
         session.add(found)
-    else:
+    elif not created:
         previous = found.version_id
         found.version = target
     session.flush()
+    session.expire(model, ["aliases"])  # the collection may predate the insert
     log.info("alias %s@%s -> version %d", name, alias, number)
     return found, previous
 

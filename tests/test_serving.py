@@ -40,6 +40,7 @@ from services.inference.sessions import (
 from services.inference.variants import MIN_COSINE, make_variants
 from services.models.st_mem import SIZES, StMemEncoder
 from services.registry import register_model_version
+from tests.conftest import needs_servers
 
 RECORDS = [f"ptbxl-500/records500/00000/{i:05d}_hr" for i in range(1, 6)]
 SPEC = InputSpec()
@@ -333,6 +334,45 @@ def test_bad_model_references_get_4xx(
     )
     assert response.status_code == status, response.text
     assert expected in response.json()["detail"]
+
+
+@needs_servers
+def test_concurrent_puts_creating_the_same_alias_both_succeed(
+    client: TestClient, two_versions: TwoVersions
+) -> None:
+    """Request A has created name@race (not committed yet) when request B, which found no such alias, creates
+    it too: B waits for A in PostgreSQL, then moves A's alias (last writer wins) instead of failing on the
+    unique constraint with a 500."""
+    from sqlalchemy import text
+
+    from services import registry
+    from services.db.session import get_engine
+
+    name = two_versions.name
+
+    def waiting_for_a_lock() -> int:
+        with get_engine().connect() as connection:
+            return connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+
+    try:
+        with ThreadPoolExecutor(1) as pool, session_scope() as a:
+            registry.set_alias(a, name, "race", 1)  # A: inserted, not committed
+            b = pool.submit(client.put, f"/models/{name}/aliases/race", json={"version": 2})
+            wait_for(lambda: b.done() or waiting_for_a_lock() > 0, "request B to wait for A's insert")
+            a.commit()
+            response = b.result(60)
+        assert response.status_code == 200, response.text
+        assert response.json()["version"] == 2 and response.json()["previous_version"] == 1
+        assert client.get(f"/models/{name}/aliases/race").json()["version"] == 2
+    finally:
+        with session_scope() as s:
+            if any(alias.name == "race" for alias in registry.get_model(s, name).aliases):
+                registry.delete_alias(s, name, "race")
 
 
 def test_alias_changes_need_the_api_key(
