@@ -185,7 +185,10 @@ class RecordInfo(BaseModel):
     fs: float
     duration_s: float
     channels: list[str]
-    windows: int = Field(description="windows of the model's length averaged into the embedding")
+    windows: int = Field(
+        description="windows of the model's length averaged into the result (/predict: 3 crops per 10-s "
+        "segment)"
+    )
 
 
 class EmbedResponse(BaseModel):
@@ -225,7 +228,8 @@ class PredictResponse(BaseModel):
     classes: list[str]
     probabilities: dict[str, float] = Field(
         description="per class, in [0, 1] and independent of the others (multi-label: they need not sum to "
-        "1); head: the mean over the record's windows; knn: the share of the k neighbours with the class"
+        "1); head: the mean over the record's 10-s segments of the mean over each one's 3 crops; knn: the "
+        "share of the k neighbours with the class"
     )
     thresholds: dict[str, float | None] = Field(
         description="per class, tuned on the validation split (max F1); None: never predicted"

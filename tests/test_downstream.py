@@ -4,6 +4,7 @@ PNG artifacts and registered version, and /predict (head and kNN) against PyTorc
 
 import io
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +18,20 @@ from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
 from services.downstream.common import fit_linear_head, head_scores
 from services.downstream.data import crops, features_of, open_labelled, three_crop, torch_fn
-from services.ecg.preprocess import InputSpec, preprocess, three_crop_starts
+from services.ecg.preprocess import InputSpec, prepare_signal, preprocess, three_crop_starts
 from services.ecg.recording import read_wfdb
 from services.evaluation.metrics import tune_thresholds
+from services.inference.embed import SESSIONS, ServedModel, embed_recordings
 from services.job_runner import JobReporter
 from services.models.checkpoints import load_saved_encoder
 from services.models.heads import DiagnosisModel, LinearHead
+from services.registry import resolve_model_version
 from services.training import augment
 from services.training.augment import Augmented, RandAugment
 from services.training.loop import TrainConfig
-from tests.test_api import queued_tasks
+from tests.test_api import queued_tasks, wfdb_files
 
-RECORD = "ptbxl-500/records500/00000/00010_hr"  # fold 10 (test split)
+RECORD = "ptbxl-500/records500/00000/00010_hr"  # ecg_id 10, strat_fold 9 (validation split)
 PNG = b"\x89PNG\r\n\x1a\n"
 L = 2250
 
@@ -317,6 +320,20 @@ def test_evaluate_job_scores_protocols_stores_a_reference_and_serves_knn_predict
     for cls, p in prediction["probabilities"].items():
         threshold = prediction["thresholds"][cls]
         assert (cls in prediction["labels"]) == (threshold is not None and p >= threshold)
+    assert prediction["record"]["windows"] == 3  # the 10-s record's 3 crops, as the reference was embedded
+
+    # /predict?method=knn embeds a record as the job embedded its reference set (fp32 ONNX, 3 crops of
+    # each 10-s segment): a training record uploaded comes out as its stored reference row
+    with session_scope() as s:
+        served = ServedModel.from_version(resolve_model_version(s, base))
+    with np.load(served.knn_reference["file"]) as stored:
+        reference, record_id = stored["embeddings"], str(stored["record_ids"][0])
+    record = read_wfdb(data_dir / f"ptbxl-500/records500/00000/{int(record_id):05d}_hr.hea")
+    with SESSIONS.lease(served, "fp32", strict=True) as loaded:
+        (embedded,) = embed_recordings(loaded, [record], windowing="three_crop")
+        (sliding,) = embed_recordings(loaded, [record], windowing="sliding")
+    np.testing.assert_allclose(embedded.vector, reference[0], atol=1e-5)
+    assert embedded.windows == 3 and np.abs(sliding.vector - reference[0]).max() > 1e-4  # a real check
 
 
 def test_evaluate_job_on_a_test_split_of_one_class_reports_why_there_are_no_cluster_indices(
@@ -339,44 +356,59 @@ def test_evaluate_job_on_a_test_split_of_one_class_reports_why_there_are_no_clus
     assert 0 <= result["knn"]["macro_f1"] <= 1 and 0 <= result["linear_probe"]["macro_f1"] <= 1
 
 
-def torch_probabilities(version: ModelVersion, data_dir: Path) -> np.ndarray:
-    """The registered diagnosis model rebuilt in PyTorch from its saved weights: mean probabilities of the
-    record's sliding windows, as /predict computes them."""
-    folder = Path(version.onnx_path).parent
-    encoder, _ = load_saved_encoder(folder / "encoder.pt")
-    saved = torch.load(folder / "downstream.pt", weights_only=True)
-    model = DiagnosisModel(encoder, LinearHead(64, 5))
-    model.load_state_dict(saved["state_dict"])
-    windows = preprocess(read_wfdb(data_dir / f"{RECORD}.hea"), InputSpec.from_dict(version.input_spec))
-    with torch.no_grad():
-        return model.eval()(torch.from_numpy(windows))[1].numpy().mean(axis=0)
-
-
-def fold_tuned_thresholds(version: ModelVersion, job_id: str) -> dict[str, np.ndarray]:
-    """Per-class max-F1 thresholds tuned on the job's val and on its test split, from the registered model's
-    own probabilities (PyTorch, rebuilt from its saved weights; 3-crop mean per segment, then per record)."""
+def registered_diagnosis_model(version: ModelVersion) -> DiagnosisModel:
+    """The registered diagnosis model rebuilt in PyTorch from its saved weights."""
     folder = Path(version.onnx_path).parent
     encoder, _ = load_saved_encoder(folder / "encoder.pt")
     model = DiagnosisModel(encoder, LinearHead(64, 5))
     model.load_state_dict(torch.load(folder / "downstream.pt", weights_only=True)["state_dict"])
+    return model.eval()
+
+
+@dataclass
+class JobEvaluation:
+    """What the job's evaluation computes, recomputed from the registered model: per-class max-F1
+    thresholds tuned on val and on test, and the val and test records' probabilities by record id."""
+
+    thresholds: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray]
+
+
+def job_evaluation(version: ModelVersion, job_id: str) -> JobEvaluation:
+    """Recomputed as the job does it: the job's dataset and splits, each record's cached 10-s segments
+    through 3 crops (``features_of``), with the PyTorch model rebuilt from the saved weights."""
     with session_scope() as s:
         job = s.get(Job, uuid.UUID(job_id))
         data = open_labelled(
             job.dataset, InputSpec.from_dict(version.input_spec), job.params["record_limit"],
             JobReporter(job.id, writes=False),
         )  # fmt: skip
-    fn = torch_fn(model.eval().probabilities, torch.device("cpu"))
-    return {
-        split: tune_thresholds(
-            data.labels[data.records[split]], features_of(data, fn, data.spec.samples, data.records[split])
-        )
-        for split in ("val", "test")
+    fn = torch_fn(registered_diagnosis_model(version).probabilities, torch.device("cpu"))
+    probs = {
+        split: features_of(data, fn, data.spec.samples, data.records[split]) for split in ("val", "test")
     }
+    ids = {split: data.cache.record_ids[data.records[split]].tolist() for split in probs}
+    return JobEvaluation(
+        {split: tune_thresholds(data.labels[data.records[split]], p) for split, p in probs.items()},
+        {i: p for split in probs for i, p in zip(ids[split], probs[split], strict=True)},
+    )
+
+
+def ptb_probabilities(version: ModelVersion, ptb_record: Path) -> np.ndarray:
+    """The PTB record (1000 Hz, 38.4 s) read as evaluation reads a cached record: the prepared signal cut
+    into 10-s segments (3 here, the last 8.4 s dropped), 3 crops of each (``crops``), the mean."""
+    spec = InputSpec.from_dict(version.input_spec)
+    x = prepare_signal(read_wfdb(ptb_record), spec)  # (12, 9600) at 250 Hz
+    segments = np.stack([x[:, i * 2500 : (i + 1) * 2500] for i in range(x.shape[1] // 2500)])
+    assert segments.shape == (3, 12, 2500)
+    windows = np.concatenate([crops(segments, i, spec.samples) for i in range(3)])  # (9, 12, 2250)
+    with torch.no_grad():
+        return registered_diagnosis_model(version)(torch.from_numpy(windows))[1].numpy().mean(axis=0)
 
 
 @pytest.mark.parametrize("method", ["linear_probe", "finetune"])
-def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
-    client: TestClient, base: str, data_dir: Path, method: str
+def test_diagnosis_job_registers_a_head_that_predicts_as_it_was_evaluated(
+    client: TestClient, base: str, data_dir: Path, ptb_record: Path, method: str
 ) -> None:
     lr = 1e-2 if method == "linear_probe" else 1e-3
     job = finished(client, post_job(client, "finetune", {**COMMON, "model": base, "method": method,
@@ -400,24 +432,37 @@ def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
     with session_scope() as s:
         version = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one()
         head, int8 = version.head, version.variants["int8"]
-        expected = torch_probabilities(version, data_dir)
-        tuned = fold_tuned_thresholds(version, job["id"])
+        evaluated = job_evaluation(version, job["id"])
+        expected = evaluated.probabilities["10"]  # RECORD (ecg_id 10), a validation record
+        expected_ptb = ptb_probabilities(version, ptb_record)
     assert head["class_names"] == ["NORM", "MI", "STTC", "CD", "HYP"] and head["output"] == "probabilities"
     # the stored thresholds are those that maximise F1 on the validation fold's probabilities, not the test
     # fold's (which differ here, so the check can tell them apart); None = never predicted (no positive)
     stored = np.array([np.inf if t is None else t for t in head["thresholds"]])
-    np.testing.assert_allclose(stored, tuned["val"], rtol=1e-4)
-    assert not np.allclose(stored, tuned["test"], rtol=1e-4), (stored, tuned["test"])
+    np.testing.assert_allclose(stored, evaluated.thresholds["val"], rtol=1e-4)
+    assert not np.allclose(stored, evaluated.thresholds["test"], rtol=1e-4), (stored, evaluated.thresholds)
     assert head["thresholds"] == [test["thresholds"][c] for c in head["class_names"]]  # and reported so
 
     response = client.post(f"/predict?model={ref}&precision=fp32", files=upload(data_dir))
     assert response.status_code == 200, response.text
     prediction = response.json()
     assert prediction["method"] == "head" and prediction["version"] == int(ref.split("@")[1])
-    assert prediction["record"]["windows"] == 2 and prediction["variant"] == "fp32"
+    # read as evaluation read it: the 10-s record's 3 crops; the probabilities those the job computed for
+    # this record when it tuned the thresholds (ONNX head == PyTorch, independent sigmoids)
+    assert prediction["record"]["windows"] == 3 and prediction["variant"] == "fp32"
     got = np.array([prediction["probabilities"][c] for c in head["class_names"]])
     assert ((got >= 0) & (got <= 1)).all()
-    np.testing.assert_allclose(got, expected, atol=1e-4)  # ONNX head == PyTorch (independent sigmoids)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # a 38.4-s 1000 Hz record with 15 channels: 3 crops of each of its three 10-s segments, averaged
+    ptb = client.post(
+        f"/predict?model={ref}&precision=fp32", files=wfdb_files(ptb_record, ".hea", ".dat", ".xyz")
+    )
+    assert ptb.status_code == 200, ptb.text
+    assert ptb.json()["record"]["windows"] == 9 and len(ptb.json()["record"]["channels"]) == 15
+    got_ptb = np.array([ptb.json()["probabilities"][c] for c in head["class_names"]])
+    np.testing.assert_allclose(got_ptb, expected_ptb, atol=1e-4)
+    sliding = client.post(f"/predict?model={ref}&windowing=sliding", files=upload(data_dir))
+    assert sliding.status_code == 422 and "three_crop" in sliding.text
     for cls, p in prediction["probabilities"].items():
         threshold = prediction["thresholds"][cls]
         assert (cls in prediction["labels"]) == (threshold is not None and p >= threshold)
@@ -430,6 +475,7 @@ def test_diagnosis_job_registers_a_head_that_predicts_like_pytorch(
     # the same record, kNN against the training embeddings the job stored
     knn = client.post(f"/predict?model={ref}&method=knn", files=upload(data_dir))
     assert knn.status_code == 200 and knn.json()["knn"]["reference_records"] == 67
+    assert knn.json()["record"]["windows"] == 3  # embedded as the reference set was: 3 crops
 
 
 def test_triplet_job_registers_a_unit_embedding_model_with_a_knn_predictor(

@@ -1,7 +1,6 @@
 """Diagnosis probabilities of an uploaded ECG: a diagnosis model's head, or kNN against a reference set."""
 
 import time
-from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from sqlalchemy.orm import Session
@@ -20,7 +19,7 @@ from api.routers.embed import (
 from api.schemas import KnnInfo, PredictResponse
 from services.ecg.recording import ACCEPTED_UPLOADS
 from services.errors import ClientError
-from services.inference.predict import PredictMethod, classifier, predict_recordings
+from services.inference.predict import PredictMethod, PredictWindowing, classifier, predict_recordings
 from services.inference.sessions import SESSIONS, Precision, Timing
 
 router = APIRouter(tags=["inference"])
@@ -33,8 +32,10 @@ router = APIRouter(tags=["inference"])
     summary="Diagnosis probabilities of one ECG (PTB-XL superclasses for models fine-tuned on PTB-XL)",
     description=f"Upload {ACCEPTED_UPLOADS}, as for POST /embed. `method=head` (the default for diagnosis "
     "models, made by POST /jobs/finetune with method linear_probe or finetune): the model's own head, "
-    "probabilities averaged over the record's windows. `method=knn` (the default for other models that "
-    "have a reference set): the record's embedding votes with its k nearest labelled training records, "
+    "probabilities averaged over the record's windows: 3 crops of each 10-s segment, as the job's test "
+    "metrics and thresholds were computed (a longer record: the mean over its 10-s segments). `method=knn` "
+    "(the default for other models that have a reference set): the record's embedding, averaged the same "
+    "way, votes with its k nearest labelled training records, "
     "stored by fine-tuning jobs and by POST /jobs/evaluate with the knn protocol. Classes are independent "
     "(multi-label); `labels` are those at or above their validation-tuned threshold. A model that can do "
     "neither gets 409 with what to do.",
@@ -54,8 +55,11 @@ def predict(
         None, description="head or knn; default: head where the model has one, else knn"
     ),
     precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
-    windowing: Literal["sliding", "center"] = Query(
-        "sliding", description="longer records: mean over sliding windows, or one centre crop"
+    windowing: PredictWindowing = Query(
+        "three_crop",
+        description="how a record is read, the one way the jobs read it when they tuned the thresholds and "
+        "stored the kNN reference set: each 10-s segment (the remainder dropped) through 3 crops (starts "
+        "0, 0.5 and 1 s), averaged, then the mean over the segments; 3 windows for a 10-s record",
     ),
     pad: bool = Query(False, description="zero-pad a record shorter than the model's window"),
     interpolate_nan: bool = Query(

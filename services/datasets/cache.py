@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from services.datasets.base import EcgDataset
-from services.ecg.preprocess import InputSpec, prepare_signal
+from services.ecg.preprocess import SEGMENT_S, InputSpec, prepare_signal, split_segments
 from services.errors import DatasetError, EcgInputError
 
 CACHE_FORMAT = 1  # bump when the layout or the preprocessing changes meaning
@@ -78,7 +78,7 @@ def preprocessed(
     identity: dict,
     spec: InputSpec,
     cache_root: Path,
-    segment_s: float = 10.0,
+    segment_s: float = SEGMENT_S,
     indices: np.ndarray | None = None,
     on_progress: ProgressFn | None = None,
 ) -> PreprocessedCache:
@@ -133,16 +133,14 @@ def _build(
             except EcgInputError as exc:
                 skipped.append(f"{dataset.record_id(i)}: {exc}")
                 continue
-            count = x.shape[1] // segment
+            segments = split_segments(x, segment)  # (count, leads, segment), as /predict cuts an upload
+            count = len(segments)
             if count == 0:
                 skipped.append(
                     f"{dataset.record_id(i)}: {x.shape[1] / spec.fs:.1f} s is shorter than {segment_s} s"
                 )
                 continue
-            for s in range(count):
-                out.write(
-                    np.ascontiguousarray(x[:, s * segment : (s + 1) * segment], dtype=np.float32).tobytes()
-                )
+            out.write(segments.astype(np.float32, copy=False).tobytes())
             record_index.extend([len(kept_records)] * count)
             kept_records.append(i)
             n_segments += count

@@ -20,7 +20,7 @@ from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
 from services.db.models import Dataset as DatasetRow
 from services.ecg.clinical import FeatureNormaliser, clinical_features_for
-from services.ecg.preprocess import InputSpec, standardise, three_crop_starts
+from services.ecg.preprocess import InputSpec, segment_crops
 from services.errors import ClientError
 from services.job_runner import JobReporter
 from services.models.triplet import LabelledBatch
@@ -129,12 +129,10 @@ def open_labelled(
 
 
 def crops(signals: np.ndarray, row: int, window: int, centre_only: bool = False) -> np.ndarray:
-    """The 3 test-time crops of one cached segment, each standardised: (3, C, window) (1 when the window
-    fills the segment); ``centre_only``: the middle one alone (1, C, window)."""
-    segment = np.asarray(signals[row], dtype=np.float32)  # (C, T)
-    starts = three_crop_starts(segment.shape[-1], window)
-    starts = starts[len(starts) // 2 :][:1] if centre_only else starts
-    return standardise(np.stack([segment[:, s : s + window] for s in starts]))
+    """The 3 test-time crops of one cached segment (``segment_crops``, as ``/predict`` reads an upload),
+    each standardised: (3, C, window) (1 when the window fills the segment); ``centre_only``: the middle one
+    alone (1, C, window)."""
+    return segment_crops(np.asarray(signals[row], dtype=np.float32), window, centre_only)
 
 
 def three_crop(

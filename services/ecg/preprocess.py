@@ -2,7 +2,11 @@
 
 recording --select/derive leads--> (C, T) mV --resample (polyphase)--> (C, T') at the model rate
 --band-pass (Butterworth, zero-phase)--> filtered signal  [``prepare_signal``]
---windows (sliding / centre / random crop)--> (n, C, W) --standardise per window--> model input
+--windows (sliding / centre / random crop / 3 test-time crops)--> (n, C, W) --standardise each--> model input
+
+Evaluation and ``/predict`` see a record as the cache stores it: non-overlapping 10-s segments
+(``split_segments``; the remainder is dropped), each read through ST-MEM's 3 test-time crops
+(``segment_crops``, methods.md 1.4); ``preprocess(..., windowing="three_crop")`` gives those windows.
 """
 
 from dataclasses import asdict, dataclass
@@ -17,7 +21,9 @@ from services.ecg.leads import STANDARD_LEADS, select_leads
 from services.ecg.recording import Recording
 from services.errors import EcgInputError
 
-Windowing = Literal["sliding", "center"]
+Windowing = Literal["sliding", "center", "three_crop"]
+
+SEGMENT_S = 10.0  # ST-MEM's segments: the cache cuts records into these, evaluation reads each by 3 crops
 
 
 @dataclass(frozen=True)
@@ -187,6 +193,20 @@ def three_crop_starts(length: int, window: int) -> list[int]:
     return [0] if step == 0 else [0, step, 2 * step]
 
 
+def segment_crops(segment: np.ndarray, window: int, centre_only: bool = False) -> np.ndarray:
+    """The 3 test-time crops of one segment (C, T) (``three_crop_starts``), each standardised: (3, C, window)
+    (1 when the window fills the segment); ``centre_only``: the middle one alone (1, C, window)."""
+    starts = three_crop_starts(segment.shape[-1], window)
+    starts = starts[len(starts) // 2 :][:1] if centre_only else starts
+    return standardise(np.stack([segment[:, s : s + window] for s in starts]))
+
+
+def split_segments(x: np.ndarray, segment: int) -> np.ndarray:
+    """(C, T) -> (T // segment, C, segment): consecutive non-overlapping segments, the remainder dropped."""
+    count = x.shape[-1] // segment
+    return np.ascontiguousarray(x[:, : count * segment].reshape(x.shape[0], count, segment).swapaxes(0, 1))
+
+
 def preprocess(
     recording: Recording,
     spec: InputSpec,
@@ -196,7 +216,12 @@ def preprocess(
     interpolate_nan: bool = False,
     reject_flat: bool = False,
 ) -> np.ndarray:
-    """Model-ready windows (n_windows, leads, spec.samples) for one recording."""
+    """Model-ready windows (n_windows, leads, spec.samples) for one recording.
+
+    ``three_crop``: as evaluation reads the cache, the 3 test-time crops of each 10-s segment, segment after
+    segment ((3 * segments, C, W); their mean is the mean over segments of the 3-crop means). A record
+    shorter than 10 s (the cache skips those) is one segment of its own length; shorter than the window,
+    it needs ``pad`` and gives one window."""
     x = prepare_signal(recording, spec, interpolate_nan=interpolate_nan, reject_flat=reject_flat)
     if x.shape[1] < spec.samples:
         if not pad:
@@ -206,6 +231,10 @@ def preprocess(
                 "pass pad=true to zero-pad"
             )
         x = np.pad(x, ((0, 0), (0, spec.samples - x.shape[1])))
+    if windowing == "three_crop":
+        segment = max(int(round(SEGMENT_S * spec.fs)), spec.samples)
+        segments = split_segments(x, segment) if x.shape[1] >= segment else x[None]
+        return np.concatenate([segment_crops(seg, spec.samples) for seg in segments])
     starts = window_starts(x.shape[1], spec.samples, windowing)
     windows = np.stack([x[:, s : s + spec.samples] for s in starts])
     return standardise(windows)

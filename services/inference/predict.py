@@ -1,15 +1,22 @@
 """Diagnosis probabilities of recordings from a registered version, by one of two methods.
 
 - ``head``: a diagnosis model (``model_versions.head``; made by linear_probe / finetune jobs) whose ONNX
-  graph outputs ``probabilities`` (B, K) (sigmoid per class); a record's probabilities are the mean over its
-  windows;
+  graph outputs ``probabilities`` (B, K) (sigmoid per class);
 - ``knn``: any embedding model with a stored reference set (``model_versions.knn_reference``: training-split
   embeddings and multi-hot labels, kept by every fine-tuning job and by evaluation jobs with the ``knn``
-  protocol): a record's embedding (as ``/embed`` computes it) votes with its k nearest reference records;
-  a class's probability is the fraction of them that carry it.
+  protocol): a record's embedding votes with its k nearest reference records; a class's probability is the
+  fraction of them that carry it.
 
-Either way the classes are independent (multi-label): probabilities need not sum to 1, and a class is
-predicted when its probability reaches the threshold tuned on the validation split (None: never).
+Either way a record is read as the jobs read their records when they tuned the thresholds and computed the
+reference embeddings (``preprocess(..., windowing="three_crop")``): each 10-s segment (non-overlapping, the
+remainder dropped, as the cache cuts records) through ST-MEM's 3 test-time crops (starts 0/125/250 of a
+2500-sample segment), averaged, then the mean over the record's segments; for kNN that mean embedding
+(followed, for a hybrid version, by the clinical measurements, as evaluation jobs append them). A 10-s
+record gives 3 windows, a 38.4-s one 9 (3 segments). A record shorter than 10 s is one segment of its own
+length (the jobs never saw such records).
+
+The classes are independent (multi-label): probabilities need not sum to 1, and a class is predicted when
+its probability reaches the threshold tuned on the validation split (None: never).
 """
 
 from dataclasses import dataclass
@@ -19,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from services.ecg.preprocess import Windowing, model_recording, preprocess
+from services.ecg.preprocess import model_recording, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError, ConflictError
 from services.evaluation.metrics import knn_scores
@@ -28,6 +35,7 @@ from services.inference.embed import Embedded, embed_recordings
 from services.inference.sessions import LoadedModel, ModelUnavailable, ServedModel, Timing
 
 PredictMethod = Literal["head", "knn"]
+PredictWindowing = Literal["three_crop"]  # the jobs' test-time reading of a record (module docstring)
 
 FINETUNE_HINT = "fine-tune it into a diagnosis model (POST /jobs/finetune, method linear_probe or finetune)"
 REFERENCE_HINT = "store a kNN reference set for it (POST /jobs/evaluate with protocols ['knn'])"
@@ -35,7 +43,7 @@ REFERENCE_HINT = "store a kNN reference set for it (POST /jobs/evaluate with pro
 
 @dataclass
 class Predicted:
-    """One record's class probabilities (K,) and the number of windows (or embedding windows) used."""
+    """One record's class probabilities (K,) and the number of windows averaged (3 per 10-s segment)."""
 
     probabilities: np.ndarray
     windows: int
@@ -100,12 +108,14 @@ def predict_recordings(
     recordings: list[Recording | ClientError],
     how: Classifier,
     *,
-    windowing: Windowing = "sliding",
+    windowing: PredictWindowing = "three_crop",
     pad: bool = False,
     interpolate_nan: bool = False,
     timing: Timing | None = None,
 ) -> list[Predicted | ClientError]:
-    """Class probabilities of several recordings on a leased session: one result or error each, in order."""
+    """Class probabilities of several recordings on a leased session: one result or error each, in order.
+    Both methods read a record as the jobs did (module docstring); head: the mean of its windows'
+    probabilities (= the mean over segments of the 3-crop means: every segment has the same crops)."""
     if how.method == "knn":
         return _knn(loaded, recordings, windowing, pad, interpolate_nan, timing)
     model, pending = loaded.model, []
@@ -135,7 +145,7 @@ def predict_recordings(
 def _knn(
     loaded: LoadedModel,
     recordings: list[Recording | ClientError],
-    windowing: Windowing,
+    windowing: PredictWindowing,
     pad: bool,
     interpolate_nan: bool,
     timing: Timing | None,
