@@ -12,7 +12,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -739,17 +739,38 @@ def test_micro_batcher_gathers_waiting_items_and_isolates_a_bad_one() -> None:
     rows = [len(i) for i in items[1:]]
     assert calls == [1, 1 + sum(rows), 1, *rows]  # held run; the 6 waiting as one (fails); one by one
     assert list(batcher.recent_batches)[:2] == [1, 6]
+    batcher.close()
+    batcher.join(10)
 
-    # without a bad item the waiting items share one run and each gets its own rows back
-    futures = []
-    release.clear()
-    calls.clear()
-    calls.append(0)  # the next run is not held
-    futures = [batcher.submit(item) for item in items]
-    for item, future in zip(items, futures, strict=True):
-        (out,), _ = future.result(30)
+
+@pytest.mark.parametrize(("max_batch", "expected_runs"), [(64, [12]), (4, [3, 4, 2, 3])])
+def test_micro_batcher_gathers_concurrent_submissions_into_runs_of_at_most_max_batch(
+    max_batch: int, expected_runs: list[int]
+) -> None:
+    """Six submissions (1, 2, 3, 1, 2, 3 rows) from six requests that hold the session: with room for all
+    they share one run; with max_batch 4 no run exceeds 4 rows (an item that does not fit waits for the next
+    run), and each caller gets exactly its own rows back."""
+    runs: list[int] = []
+    sizes = [1, 2, 3, 1, 2, 3]
+    done: list[Future] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        runs.append(len(x))
+        return [x.reshape(len(x), -1).sum(axis=1) * 2]
+
+    # max_wait is long: a run waits for requests that hold the session (not for the clock) and then goes
+    holders = lambda: len(sizes) - sum(f.done() for f in done)  # noqa: E731
+    batcher = MicroBatcher(run, max_batch=max_batch, max_wait_s=60.0, name="test", waiters=holders)
+    rng = np.random.default_rng(4)
+    items = [rng.standard_normal((k, 2, 3)).astype(np.float32) for k in sizes]
+    for item in items:
+        done.append(batcher.submit(item))
+    results = [future.result(30) for future in done]
+    for item, ((out,), timing) in zip(items, results, strict=True):
         np.testing.assert_allclose(out, item.reshape(len(item), -1).sum(axis=1) * 2, rtol=1e-5)
-    assert sum(calls[1:]) == sum(len(i) for i in items) and len(calls) - 1 <= len(items)
+        assert timing.batch_rows <= max_batch
+    assert runs == expected_runs and len(runs) < len(items) and max(runs) <= max_batch
+    assert len({timing.run_id for _, timing in results}) == len(expected_runs)
     batcher.close()
     batcher.join(10)
 
@@ -841,6 +862,76 @@ def test_a_failing_item_in_a_shared_run_fails_only_its_own_caller(
             np.testing.assert_allclose(
                 out, two_versions.encoders[0](torch.from_numpy(windows)).numpy(), atol=1e-4
             )
+
+
+def test_a_submission_over_max_batch_is_split_into_runs_of_at_most_max_batch(
+    two_versions: TwoVersions, settings_env: pytest.MonkeyPatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = _served(two_versions)
+    settings_env.setenv("ECGSSL_SERVE_MAX_BATCH", "4")
+    SESSIONS.retire_version(served.version_id)  # a session whose batchers take the setting
+    rows_per_run: list[int] = []
+    original = LoadedModel.run
+
+    def run(self: LoadedModel, windows: np.ndarray, outputs=(OUTPUT_NAME,)) -> list[np.ndarray]:
+        rows_per_run.append(len(windows))
+        return original(self, windows, outputs)
+
+    monkeypatch.setattr(LoadedModel, "run", run)
+    windows = np.random.default_rng(5).standard_normal((10, 12, SPEC.samples)).astype(np.float32)
+    try:
+        with SESSIONS.lease(served, "fp32") as loaded:
+            (out,) = loaded.infer(windows)
+    finally:
+        SESSIONS.retire_version(served.version_id)
+    assert sorted(rows_per_run, reverse=True) == [4, 4, 2] and out.shape == (10, SIZES["tiny"].width)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            out, two_versions.encoders[0](torch.from_numpy(windows)).numpy(), atol=1e-4
+        )
+
+
+def test_a_record_that_fails_inside_a_shared_run_fails_only_its_own_result(
+    two_versions: TwoVersions, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three records of one request share a session run; the run fails on the middle one's windows (a
+    record that passed every check before the batcher): that record alone gets an error, in its place."""
+    from services.ecg.preprocess import model_recording
+    from services.inference.embed import Embedded, embed_recordings
+
+    served = _served(two_versions)
+    recordings = [read_wfdb(data_dir / f"{record}.hea") for record in RECORDS[:3]]
+    poison = preprocess(model_recording(recordings[1], SPEC, reject_flat=True), SPEC)[0]
+    held, release = threading.Event(), threading.Event()
+    rows_per_run: list[int] = []
+    original = LoadedModel.run
+
+    def run(self: LoadedModel, windows: np.ndarray, outputs=(OUTPUT_NAME,)) -> list[np.ndarray]:
+        rows_per_run.append(len(windows))
+        if not held.is_set():  # the first run is held until the three records are queued behind it
+            held.set()
+            assert release.wait(60)
+        if any(np.array_equal(window, poison) for window in windows):
+            raise RuntimeError("the session cannot run this record")
+        return original(self, windows, outputs)
+
+    monkeypatch.setattr(LoadedModel, "run", run)
+    blocker = np.zeros((1, 12, SPEC.samples), np.float32)
+    with SESSIONS.lease(served, "fp32") as loaded, ThreadPoolExecutor(1) as pool:
+        first = loaded.submit(blocker)
+        assert held.wait(60)
+        results = pool.submit(embed_recordings, loaded, recordings)
+        wait_for(lambda: loaded.batcher().pending() == 3, "the three records to queue")
+        release.set()
+        first.result()
+        results = results.result(60)
+        alone = [embed_recordings(loaded, [r])[0] for r in (recordings[0], recordings[2])]
+    assert rows_per_run[:2] == [1, 6]  # the held run; the three records (2 windows each) as one run
+    assert isinstance(results[0], Embedded) and isinstance(results[2], Embedded)
+    assert isinstance(results[1], ClientError) and "could not run on this record" in str(results[1])
+    assert "cannot run this record" in str(results[1])
+    np.testing.assert_allclose(results[0].vector, alone[0].vector, atol=1e-5)
+    np.testing.assert_allclose(results[2].vector, alone[1].vector, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
