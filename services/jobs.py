@@ -153,7 +153,9 @@ class TripletOptions(BaseModel):
     hidden_dim: int = Field(256, ge=2, le=8192, description="hidden layer of the projection MLP")
     margin: float = Field(0.2, gt=0, le=2.0, description="hinge margin on unit vectors (distances 0..2)")
     mining: Literal["batch_hard", "semi_hard", "batch_all"] = Field(
-        "batch_all", description="which triplets of each P x K batch count"
+        "batch_all",
+        description="which triplets of each P x K batch count; batch_all raised the kNN AUROC most in our "
+        "measurement (services.models.triplet)",
     )
     p: int = Field(5, ge=2, le=100, description="classes per batch")
     k: int = Field(8, ge=2, le=1000, description="records per class in a batch")

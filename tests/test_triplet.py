@@ -264,3 +264,23 @@ def test_triplet_training_on_real_records(records, tmp_path: Path) -> None:
     # Measured (seed 0): loss 0.181 -> 0.165 per epoch; held-out kNN macro AUROC 0.688 -> 0.695. Encoder
     # seeds 0-3: +0.007, +0.016, +0.003, +0.053. Small gains: 400 records, random-encoder features.
     assert after[0] >= before[0], (before, after)
+
+
+def test_semi_hard_triplet_loss_falls_on_real_records(records, tmp_path: Path) -> None:
+    """Semi-hard mining (the issue's alternative to batch-hard) trains on the real records too. It is not the
+    default: on this setup it raised the held-out kNN macro AUROC less than batch-all (module docstring)."""
+    signals, labels, folds = records
+    train_rows = np.flatnonzero((folds <= 8) & (labels.sum(1) > 0))
+    torch.manual_seed(0)
+    model = TripletModel(StMemEncoder(ENCODER).eval(), ENCODER.width, embedding_dim=64, mining="semi_hard")
+    train_set = PKBatches(
+        LabelledRecords(CropDataset(signals, 2250, random_crop=True, indices=train_rows), labels[train_rows]),
+        p=5,
+        k=8,
+    )
+    cfg = TrainConfig(epochs=8, batch_size=1, learning_rate=1e-3, warmup_epochs=1, amp=False)
+    history = train(model, train_set, cfg, torch.device("cpu"), tmp_path / "semi_hard.pt").history
+    losses = [row["train_loss"] for row in history]
+    print(f"\nsemi-hard triplet losses {np.round(losses, 3)}")
+    # measured (encoder seed 0): 0.184 0.150 0.133 0.141 0.135 0.133 0.135 0.136, i.e. 0.156 -> 0.135
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.005, losses
