@@ -1020,3 +1020,22 @@ def test_embed_batch_limits_and_single_embed_points_to_it(
     assert several.status_code == 422 and "POST /embed/batch" in several.json()["detail"]
     unknown = client.post("/embed/batch", params={"model": "no-such-model"}, files=files)
     assert unknown.status_code == 404
+
+
+def test_the_leads_field_names_the_rows_for_one_record_and_for_several(
+    client: TestClient, two_versions: TwoVersions, data_dir: Path
+) -> None:
+    """``leads`` (comma-separated, spaces allowed) orders the rows of .npy records, on /embed and on
+    /embed/batch."""
+    params = {"model": f"{two_versions.name}@1", "precision": "fp32"}
+    recording = read_wfdb(data_dir / f"{RECORDS[0]}.hea")
+    reference = client.post("/embed", params=params, files=wfdb_files(data_dir / RECORDS[0])).json()
+    reversed_rows = npy_bytes(recording.signal[::-1].copy())
+    form = {"fs": "500", "leads": " , ".join(recording.lead_names[::-1])}
+    single = client.post("/embed", params=params, files=[("files", ("r.npy", reversed_rows))], data=form)
+    assert single.status_code == 200, single.text
+    files = [("files", ("a.npy", reversed_rows)), ("files", ("b.npy", reversed_rows))]
+    several = client.post("/embed/batch", params=params, files=files, data=form)
+    assert several.status_code == 200, several.text
+    for embedding in [single.json()["embedding"], *(r["embedding"] for r in several.json()["records"])]:
+        np.testing.assert_allclose(embedding, reference["embedding"], atol=1e-5)

@@ -55,13 +55,17 @@ def one_record_upload(request: Request, files: list[UploadFile], refusal: str) -
     return contents
 
 
+def lead_names(leads: str | None) -> list[str] | None:
+    """The lead names of the comma-separated ``leads`` form field (None when not given)."""
+    return [name.strip() for name in leads.split(",")] if leads else None
+
+
 def read_recording(
     contents: dict[str, bytes], fs: float | None, leads: str | None, timing: Timing
 ) -> Recording:
     """The one record of an upload, read in mV; ``leads`` is the comma-separated form field."""
-    lead_names = [name.strip() for name in leads.split(",")] if leads else None
     with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-        return read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names)
+        return read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names(leads))
 
 
 def served_model(session: Session, ref: str | None) -> ServedModel:
@@ -188,7 +192,7 @@ def embed_batch(
     with timing.step("resolve"):
         served = served_model(session, model)
     contents = read_files(request, files)
-    lead_names = [name.strip() for name in leads.split(",")] if leads else None
+    given_leads = lead_names(leads)
     limit = get_settings().serve_max_records
     with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
         groups = split_records(contents, Path(workdir))
@@ -208,7 +212,7 @@ def embed_batch(
             folder = Path(workdir) / f"record{index}"
             folder.mkdir()
             try:
-                recordings.append(read_upload(group.files, folder, fs=fs, lead_names=lead_names))
+                recordings.append(read_upload(group.files, folder, fs=fs, lead_names=given_leads))
             except ClientError as exc:
                 recordings.append(exc)
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:

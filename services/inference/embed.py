@@ -15,15 +15,12 @@ from services.ecg.clinical import FeatureNormaliser, clinical_features
 from services.ecg.preprocess import Windowing, model_recording, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError
-from services.export.onnx import OUTPUT_NAME
 from services.inference.sessions import (
     SESSIONS,
     LoadedModel,
-    Precision,
     ServedModel,
     SessionCache,
     Timing,
-    infer,
     resolve_served,
 )
 
@@ -34,9 +31,7 @@ __all__ = [
     "ServedModel",
     "SessionCache",
     "Timing",
-    "embed_recording",
     "embed_recordings",
-    "infer",
     "resolve_served",
 ]
 
@@ -55,21 +50,6 @@ def _with_clinical(model: ServedModel, recording: Recording, vector: np.ndarray)
     normaliser = FeatureNormaliser.from_dict(model.clinical_normaliser)
     clinical = normaliser.transform_stacked(clinical_features(recording)[None])[0]  # (2F,)
     return np.concatenate([vector, clinical])
-
-
-def embed_recording(
-    model: ServedModel,
-    recording: Recording,
-    windowing: Windowing = "sliding",
-    pad: bool = False,
-    *,
-    precision: Precision | None = None,
-    timing: Timing | None = None,
-) -> tuple[np.ndarray, int]:
-    """(embedding (D,), number of windows averaged) for one recording at its own sampling rate."""
-    windows = preprocess(recording, model.spec, windowing=windowing, pad=pad)  # (n, C, L)
-    (out,) = infer(model, windows, (OUTPUT_NAME,), precision=precision, timing=timing)  # (n, D)
-    return _with_clinical(model, recording, out.mean(axis=0)), len(windows)
 
 
 def embed_recordings(

@@ -37,12 +37,12 @@ from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import INPUT_NAME, OUTPUT_NAME
 from services.inference.batching import BatchTiming, MicroBatcher
+from services.inference.variants import CUDA
 from services.registry import resolve_reference
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "int8", "fp16"]
-CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
@@ -490,12 +490,6 @@ class SessionCache:
             yield loaded
         finally:
             self.release(loaded)
-
-    def get(self, model: ServedModel) -> ort.InferenceSession:
-        """The raw session of ``model`` (no lease: it may be released while in use; prefer ``lease``)."""
-        loaded = self.acquire(model)
-        self.release(loaded)
-        return loaded.session
 
     def retire_version(self, version_id: int) -> int:
         """Take every session of ``version_id`` out of the cache; each closes when its last lease ends.
