@@ -1039,3 +1039,20 @@ def test_the_leads_field_names_the_rows_for_one_record_and_for_several(
     assert several.status_code == 200, several.text
     for embedding in [single.json()["embedding"], *(r["embedding"] for r in several.json()["records"])]:
         np.testing.assert_allclose(embedding, reference["embedding"], atol=1e-5)
+
+
+def test_bench_summary_claims_int8_only_when_its_variant_passed() -> None:
+    from bench.serve import summary_lines
+
+    rates = {1: {"PyTorch eager fp32": 10.0, "ONNX Runtime fp32": 15.0, "ONNX Runtime int8": 32.0}}
+    passed = summary_lines(rates, {"status": "passed", "cosine_min": 0.9995})
+    assert passed == [
+        "  batch  1: int8 3.20x, ONNX Runtime fp32 1.50x PyTorch eager (int8 variant passed, cosine to fp32 "
+        "min 0.9995)"
+    ]
+    for status in ("failed", "unchecked"):
+        (line,) = summary_lines(rates, {"status": status, "cosine_min": 0.98 if status == "failed" else None})
+        assert f"int8 variant {status}" in line and "not counted against the int8 target" in line
+        assert not line.startswith("  batch  1: int8")
+    (line,) = summary_lines({1: {k: v for k, v in rates[1].items() if "int8" not in k}}, {"status": "error"})
+    assert "int8 variant error" in line and "not measured" in line
