@@ -18,7 +18,9 @@ def db_session() -> Iterator[Session]:
         yield session
 
 
-def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+async def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """401 unless the configured API key is sent (no key configured: open). Async: it does no blocking
+    I/O, so it runs on the event loop instead of taking a thread-pool hop on every request."""
     expected = get_settings().api_key
     if not expected:
         return

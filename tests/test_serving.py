@@ -5,6 +5,7 @@ No timing is asserted here (speed is bench/serve.py's business); concurrency is 
 holding a session run until the other requests are queued.
 """
 
+import inspect
 import io
 import logging
 import threading
@@ -378,6 +379,9 @@ def test_concurrent_puts_creating_the_same_alias_both_succeed(
 def test_alias_changes_need_the_api_key(
     client: TestClient, two_versions: TwoVersions, settings_env: pytest.MonkeyPatch
 ) -> None:
+    from api.deps import require_api_key
+
+    assert inspect.iscoroutinefunction(require_api_key)  # no blocking I/O: no thread-pool hop per request
     settings_env.setenv("ECGSSL_API_KEY", "s3cret")
     path = f"/models/{two_versions.name}/aliases/production"
     assert client.put(path, json={"version": 1}).status_code == 401
