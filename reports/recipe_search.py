@@ -6,10 +6,16 @@ fits a logistic regression per superclass 9 times (each fold 1-9 held out once),
 macro AUROC for C in 0.01, 0.1, 1. Fold 10 is never read. The README's recipe figures come from it:
 
     .venv/bin/python reports/recipe_search.py --method st_mem --lr 3e-3 --epochs 30 --evals 10,20,30
-    .venv/bin/python reports/recipe_search.py --method ecg_jepa --lr 2e-4 --epochs 15 --evals 5,10,15
+    .venv/bin/python reports/recipe_search.py --method ecg_jepa --lr 1e-3 --epochs 12 --evals 4,8,12 \
+        [--patch-init-std 0.02] [--ema-start 0.9995] [--jepa-mask random] [--config depth=4]
+
+For ECG-JEPA it also prints, at each probe, the share of the target encoder's (layer-normed) token
+variance that is across records rather than across positions: near 0 the targets are predictable from
+position alone (the collapse of the tiny model at W_P std 0.02, ``services/models/ecg_jepa.py``).
 """
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -29,6 +35,7 @@ from services.datasets.kinds import open_dataset  # noqa: E402
 from services.ecg.preprocess import preprocess  # noqa: E402
 from services.evaluation.linear_probe import macro_auroc  # noqa: E402
 from services.jobs import PretrainParams  # noqa: E402
+from services.models import ecg_jepa  # noqa: E402
 from services.pretraining import build_objective, input_spec  # noqa: E402
 from services.training.loop import CropDataset, TrainConfig, train  # noqa: E402
 
@@ -46,6 +53,11 @@ def main() -> None:
     parser.add_argument("--jepa-mask", default="block", choices=["block", "random"])
     parser.add_argument("--evals", default="5,10,20", help="epochs after which to probe")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--patch-init-std", type=float, help="ECG-JEPA: W_P's init std (default: the size's)")
+    parser.add_argument("--ema-start", type=float, default=0.996, help="ECG-JEPA: EMA momentum at step 0")
+    parser.add_argument(
+        "--config", default="", help="ECG-JEPA: config overrides, e.g. depth=4,predictor_depth=3"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = PretrainParams(dataset="-", method=args.method, model_size=args.size, batch_size=args.batch,
@@ -86,14 +98,43 @@ def main() -> None:
             result[c] = round(macro_auroc(labels, scores)[0], 3)
         return result
 
-    model = build_objective(params)
-    print("random init OOF macro AUROC:", out_of_fold(embed(build_objective(params).encoder)), flush=True)
+    def build() -> torch.nn.Module:
+        """The job's model, or for ECG-JEPA the job's model with the knobs above changed."""
+        model = build_objective(params)
+        if args.method != "ecg_jepa":
+            return model
+        cfg = ecg_jepa.SIZES[args.size]
+        for item in filter(None, args.config.split(",")):
+            key, value = item.split("=")
+            cfg = dataclasses.replace(cfg, **{key: type(getattr(cfg, key))(value)})
+        if args.patch_init_std is not None:
+            cfg = dataclasses.replace(cfg, patch_init_std=args.patch_init_std)
+        torch.manual_seed(params.seed)
+        return ecg_jepa.EcgJepa(cfg, model.mask, (args.ema_start, 1.0))
+
+    def across_records(model: torch.nn.Module) -> str:
+        if args.method != "ecg_jepa":
+            return ""
+        target = model.target_encoder
+        was = target.training
+        with torch.no_grad():
+            target.eval()
+            tokens = torch.stack([target.forward_tokens(w[:1])[0] for w in windows[:64]])  # (64, C*p, D)
+            target.train(was)
+        tokens = torch.nn.functional.layer_norm(tokens, tokens.shape[-1:])
+        share = tokens.var(0).mean() / tokens.reshape(-1, tokens.shape[-1]).var(0).mean()
+        return f" target variance across records {float(share):.3f}"
+
+    model = build()
+    print("random init OOF macro AUROC:", out_of_fold(embed(build().encoder)), across_records(model),
+          flush=True)  # fmt: skip
     evals, started = {int(e) for e in args.evals.split(",")}, time.perf_counter()
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if epoch in evals:
             minutes = (time.perf_counter() - started) / 60
-            print(f"epoch {epoch} ({minutes:.1f} min) loss {metrics['train_loss']:.4f} "
+            loss = metrics["train_loss"]
+            print(f"epoch {epoch} ({minutes:.1f} min) loss {loss:.4f}{across_records(model)} "
                   f"OOF macro AUROC {out_of_fold(embed(model.encoder))}", flush=True)  # fmt: skip
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr,

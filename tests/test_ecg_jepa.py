@@ -64,6 +64,24 @@ def real_windows(ptbxl_dir: Path) -> torch.Tensor:
 # layout and sizes
 
 
+def test_tiny_tokens_carry_the_signal_at_initialisation(real_windows):
+    """The tiny size draws W_P at std 0.4: at the original 0.02 the position table, added before every
+    block, dwarfs the patch tokens, and tiny pretraining collapsed onto position (module docstring)."""
+
+    def across_records(cfg: ecg_jepa.EcgJepaConfig) -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            tokens = EcgJepaEncoder(cfg).eval().forward_tokens(real_windows)  # (4, 400, D)
+        tokens = F.layer_norm(tokens, tokens.shape[-1:])  # as the targets
+        return float(tokens.var(0).mean() / tokens.reshape(-1, tokens.shape[-1]).var(0).mean())
+
+    assert TINY.patch_init_std == 0.4 and SIZES["base"].patch_init_std is None  # base: the original's init
+    assert across_records(TINY) > 0.6  # measured 0.74
+    assert across_records(replace(TINY, patch_init_std=None)) < 0.1  # measured 0.035
+    torch.manual_seed(0)
+    assert float(EcgJepaEncoder(TINY).W_P.weight.detach().std()) == pytest.approx(0.4, rel=0.05)
+
+
 def test_base_encoder_matches_the_official_checkpoint():
     ref = _reference_section()
     assert (ref["entry"], ref["tensors"], ref["elements"]) == ("encoder", 137, 85_374_720)
@@ -170,7 +188,7 @@ def test_a_token_sees_only_its_lead_and_its_time_patch(real_windows: torch.Tenso
     for hidden in [(5, 30), (0, 0), (7, 49), (3, 11)]:
         assert torch.equal(token_after(hidden), before), hidden
     for seen in [(lead, 30), (5, patch), (lead, patch)]:
-        assert (token_after(seen) - before).abs().max() > 1e-4, seen  # (hidden ones: exactly 0)
+        assert (token_after(seen) - before).abs().max() > 1e-6, seen  # (hidden ones: exactly 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,7 +507,7 @@ def test_training_lowers_the_loss_and_moves_the_ema_target(ptbxl_dir: Path, tmp_
 
     result = train(model, dataset, cfg, CPU, tmp_path / "jepa.pt")
     losses = [h["train_loss"] for h in result.history]
-    assert losses[-1] < 0.75 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses  # 0.432 -> 0.339 (W_P at std 0.4: no shortcut via position)
     assert steps == [(i, 16) for i in range(16)]  # after every optimiser step, 0-based, of 16
     assert model.momentum == pytest.approx(0.996 + 0.004 * 15 / 16)
     target, context = dict(model.target_encoder.named_parameters()), dict(model.encoder.named_parameters())
