@@ -209,10 +209,14 @@ def main() -> None:
             ecg_jepa.SIZES[args.size], num_leads=len(spec.leads) + channels[0].shape[1]
         )
         early = ecg_jepa.EcgJepa(cfg19, model.mask)
-        minutes19, loss19 = pretrain(early, early_set, epochs, lr, batch, params.decay, args.seed,
+        # the same time budget: 19 channels make 950 tokens, so an epoch costs more than with 8 leads
+        epochs19 = args.epochs or calibrated_epochs(lambda: ecg_jepa.EcgJepa(cfg19, model.mask), early_set,
+                                                    batch, lr, budget_s, work)  # fmt: skip
+        print(f"19-channel ECG-JEPA: {epochs19} epochs", flush=True)
+        minutes19, loss19 = pretrain(early, early_set, epochs19, lr, batch, params.decay, args.seed,
                                      work / "checkpoint19.pt")  # fmt: skip
         runs.append(
-            f"19-channel ECG-JEPA: {minutes19:.1f} min, {epochs} epochs, final train loss {loss19:.4f}"
+            f"19-channel ECG-JEPA: {minutes19:.1f} min, {epochs19} epochs, final train loss {loss19:.4f}"
         )
         prepared = np.stack([prepare_signal(labelled.recording(i), spec) for i in range(len(labelled))])
         inputs = WithFeatureChannels(prepared, channels_of(prepared, spec.fs), mean, std)
@@ -233,7 +237,9 @@ def main() -> None:
 
     command = (
         f".venv/bin/python reports/learning_check.py --method {args.method} --size {args.size} "
-        f"--budget-min {args.budget_min:g}" + (" --original-hybrid" if args.original_hybrid else "")
+        f"--budget-min {args.budget_min:g}"
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (" --original-hybrid" if args.original_hybrid else "")
     )
     lines = [
         f"# Learning check: {args.method} pretraining vs random initialisation",
