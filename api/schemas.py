@@ -96,6 +96,9 @@ class VariantOut(BaseModel):
     cosine_mean: float | None = None
     max_abs_diff: float | None = None
     threshold: float | None = None
+    probabilities_max_abs_diff: float | None = Field(
+        None, description="diagnosis models: largest probability difference to fp32 (must be <= 0.01)"
+    )
     check_records: list[str] | None = Field(
         None, description="the real records checked (under the data root)"
     )

@@ -468,6 +468,9 @@ def test_diagnosis_job_registers_a_head_that_predicts_as_it_was_evaluated(
         assert (cls in prediction["labels"]) == (threshold is not None and p >= threshold)
     # the int8 variant serves (default precision on the CPU) only if its probabilities passed their check too
     assert (int8["status"] == "passed") == (int8["probabilities_max_abs_diff"] <= 0.01), int8
+    name, number = ref.split("@")
+    shown = client.get(f"/models/{name}/versions/{number}").json()["variants"]["int8"]
+    assert shown["probabilities_max_abs_diff"] == pytest.approx(int8["probabilities_max_abs_diff"])
     served = client.post(f"/predict?model={ref}", files=upload(data_dir)).json()
     assert served["variant"] == ("int8" if int8["status"] == "passed" else "fp32")
     served_p = np.array([served["probabilities"][c] for c in head["class_names"]])
