@@ -1070,3 +1070,35 @@ def test_bench_summary_claims_int8_only_when_its_variant_passed() -> None:
         assert not line.startswith("  batch  1: int8")
     (line,) = summary_lines({1: {k: v for k, v in rates[1].items() if "int8" not in k}}, {"status": "error"})
     assert "int8 variant error" in line and "not measured" in line
+
+
+def test_predict_gives_a_record_whose_run_fails_its_own_422_error(data_dir: Path) -> None:
+    """/predict as /embed: a run that fails on one record (isolated by the batcher) fails that record alone,
+    as a client error naming it, in its place; the others get their probabilities."""
+    from types import SimpleNamespace
+
+    from services.inference.predict import Classifier, Predicted, predict_recordings
+
+    class Run:
+        def __init__(self, windows: np.ndarray, fails: bool):
+            self.windows, self.fails = windows, fails
+
+        def result(self, timing=None) -> list[np.ndarray]:
+            if self.fails:
+                raise RuntimeError("the session cannot run this record")
+            return [np.full((len(self.windows), 5), 0.25, np.float32)]
+
+    submitted: list[Run] = []
+
+    def submit(windows: np.ndarray, outputs=()) -> Run:
+        submitted.append(Run(windows, fails=len(submitted) == 1))
+        return submitted[-1]
+
+    loaded = SimpleNamespace(model=SimpleNamespace(spec=SPEC), submit=submit)
+    recordings = [read_wfdb(data_dir / f"{record}.hea") for record in RECORDS[:3]]
+    how = Classifier("head", ("NORM", "MI", "STTC", "CD", "HYP"), (0.5,) * 5)
+    results = predict_recordings(loaded, recordings, how)
+    assert isinstance(results[0], Predicted) and isinstance(results[2], Predicted)
+    assert results[0].windows == 3
+    assert isinstance(results[1], ClientError) and "could not run on this record" in str(results[1])
+    assert "00002_hr" in str(results[1]) and "cannot run this record" in str(results[1])

@@ -128,7 +128,7 @@ def predict_recordings(
                 recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
             )
             windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)  # (n, C, L)
-            pending.append((len(windows), loaded.submit(windows, (PROBABILITIES_NAME,))))
+            pending.append((checked.source, len(windows), loaded.submit(windows, (PROBABILITIES_NAME,))))
         except ClientError as exc:
             pending.append(exc)
     results: list[Predicted | ClientError] = []
@@ -136,9 +136,14 @@ def predict_recordings(
         if isinstance(item, ClientError):
             results.append(item)
             continue
-        n_windows, run = item
-        (probabilities,) = run.result(timing)  # (n, K)
-        results.append(Predicted(probabilities.mean(axis=0), n_windows))
+        source, n_windows, run = item
+        try:
+            (probabilities,) = run.result(timing)  # (n, K)
+            results.append(Predicted(probabilities.mean(axis=0), n_windows))
+        except ClientError as exc:
+            results.append(exc)
+        except Exception as exc:  # a run that fails on this record alone (the batcher isolated it): a 422
+            results.append(ClientError(f"{source}: the model could not run on this record ({exc})"))
     return results
 
 
