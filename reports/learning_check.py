@@ -102,6 +102,7 @@ def calibrated_epochs(
         on_progress=tick,
         progress_interval_s=0,
     )
+    (work / "calibration.pt").unlink(missing_ok=True)  # the next calibration must not resume from it
     per_step = float(np.mean(times[4:]))
     return max(1, int(budget_s / (per_step * (len(train_set) // batch))))
 
