@@ -286,7 +286,9 @@ def test_evaluate_job_scores_protocols_stores_a_reference_and_serves_knn_predict
 ) -> None:
     body = {"model": base, "dataset": "ptbxl-500", "record_limit": 100, "knn_k": 5, "probe_epochs": 3,
             "map_method": "pca"}  # fmt: skip
+    cached_before = list(SESSIONS._entries)
     job = finished(client, post_job(client, "evaluate", body))
+    assert list(SESSIONS._entries) == cached_before  # the job's session closed with it (workers keep none)
     result = job["result"]
     assert job["kind"] == "evaluate" and result["records"] == {"train": 67, "val": 21, "test": 12}
     assert result["model_version"] == base and result["embedding_dim"] == 64

@@ -56,7 +56,8 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
     data = open_labelled(row, served.spec, params.record_limit, reporter)
     folder = artifacts_dir(job_id)
     reporter.phase(f"embedding {sum(data.counts().values())} records with {served.ref} (fp32 ONNX, 3 crops)")
-    with SESSIONS.lease(served, "fp32", strict=True) as loaded:
+    # uncached: a worker must not keep the session (GPU memory) after the job; one the API holds is reused
+    with SESSIONS.lease(served, "fp32", strict=True, cache=False) as loaded:
         embeddings = record_features(data, lambda w: loaded.infer(w)[0], data.spec.samples)
     if served.clinical_normaliser is not None:
         clinical = data.clinical(served.clinical_normaliser, reporter)
