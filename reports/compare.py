@@ -110,7 +110,7 @@ def pretrain_and_register(
     windows = np.stack([check[i].numpy() for i in range(len(check))])
     onnx_path = work / "artifacts" / "pretrained" / method / "encoder.onnx"
     parity = export_checked(encoder, windows, onnx_path)
-    save_encoder(encoder, method, onnx_path.with_name(ENCODER_FILE))
+    save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))
     with session_scope() as s:
         version = register_model_version(
             s, name=f"compare-{method}", method=method, source_job_id=None, onnx_path=str(onnx_path),

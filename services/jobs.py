@@ -1,4 +1,4 @@
-"""Jobs: what pretraining and downstream jobs take, and the queries behind the jobs API (no torch here)."""
+"""Jobs: what pretraining and downstream jobs take, and the queries behind the jobs API."""
 
 import re
 import uuid
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from services.config import get_settings
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
+from services.models.families import BY_METHOD, FAMILIES
 
 
 class JepaMasking(BaseModel):
@@ -40,7 +41,9 @@ class JepaMasking(BaseModel):
         return scale
 
 
-METHOD_SIZES = {"st_mem": ("tiny", "small", "base"), "ecg_jepa": ("tiny", "base")}
+METHOD_SIZES = {f.method: tuple(f.sizes) for f in FAMILIES.values()}
+PretrainMethod = Literal[tuple(BY_METHOD)]  # type: ignore[valid-type]
+FamilyName = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
 
 
 class PretrainParams(BaseModel):
@@ -52,8 +55,10 @@ class PretrainParams(BaseModel):
         "(a PTB-XL folder, a WFDB folder, a .npz), registered on first use",
         examples=["ptbxl-500"],
     )
-    method: Literal["st_mem", "ecg_jepa"] = Field(
-        "st_mem", description="st_mem: masked autoencoder (12 leads); ecg_jepa: JEPA with CroPA (8 leads)"
+    method: PretrainMethod = Field(
+        "st_mem",
+        description="st_mem: masked autoencoder (12 leads); ecg_jepa: JEPA with CroPA (8 leads); simclr: "
+        "contrastive with ECG augmentations on the 1-D ResNet (12 leads, 100 Hz)",
     )
     model_size: Literal["tiny", "small", "base"] = Field(
         "tiny", description="tiny (CPU demo), small (ST-MEM only), base (the published encoders)"
@@ -61,18 +66,15 @@ class PretrainParams(BaseModel):
     model_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
     )
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=4096)
+    epochs: int | None = Field(
+        None, ge=1, le=10_000, description="default: the method's recipe for the size (GET /methods)"
+    )
+    batch_size: int | None = Field(None, ge=1, le=4096, description="default: the recipe's")
     learning_rate: float | None = Field(
-        None,
-        gt=0,
-        le=1.0,
-        description="peak lr; default ST-MEM 1.5e-4 x batch_size / 256, ECG-JEPA 5.5e-5 x batch_size / 64",
+        None, gt=0, le=1.0, description="peak lr; default: the recipe's, scaled linearly with batch_size"
     )
-    weight_decay: float | None = Field(
-        None, ge=0, le=1.0, description="AdamW weight decay; default ST-MEM 0.01, ECG-JEPA 0.05"
-    )
-    warmup_epochs: float = Field(3.0, ge=0)
+    weight_decay: float | None = Field(None, ge=0, le=1.0, description="AdamW; default: the recipe's")
+    warmup_epochs: float | None = Field(None, ge=0, description="default: the recipe's")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="ST-MEM: share of each lead's patches masked")
     jepa_masking: JepaMasking = Field(default_factory=JepaMasking, description="ECG-JEPA: time masking")
     clinical_features: bool = Field(
@@ -98,27 +100,29 @@ class PretrainParams(BaseModel):
         return folds
 
     @model_validator(mode="after")
-    def _size_exists_for_the_method(self) -> "PretrainParams":
+    def _size_exists_and_recipe_filled_in(self) -> "PretrainParams":
+        """Refuse a size the method lacks; fill what was not given from the method's recipe for the size
+        (so that the job row records the recipe it ran)."""
         if self.model_size not in METHOD_SIZES[self.method]:
             raise ValueError(
                 f"model_size '{self.model_size}' does not exist for {self.method}: "
                 f"one of {', '.join(METHOD_SIZES[self.method])}"
             )
+        recipe = BY_METHOD[self.method].pretrain_recipes[self.model_size]
+        self.batch_size = self.batch_size or recipe.batch_size
+        self.epochs = self.epochs or recipe.epochs
+        self.learning_rate = self.learning_rate or recipe.lr_for(self.batch_size)
+        self.weight_decay = recipe.weight_decay if self.weight_decay is None else self.weight_decay
+        self.warmup_epochs = recipe.warmup_epochs if self.warmup_epochs is None else self.warmup_epochs
         return self
 
     @property
     def peak_lr(self) -> float:
-        if self.learning_rate:
-            return self.learning_rate
-        if self.method == "ecg_jepa":
-            return 5.5e-5 * self.batch_size / 64
-        return 1.5e-4 * self.batch_size / 256
+        return self.learning_rate
 
     @property
     def decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 0.05 if self.method == "ecg_jepa" else 0.01
+        return self.weight_decay
 
     @property
     def registry_name(self) -> str:
@@ -178,38 +182,78 @@ class VqvaeOptions(BaseModel):
 
 
 class DownstreamCommon(BaseModel):
-    model: str = MODEL_REF
     dataset: str = DATASET_REF
     seed: int = Field(0, ge=0)
     record_limit: int | None = Field(
         None, ge=3, description="use only the dataset's first N records (in its order), then split them"
+    )
+    test_fold: int | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="cross-validation: fold k tests, fold k + 1 (10 -> 1) validates, the other eight train; "
+        "default: folds 1-8 train, 9 validates, 10 tests",
     )
     knn_k: int = Field(20, ge=1, le=1000, description="neighbours of the kNN protocol / predictor")
     knn_metric: Literal["cosine", "euclidean"] = Field("cosine", description="kNN distance")
 
 
 class FinetuneParams(DownstreamCommon):
-    """Adapt a registered encoder to a labelled dataset; the result is registered as a new model version."""
+    """Adapt a registered encoder (or a new one of a family, trained from scratch) to a labelled dataset;
+    the result is registered as a new model version."""
 
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="the base model version, as /embed takes it: 'name@version', 'name@alias' or 'name'; "
+        "omit it and give 'family' to start from a randomly initialised encoder",
+        examples=["st_mem-tiny@1"],
+    )
+    family: FamilyName | None = Field(
+        None,
+        description="without 'model': the encoder family to train from scratch (resnet1d: the supervised "
+        "1-D ResNet baseline; st_mem, ecg_jepa: a random-init transformer)",
+    )
+    model_size: str | None = Field(
+        None, description="with 'family': its size; default resnet1d base, else tiny"
+    )
     method: FinetuneMethod = Field(
         ...,
         description="linear_probe: linear head on frozen features (computed once); finetune: encoder + head, "
-        "all trained, RandAugment; triplet: triplet-loss metric head; vqvae: token VQ-VAE head",
+        "all trained, the best validation epoch kept; triplet: triplet-loss metric head; vqvae: token "
+        "VQ-VAE head",
     )
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=4096, description="records per step (triplet: P x K instead)")
+    epochs: int | None = Field(
+        None, ge=1, le=10_000, description="default: finetune the family's recipe, others 10"
+    )
+    batch_size: int | None = Field(
+        None, ge=1, le=4096, description="records per step (triplet: P x K instead); default: the recipe's"
+    )
     learning_rate: float | None = Field(
         None,
         gt=0,
         le=1.0,
-        description="peak lr; default linear_probe 1e-2, finetune 1e-3 x batch_size / 256 (ST-MEM), "
-        "triplet and vqvae 1e-3",
+        description="peak lr; default: finetune the family's recipe (scaled with batch_size), linear_probe "
+        "1e-2, triplet and vqvae 1e-3",
     )
     weight_decay: float | None = Field(
-        None, ge=0, le=1.0, description="AdamW weight decay; default finetune 0.05, others 0.01"
+        None, ge=0, le=1.0, description="AdamW weight decay; default: finetune the recipe's, others 0.01"
     )
-    warmup_epochs: float = Field(1.0, ge=0)
-    augment: bool = Field(True, description="finetune: ST-MEM's RandAugment on the training windows")
+    warmup_epochs: float | None = Field(None, ge=0, description="default: finetune the recipe's, others 1")
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1.0,
+        description="finetune: layer-wise lr decay of a transformer's blocks; default: the recipe's",
+    )
+    augment: bool | None = Field(
+        None, description="finetune: ST-MEM's RandAugment on the training windows; default: the recipe's"
+    )
+    keep_best: bool = Field(
+        True,
+        description="finetune: keep the weights of the epoch with the best validation macro AUROC (else the "
+        "last epoch's)",
+    )
     triplet: TripletOptions = Field(default_factory=TripletOptions, description="method triplet only")
     vqvae: VqvaeOptions = Field(default_factory=VqvaeOptions, description="method vqvae only")
     model_name: str | None = Field(
@@ -223,19 +267,51 @@ class FinetuneParams(DownstreamCommon):
         for option, default in defaults.items():  # (the stored params carry both, at their defaults)
             if self.method != option and getattr(self, option) != default:
                 raise ValueError(f"'{option}' options were given but method is '{self.method}'")
+        if (self.model is None) == (self.family is None):
+            raise ValueError(
+                "give either 'model' (a registered version to start from) or 'family' (a new encoder "
+                "trained from scratch), not both or neither"
+            )
+        if self.model is not None and self.model_size is not None:
+            raise ValueError("'model_size' goes with 'family'; a registered model has its own size")
+        if self.family is not None:
+            sizes = FAMILIES[self.family].sizes
+            self.model_size = self.model_size or ("base" if self.family == "resnet1d" else "tiny")
+            if self.model_size not in sizes:
+                raise ValueError(
+                    f"model_size '{self.model_size}' does not exist for {self.family}: "
+                    f"one of {', '.join(sizes)}"
+                )
         return self
 
-    @property
-    def peak_lr(self) -> float:
-        if self.learning_rate:
-            return self.learning_rate
-        return {"linear_probe": 1e-2, "finetune": 1e-3 * self.batch_size / 256}.get(self.method, 1e-3)
-
-    @property
-    def decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return 0.05 if self.method == "finetune" else 0.01
+    def recipe(self, family: str, size: str) -> dict:
+        """The training settings the job runs with: what was given, the rest from the defaults (``finetune``:
+        the family's recipe for the size)."""
+        if self.method == "finetune":
+            recipes = FAMILIES[family].finetune_recipes
+            r = recipes.get(size) or next(iter(recipes.values()))  # a custom size: the first size's
+            batch = self.batch_size or r.batch_size
+            defaults = {
+                "epochs": r.epochs,
+                "learning_rate": r.lr_for(batch),
+                "weight_decay": r.weight_decay,
+                "warmup_epochs": r.warmup_epochs,
+                "layer_decay": r.layer_decay,
+                "augment": r.augment,
+            }
+        else:
+            batch = self.batch_size or 32
+            lr = 1e-2 if self.method == "linear_probe" else 1e-3
+            defaults = {
+                "epochs": 10,
+                "learning_rate": lr,
+                "weight_decay": 0.01,
+                "warmup_epochs": 1.0,
+                "layer_decay": 1.0,
+                "augment": False,
+            }
+        given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
+        return {**defaults, **given, "batch_size": batch}
 
     def registry_name(self, base_name: str) -> str:
         return self.model_name or f"{base_name}-{self.method}"[:100]
@@ -244,6 +320,8 @@ class FinetuneParams(DownstreamCommon):
 class EvaluateParams(DownstreamCommon):
     """Evaluate a registered model version's embeddings (as served: its fp32 ONNX graph) on a labelled
     dataset: kNN, linear probe, clustering; optionally store the training embeddings as its kNN reference."""
+
+    model: str = MODEL_REF
 
     protocols: list[Protocol] = Field(
         default_factory=lambda: ["knn", "linear_probe", "clustering"], min_length=1

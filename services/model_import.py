@@ -130,7 +130,7 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
     onnx_path = out_dir / "encoder.onnx"
     try:
         parity = export_checked(encoder, windows, onnx_path)
-        save_encoder(encoder, fmt, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
+        save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
         version = register_model_version(
             session,
             name=name,

@@ -22,8 +22,8 @@ from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
 from services.job_runner import JobReporter, run_job
 from services.jobs import PretrainParams
-from services.models import ecg_jepa, st_mem
 from services.models.checkpoints import ENCODER_FILE, save_encoder
+from services.models.families import family
 from services.registry import register_model_version
 from services.training.distributed import die_with_parent, is_main_process, log_tail, run_torchrun
 from services.training.loop import (
@@ -130,20 +130,16 @@ def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> T
 
 
 def input_spec(params: PretrainParams) -> InputSpec:
-    """What the method's encoder consumes: ST-MEM 12 leads x 2250, ECG-JEPA 8 leads x 2500, at 250 Hz."""
-    if params.method == "ecg_jepa":
-        return ecg_jepa.INPUT_SPEC
-    return InputSpec(samples=st_mem.SIZES[params.model_size].seq_len)
+    """What the method's encoder consumes (its family's input spec at the job's size)."""
+    f = family(params.method)
+    return f.input_spec(f.sizes[params.model_size])
 
 
 def build_objective(params: PretrainParams) -> torch.nn.Module:
     """The method's pretraining model: ``model(batch) -> loss``, with the encoder to serve at ``.encoder``."""
     torch.manual_seed(params.seed)
-    if params.method == "ecg_jepa":
-        m = params.jepa_masking
-        mask = ecg_jepa.MaskConfig(m.kind, m.scale, m.blocks, m.original_block_starts)
-        return ecg_jepa.EcgJepa(ecg_jepa.SIZES[params.model_size], mask)
-    return StMemObjective(st_mem.StMemMae(st_mem.SIZES[params.model_size]), params.mask_ratio)
+    f = family(params.method)
+    return f.objective(f.sizes[params.model_size], params)
 
 
 def _fit(
@@ -227,7 +223,7 @@ def _export_and_register(
     windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
     onnx_path = plan.job_dir / "encoder.onnx"
     parity = export_checked(encoder, windows, onnx_path)
-    save_encoder(encoder, params.method, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
+    save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
     embedding_dim = int(encoder(torch.from_numpy(windows[:1])).shape[-1])
     normaliser = None
     if params.clinical_features:
@@ -271,22 +267,6 @@ def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
         on_progress=lambda done, total: reporter.phase(f"clinical measurements: {done}/{total} records"),
     )
     return FeatureNormaliser.fit(features).to_dict()
-
-
-class StMemObjective(torch.nn.Module):
-    """ST-MEM for the training loop: ``model(batch) -> loss`` at the job's mask ratio."""
-
-    def __init__(self, mae: st_mem.StMemMae, mask_ratio: float):
-        super().__init__()
-        self.mae = mae
-        self.mask_ratio = mask_ratio
-
-    @property
-    def encoder(self) -> st_mem.StMemEncoder:
-        return self.mae.encoder
-
-    def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.mae(batch, self.mask_ratio)
 
 
 def main(argv: list[str]) -> None:

@@ -599,7 +599,8 @@ def test_vqvae_runs_on_an_ecg_jepa_encoder_through_its_lead_token_grid(
 ) -> None:
     from services.export.onnx import export_checked
     from services.models import ecg_jepa
-    from services.models.heads import Embedder, LeadTokens
+    from services.models.ecg_jepa import LeadTokens
+    from services.models.heads import Embedder
     from services.models.vqvae import VqConfig, VqVae
 
     torch.manual_seed(0)

@@ -76,10 +76,12 @@ def submit_pretrain(
 def submit_finetune(
     body: FinetuneRequest, request: Request, session: Session = Depends(db_session)
 ) -> JobCreated:
-    resolve_model_version(session, body.model)
+    if body.model is not None:
+        resolve_model_version(session, body.model)
     dataset = dataset_for_job(session, body.dataset)
     jobs.check_labelled(dataset)
-    job = jobs.create_job(session, "finetune", body, epochs=body.epochs, dataset=dataset)
+    # (without a given epochs, the worker's progress sets the recipe's)
+    job = jobs.create_job(session, "finetune", body, epochs=body.epochs or 0, dataset=dataset)
     return _enqueue(session, job, request)
 
 

@@ -40,20 +40,27 @@ class EcgDataset(ABC):
         ``leads`` (names found), ``duration_s`` ({min, max}), ``label_counts`` ({name: count}, {} when
         unlabelled), ``unlabelled`` (records without any label), ``folds`` ({fold: count}, {} when none)."""
 
-    def split(self, name: Split) -> np.ndarray:
-        """Record indices of a split: PTB-XL folds 1-8 / 9 / 10 where folds exist, else a deterministic
-        80/10/10 split grouped by patient (by record when patients are unknown)."""
-        if self.folds is not None:
-            wanted = {"train": range(1, 9), "val": (9,), "test": (10,)}[name]
-            return np.nonzero(np.isin(self.folds, list(wanted)))[0]
+    def split(self, name: Split, test_fold: int | None = None) -> np.ndarray:
+        """Record indices of a split. Folds are PTB-XL's ``strat_fold`` where present, else 10 deterministic
+        folds grouped by patient (by record when patients are unknown). Default: folds 1-8 train, 9
+        validates, 10 tests (the PTB-XL benchmark split). ``test_fold`` k (cross-validation): fold k tests, the next fold (k + 1, 10 -> 1)
+        validates, the other eight train."""
+        folds = self.folds if self.folds is not None else self._bucket_folds()
+        test, val = (10, 9) if test_fold is None else (test_fold, test_fold % 10 + 1)
+        if name == "test":
+            return np.nonzero(folds == test)[0]
+        if name == "val":
+            return np.nonzero(folds == val)[0]
+        return np.nonzero(~np.isin(folds, [test, val]) & np.isin(folds, range(1, 11)))[0]
+
+    def _bucket_folds(self) -> np.ndarray:
+        """Folds 1-10 from a stable hash of the patient (or record) id: buckets 0-9 -> fold 1, ..."""
         groups = (
             self.patient_ids
             if self.patient_ids is not None
             else [self.record_id(i) for i in range(len(self))]
         )
-        buckets = np.array([_stable_bucket(str(g)) for g in groups])  # 0..99
-        low, high = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}[name]
-        return np.nonzero((buckets >= low) & (buckets < high))[0]
+        return np.array([_stable_bucket(str(g)) // 10 + 1 for g in groups])
 
 
 def _stable_bucket(key: str) -> int:

@@ -47,6 +47,63 @@ class EpochLog:
             self.reporter.epoch_metrics(epoch, metrics)
 
 
+class BestEpoch:
+    """Keeps the weights of the epoch with the best ``metric`` (higher is better) in a file beside the job's
+    checkpoint, so that a resumed job still knows its best epoch; ``restore`` loads them back."""
+
+    def __init__(self, path: Path, metric: str):
+        self.path, self.metric = path, metric
+        saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+        self.value = float(saved["value"]) if saved else float("-inf")
+        self.epoch = int(saved["epoch"]) if saved else None
+
+    def update(self, model: nn.Module, epoch: int, metrics: dict[str, float]) -> None:
+        value = metrics[self.metric]
+        if value > self.value:
+            self.value, self.epoch = value, epoch
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            partial = self.path.with_suffix(".partial")
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"value": value, "epoch": self.epoch, "state_dict": state}, partial)
+            partial.replace(self.path)  # atomic: a crash never leaves half a file
+
+    def restore(self, model: nn.Module) -> bool:
+        """Load the best epoch's weights into ``model``; False when no epoch was scored."""
+        if not self.path.is_file():
+            return False
+        model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=True)["state_dict"])
+        return True
+
+
+class LayerDecayLoss(MultiLabelLoss):
+    """``MultiLabelLoss`` whose AdamW groups apply layer-wise lr decay to a transformer encoder: block i of n
+    (0-based) trains at lr * decay ** (n - i), the embeddings before the blocks at decay ** (n + 1), the final
+    norm and the head at the full lr; no weight decay on biases and 1-D parameters. ``blocks`` empty or
+    ``decay`` 1: one group at the full lr, as without it."""
+
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], decay: float):
+        super().__init__(model)
+        self.blocks, self.decay = blocks, decay
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.blocks or self.decay >= 1.0:
+            return [{"params": [p for _, p in trainable], "weight_decay": weight_decay}]
+        n = len(self.blocks)
+        depth_of = {id(p): i for i, block in enumerate(self.blocks) for p in block.parameters()}
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in trainable:
+            if id(p) in depth_of:
+                scale = self.decay ** (n - depth_of[id(p)])
+            elif name.startswith("encoder.") and not name.startswith("encoder.norm"):
+                scale = self.decay ** (n + 1)  # embeddings, tokeniser, position tables
+            else:
+                scale = 1.0  # final norm, head
+            decay = 0.0 if p.ndim < 2 or name.endswith(".bias") else weight_decay
+            groups.setdefault((scale, decay), []).append(p)
+        return [{"params": ps, "lr_scale": sc, "weight_decay": wd} for (sc, wd), ps in groups.items()]
+
+
 def scores_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Macro AUROC, NaN-safe for JSON (no class with both outcomes: 0.5)."""
     value = macro_auroc(labels, scores)[0]

@@ -1,7 +1,8 @@
 """A labelled dataset prepared for a downstream job: preprocessed cache, train / val / test records, labels,
 and features of cached segments averaged over ST-MEM's 3 test-time crops.
 
-Records are split by ``EcgDataset.split`` (PTB-XL folds 1-8 / 9 / 10; else 80/10/10 by patient). With
+Records are split by ``EcgDataset.split`` (folds 1-8 / 9 / 10, or fold k tests and k + 1 validates for
+cross-validation; datasets without folds get 10 by patient). With
 ``record_limit`` only the dataset's first N records (in its order) are used, then split. Every record is
 cut by the cache into 10-s segments; record-level outputs are the mean over a record's segments.
 """
@@ -68,9 +69,14 @@ class LabelledData:
 
 
 def open_labelled(
-    row: DatasetRow, spec: InputSpec, record_limit: int | None, reporter: JobReporter
+    row: DatasetRow,
+    spec: InputSpec,
+    record_limit: int | None,
+    reporter: JobReporter,
+    test_fold: int | None = None,
 ) -> LabelledData:
-    """Open a registered dataset, refuse it without labels or an empty split, build its cache for ``spec``."""
+    """Open a registered dataset, refuse it without labels or an empty split, build its cache for ``spec``
+    (one cache for every split: the records in dataset order). ``test_fold``: see ``EcgDataset.split``."""
     dataset, identity = open_registered(row)
     if dataset.labels is None or not dataset.label_names or not np.asarray(dataset.labels).any():
         raise ClientError(
@@ -78,7 +84,7 @@ def open_labelled(
             "labelled dataset (PTB-XL superclasses, a wfdb_folder with labels_csv, an npz with labels)"
         )
     limit = len(dataset) if record_limit is None else min(record_limit, len(dataset))
-    wanted = {split: dataset.split(split) for split in SPLITS}
+    wanted = {split: dataset.split(split, test_fold) for split in SPLITS}
     wanted = {split: idx[idx < limit] for split, idx in wanted.items()}
     empty = [split for split, idx in wanted.items() if len(idx) == 0]
     if empty:
@@ -86,7 +92,7 @@ def open_labelled(
             f"dataset '{row.name}' has no {' or '.join(empty)} record among the {limit} used "
             "(raise record_limit, or use a dataset with more records)"
         )
-    order = np.concatenate([wanted[s] for s in SPLITS])
+    order = np.sort(np.concatenate([wanted[s] for s in SPLITS]))
     cache = preprocessed(
         dataset,
         identity,

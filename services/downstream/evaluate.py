@@ -53,7 +53,7 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
         job = s.get(Job, job_id)
         served = ServedModel.from_version(resolve_model_version(s, params.model))
         row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
-    data = open_labelled(row, served.spec, params.record_limit, reporter)
+    data = open_labelled(row, served.spec, params.record_limit, reporter, params.test_fold)
     folder = artifacts_dir(job_id)
     reporter.phase(f"embedding {sum(data.counts().values())} records with {served.ref} (fp32 ONNX, 3 crops)")
     # uncached: a worker must not keep the session (GPU memory) after the job; one the API holds is reused

@@ -36,7 +36,9 @@ from services.db.models import Job
 from services.db.session import session_scope
 from services.downstream.common import (
     DOWNSTREAM_BETAS,
+    BestEpoch,
     EpochLog,
+    LayerDecayLoss,
     classification_plots,
     clustering_protocol,
     fit_linear_head,
@@ -69,7 +71,8 @@ from services.inference.variants import CUDA, make_variants
 from services.job_runner import JobReporter, run_job
 from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
-from services.models.heads import DiagnosisModel, Embedder, LeadTokens, LinearHead, MultiLabelLoss
+from services.models.families import FAMILIES, size_of
+from services.models.heads import DiagnosisModel, Embedder, LinearHead
 from services.models.triplet import LabelledRecords, PKBatches, TripletModel
 from services.models.vqvae import VqConfig, VqVae
 from services.registry import register_model_version, resolve_model_version
@@ -91,12 +94,12 @@ def run_finetune_job(job_id: uuid.UUID, worker: str) -> str:
 
 @dataclass
 class Base:
-    """The registered version a job starts from."""
+    """The registered version a job starts from, or (``ref`` None) a new encoder of a family."""
 
-    ref: str
+    ref: str | None
     name: str
     spec: InputSpec
-    encoder_path: Path
+    encoder_path: Path | None
     hybrid: bool
 
 
@@ -119,44 +122,65 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
     reporter.phase("opening the base model and the dataset")
     with session_scope() as s:
         job = s.get(Job, job_id)
-        version = resolve_model_version(s, params.model)
-        base = Base(
-            ref=version.ref,
-            name=version.model.name,
-            spec=InputSpec.from_dict(version.input_spec),
-            encoder_path=Path(version.onnx_path).with_name(ENCODER_FILE),
-            hybrid=version.clinical_normaliser is not None,
-        )
+        base = _base(s, params)
         row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
-    encoder, family = load_saved_encoder(base.encoder_path)
-    data = open_labelled(row, base.spec, params.record_limit, reporter)
+    encoder, family = _encoder(base, params)
+    recipe = params.recipe(family, size_of(FAMILIES[family], encoder.cfg))
+    data = open_labelled(row, base.spec, params.record_limit, reporter, params.test_fold)
     folder, work = artifacts_dir(job_id), job_dir(job_id)
     reporter.phase(
         f"training ({params.method}) on {device.type}: {data.counts()['train']} records, "
         f"{data.counts()['val']} for validation"
     )
-    trained = METHODS[params.method](encoder, family, data, params, device, work / "checkpoint.pt", reporter)
+    trained = METHODS[params.method](
+        encoder, family, data, params, recipe, device, work / "checkpoint.pt", reporter
+    )
     reporter.check_cancel("after training")
 
     reporter.phase("evaluating on the test split")
     result, head, embeddings = _evaluate(trained, data, params, device, folder)
+    result["recipe"] = recipe
     reporter.check_cancel("before export")
     reporter.phase("exporting to ONNX and checking parity")
     return _export_and_register(job_id, params, base, family, data, trained, result, head, embeddings)
+
+
+def _base(session, params: FinetuneParams) -> Base:  # noqa: ANN001  (a SQLAlchemy session)
+    if params.model is None:
+        f = FAMILIES[params.family]
+        spec = f.input_spec(f.sizes[params.model_size])
+        return Base(None, f"{f.name}-{params.model_size}", spec, None, hybrid=False)
+    version = resolve_model_version(session, params.model)
+    return Base(
+        ref=version.ref,
+        name=version.model.name,
+        spec=InputSpec.from_dict(version.input_spec),
+        encoder_path=Path(version.onnx_path).with_name(ENCODER_FILE),
+        hybrid=version.clinical_normaliser is not None,
+    )
+
+
+def _encoder(base: Base, params: FinetuneParams) -> tuple[nn.Module, str]:
+    """(encoder, family name): the base version's weights, or a family's encoder at its initialisation."""
+    if base.encoder_path is not None:
+        return load_saved_encoder(base.encoder_path)
+    f = FAMILIES[params.family]
+    torch.manual_seed(params.seed)
+    return f.encoder_class(f.sizes[params.model_size]), f.name
 
 
 # --------------------------------------------------------------------------------------------------
 # the four methods
 
 
-def _config(params: FinetuneParams, batch_size: int | None = None) -> TrainConfig:
+def _config(params: FinetuneParams, recipe: dict, batch_size: int | None = None) -> TrainConfig:
     return TrainConfig(
-        epochs=params.epochs,
-        batch_size=batch_size or params.batch_size,
-        learning_rate=params.peak_lr,
-        weight_decay=params.decay,
+        epochs=recipe["epochs"],
+        batch_size=batch_size or recipe["batch_size"],
+        learning_rate=recipe["learning_rate"],
+        weight_decay=recipe["weight_decay"],
         betas=DOWNSTREAM_BETAS,
-        warmup_epochs=params.warmup_epochs,
+        warmup_epochs=recipe["warmup_epochs"],
         seed=params.seed,
         checkpoint_every=params.checkpoint_every,
     )
@@ -201,7 +225,7 @@ def _val_knn(data: LabelledData, embed: Callable, params: FinetuneParams, device
 
 
 def _linear_probe(
-    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
     reporter.phase("embedding every record once with the frozen encoder (3-crop mean)")
@@ -209,7 +233,7 @@ def _linear_probe(
     features = record_features(data, torch_fn(encoder, device), data.spec.samples)
     reporter.check_cancel("after embedding the records")
     head, history = fit_linear_head(
-        features, split_labels(data), _config(params), device, checkpoint, reporter
+        features, split_labels(data), _config(params, recipe), device, checkpoint, reporter
     )
     model = DiagnosisModel(encoder.cpu(), head)
     return Trained(
@@ -218,14 +242,15 @@ def _linear_probe(
 
 
 def _finetune(
-    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
     model = DiagnosisModel(encoder, LinearHead(_width(encoder), len(data.class_names)))
     windows = _crops(data, "train", random=True, seed=params.seed)
-    if params.augment:
+    if recipe["augment"]:
         windows = Augmented(windows, RandAugment(), seed=params.seed)
     val_labels = data.labels[data.records["val"]]
+    best = BestEpoch(checkpoint.with_name("best.pt"), "val_macro_auroc")
 
     def val_auroc() -> dict[str, float]:
         probs = features_of(
@@ -233,15 +258,26 @@ def _finetune(
         )
         return {"val_macro_auroc": scores_auroc(val_labels, probs)}
 
+    blocks = FAMILIES[family].blocks(encoder)
+    objective = LayerDecayLoss(model, blocks, recipe["layer_decay"])
     log = EpochLog(reporter, _evaluating(model, val_auroc))
-    _train(MultiLabelLoss(model), _labelled(data, "train", windows), _config(params), device, checkpoint,
-           _labelled(data, "val", _crops(data, "val", False, params.seed)), log, reporter)  # fmt: skip
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        log(epoch, metrics)
+        best.update(model, epoch, log.history[-1])
+
+    _train(objective, _labelled(data, "train", windows), _config(params, recipe), device, checkpoint,
+           _labelled(data, "val", _crops(data, "val", False, params.seed)), on_epoch, reporter)  # fmt: skip
+    extra = {"best_epoch": best.epoch, "kept": "last epoch"}
+    if params.keep_best and best.restore(model):
+        extra["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
     model = model.cpu().eval()
-    return Trained(model, HEAD_OUTPUTS, model.encoder, model.encoder, log.history, model.probabilities)
+    return Trained(model, HEAD_OUTPUTS, model.encoder, model.encoder, log.history, model.probabilities,
+                   extra=extra)  # fmt: skip
 
 
 def _triplet(
-    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
     o = params.triplet
@@ -260,17 +296,24 @@ def _triplet(
     except ValueError:
         val_set = None
     log = EpochLog(reporter, _evaluating(model, lambda: _val_knn(data, model.embed, params, device)))
-    _train(model, train_set, _config(params, batch_size=1), device, checkpoint, val_set, log, reporter)
+    _train(
+        model, train_set, _config(params, recipe, batch_size=1), device, checkpoint, val_set, log, reporter
+    )
     model = model.cpu().eval()
     extra = {"triplet": o.model_dump(), "batches_per_epoch": len(train_set), "batch_records": o.p * o.k}
     return Trained(Embedder(model), (OUTPUT_NAME,), model.embed, model.encoder, log.history, extra=extra)
 
 
 def _vqvae(
-    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams,
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
-    tokens = LeadTokens(encoder) if family == "ecg_jepa" else encoder  # per-lead patch tokens (B, C, N, D)
+    if FAMILIES[family].tokens is None:
+        raise ClientError(
+            f"method vqvae quantises per-lead patch tokens, which a {family} encoder does not have: use a "
+            f"transformer family ({', '.join(n for n, f in FAMILIES.items() if f.tokens is not None)})"
+        )
+    tokens = FAMILIES[family].tokens(encoder)  # per-lead patch tokens (B, C, N, D)
     o = params.vqvae
     cfg = VqConfig(
         num_codes=o.num_codes, code_dim=o.code_dim, commitment=o.commitment, decay=o.decay,
@@ -290,7 +333,7 @@ def _vqvae(
         }
 
     log = EpochLog(reporter, _evaluating(model, epoch_metrics))
-    _train(model, _crops(data, "train", True, params.seed), _config(params), device, checkpoint,
+    _train(model, _crops(data, "train", True, params.seed), _config(params, recipe), device, checkpoint,
            _crops(data, "val", False, params.seed), log, reporter)  # fmt: skip
     model = model.cpu().eval()
     extra = {"codebook": {"num_codes": o.num_codes, "code_dim": o.code_dim, "last_epoch": usage[-1] if usage
@@ -305,7 +348,7 @@ def _train(
     device: torch.device,
     checkpoint: Path,
     val_set: torch.utils.data.Dataset | None,
-    log: EpochLog,
+    log: Callable[[int, dict[str, float]], None],
     reporter: JobReporter,
 ) -> None:
     train(
@@ -389,7 +432,7 @@ def _export_and_register(
     onnx_path = work / "model.onnx"
     exported = trained.exported.cpu().float().eval()
     parity = export_checked(exported, windows, onnx_path, trained.outputs)
-    save_encoder(trained.encoder, family, work / ENCODER_FILE)  # what a further fine-tuning starts from
+    save_encoder(trained.encoder, work / ENCODER_FILE)  # what a further fine-tuning starts from
     torch.save(
         {
             "method": params.method,

@@ -37,6 +37,7 @@ from services.ecg.leads import STANDARD_LEADS
 from services.errors import ClientError
 from services.models import ecg_jepa
 from services.models.ecg_jepa import EcgJepaConfig, EcgJepaEncoder
+from services.models.families import family, family_of
 from services.models.st_mem import SIZES, StMemConfig, StMemEncoder, StMemMae
 
 ImportFormat = Literal["st_mem", "ecg_jepa"]
@@ -416,26 +417,21 @@ def load_encoder(fmt: str, path: Path) -> tuple[nn.Module, CheckpointInfo]:
 ENCODER_FILE = "encoder.pt"
 
 
-def save_encoder(encoder: nn.Module, method: str, path: Path) -> None:
-    """Write a model version's PyTorch encoder (what fine-tuning starts from): method, config, weights."""
+def save_encoder(encoder: nn.Module, path: Path) -> None:
+    """Write a model version's PyTorch encoder (what fine-tuning starts from): family, config, weights."""
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
-    torch.save({"method": method, "config": asdict(encoder.cfg), "state_dict": state}, path)
+    torch.save({"method": family_of(encoder).name, "config": asdict(encoder.cfg), "state_dict": state}, path)
 
 
 def load_saved_encoder(path: Path) -> tuple[nn.Module, str]:
-    """(encoder in eval mode, method) from a file written by ``save_encoder``."""
+    """(encoder in eval mode, family name) from a file written by ``save_encoder``."""
     if not Path(path).is_file():
         raise ClientError(
             f"the PyTorch weights of this model version are missing ({Path(path).name}); versions "
             "registered before weights were kept cannot be fine-tuned"
         )
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    method = saved["method"]
-    if method == "ecg_jepa":
-        encoder: nn.Module = EcgJepaEncoder(EcgJepaConfig(**saved["config"]))
-    elif method == "st_mem":
-        encoder = StMemEncoder(StMemConfig(**saved["config"]))
-    else:
-        raise ClientError(f"unknown encoder method '{method}' in {Path(path).name}")
+    f = family(saved["method"])
+    encoder = f.encoder_class(f.config_from_dict(saved["config"]))
     encoder.load_state_dict(saved["state_dict"], strict=True)
-    return encoder.eval(), method
+    return encoder.eval(), f.name

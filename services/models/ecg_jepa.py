@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from services.ecg.preprocess import InputSpec
+from services.models.family import Family, FinetuneRecipe, PretrainRecipe
 
 LEADS: tuple[str, ...] = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
 INPUT_SPEC = InputSpec(leads=LEADS, fs=250.0, samples=2500)  # what the encoder consumes, standardised
@@ -405,3 +406,52 @@ class EcgJepa(nn.Module):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# --------------------------------------------------------------------------------------------------
+# The family: sizes, input, objective, recipes
+
+
+class LeadTokens(nn.Module):
+    """An ECG-JEPA encoder seen as per-lead patch tokens, for the token VQ-VAE: ``forward_tokens``
+    (B, C, L) -> (B, C, N, D), its lead-major (B, C * N, D) normalised tokens regrouped by lead."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = encoder.cfg
+
+    def forward_tokens(self, signals: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_tokens(signals)  # (B, C * N, D), lead-major
+        return tokens.reshape(signals.shape[0], signals.shape[1], -1, tokens.shape[-1])
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        return self.encoder(signals)
+
+
+def _objective(cfg: EcgJepaConfig, params) -> EcgJepa:
+    m = params.jepa_masking
+    return EcgJepa(cfg, MaskConfig(m.kind, m.scale, m.blocks, m.original_block_starts))
+
+
+_SEARCHED = "reports/recipe_search.py --method ecg_jepa (out-of-fold probes, folds 1-9)"
+_PAPER = "the paper's recipe (Kim 2024), not measured here"
+_FINETUNE = FinetuneRecipe(1e-3, 32, 30, 0.05, 3, 0.75, False, "reports/benchmark.py (validation folds)")
+
+FAMILY = Family(
+    name="ecg_jepa",
+    method="ecg_jepa",
+    description="ECG-JEPA: ViT with cross-pattern attention, latent prediction (8 leads, 250 Hz, 10 s)",
+    sizes=SIZES,
+    config_class=EcgJepaConfig,
+    encoder_class=EcgJepaEncoder,
+    input_spec=lambda cfg: INPUT_SPEC,
+    objective=_objective,
+    pretrain_recipes={
+        "tiny": PretrainRecipe(1e-3, 32, 30, 0.05, 3, _SEARCHED),
+        "base": PretrainRecipe(5.5e-5 * 32 / 64, 32, 100, 0.05, 5, _PAPER),
+    },
+    finetune_recipes={"tiny": _FINETUNE, "base": _FINETUNE},
+    blocks=lambda encoder: list(encoder.encoder_blocks.blocks),
+    tokens=LeadTokens,
+)

@@ -7,7 +7,7 @@
 (``services.export.onnx.HEAD_OUTPUTS``). Training goes through ``MultiLabelLoss``: ``model(batch) -> BCE``
 on the logits, for the one training loop. A linear probe trains the ``LinearHead`` alone on features
 computed once, then is joined to its frozen encoder for export; ``Embedder`` exports the ``embed`` of a
-triplet or VQ-VAE model; ``LeadTokens`` gives an ECG-JEPA encoder the per-lead token grid the VQ-VAE needs.
+triplet or VQ-VAE model.
 """
 
 import numpy as np
@@ -77,20 +77,3 @@ class Embedder(nn.Module):
 
     def forward(self, signals: torch.Tensor) -> torch.Tensor:
         return self.model.embed(signals)
-
-
-class LeadTokens(nn.Module):
-    """An ECG-JEPA encoder seen as per-lead patch tokens, for the token VQ-VAE: ``forward_tokens``
-    (B, C, L) -> (B, C, N, D), its lead-major (B, C * N, D) normalised tokens regrouped by lead."""
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-        self.cfg = encoder.cfg
-
-    def forward_tokens(self, signals: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_tokens(signals)  # (B, C * N, D), lead-major
-        return tokens.reshape(signals.shape[0], signals.shape[1], -1, tokens.shape[-1])
-
-    def forward(self, signals: torch.Tensor) -> torch.Tensor:
-        return self.encoder(signals)

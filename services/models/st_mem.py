@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.ecg.preprocess import InputSpec
+from services.models.family import Family, FinetuneRecipe, PretrainRecipe
+
 
 @dataclass(frozen=True)
 class StMemConfig:
@@ -327,3 +330,47 @@ class StMemMae(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(series, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.loss(series, pred, mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# The family: sizes, input, objective, recipes
+
+
+class StMemObjective(nn.Module):
+    """ST-MEM for the training loop: ``model(batch) -> loss`` at the job's mask ratio."""
+
+    def __init__(self, mae: StMemMae, mask_ratio: float):
+        super().__init__()
+        self.mae = mae
+        self.mask_ratio = mask_ratio
+
+    @property
+    def encoder(self) -> StMemEncoder:
+        return self.mae.encoder
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.mae(batch, self.mask_ratio)
+
+
+_SEARCHED = "reports/recipe_search.py --method st_mem (out-of-fold probes, folds 1-9)"
+_PAPER = "the paper's recipe (Na et al. 2024), not measured here"
+_FINETUNE = FinetuneRecipe(1e-3, 32, 30, 0.05, 3, 0.75, False, "reports/benchmark.py (validation folds)")
+
+FAMILY = Family(
+    name="st_mem",
+    method="st_mem",
+    description="ST-MEM: ViT over per-lead patches, masked autoencoding (12 leads, 250 Hz, 9 s)",
+    sizes=SIZES,
+    config_class=StMemConfig,
+    encoder_class=StMemEncoder,
+    input_spec=lambda cfg: InputSpec(samples=cfg.seq_len),
+    objective=lambda cfg, params: StMemObjective(StMemMae(cfg), params.mask_ratio),
+    pretrain_recipes={
+        "tiny": PretrainRecipe(3e-3, 32, 30, 0.01, 3, _SEARCHED),
+        "small": PretrainRecipe(1.5e-4 * 32 / 256, 32, 100, 0.05, 5, _PAPER),
+        "base": PretrainRecipe(1.5e-4 * 32 / 256, 32, 100, 0.05, 5, _PAPER),
+    },
+    finetune_recipes={"tiny": _FINETUNE, "small": _FINETUNE, "base": _FINETUNE},
+    blocks=lambda encoder: list(encoder.blocks),
+    tokens=lambda encoder: encoder,
+)

@@ -7,7 +7,8 @@ resume from the last checkpoint, progress events, cancellation between steps.
 
 Two optional hooks on the model (the plain module, never its compiled or DDP wrapper):
 - ``model.param_groups(weight_decay) -> list[dict]``: the AdamW parameter groups (e.g. no decay on biases
-  and norms); without it, one group of every trainable parameter with ``cfg.weight_decay``;
+  and norms; a group's ``lr_scale`` multiplies the scheduled lr, e.g. layer-wise lr decay); without it,
+  one group of every trainable parameter with ``cfg.weight_decay``;
 - ``model.after_step(step, total_steps)``: called after every optimiser step (``step`` the 0-based index of
   that step), e.g. to update an EMA target network. Whatever it changes must live in the model's
   ``state_dict`` (parameters or buffers), so that a checkpoint resumes it.
@@ -337,7 +338,7 @@ def _train(
                 raise Cancelled(f"cancelled at epoch {epoch}, step {step}")
             lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate, cfg.min_lr)
             for group in step_fn.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # e.g. layer-wise lr decay
             batch = batch.to(device, non_blocking=True)
             loss = step_fn.forward(batch)
             value = ctx.mean(loss)  # every rank sees the same value, so all raise together

@@ -1,0 +1,72 @@
+"""What a model family declares, in one place per family (its own module's ``FAMILY``).
+
+A family is an encoder architecture with its sizes, the input it consumes, its self-supervised objective,
+its default recipes, and how its saved weights load. ``services.models.families.FAMILIES`` is the one
+registration table; pretraining, fine-tuning, export and import read a family only through it.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from services.ecg.preprocess import InputSpec
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Pretraining defaults of one size: the peak lr is given at ``batch_size`` and scaled linearly."""
+
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    weight_decay: float
+    warmup_epochs: float
+    evidence: str  # where it was shown to learn (a reports/ command or the paper)
+
+    def lr_for(self, batch_size: int) -> float:
+        return self.learning_rate * batch_size / self.batch_size
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    """Fine-tuning defaults (encoder + linear head, all trained) of one size; lr scaled like pretraining.
+
+    ``layer_decay``: layer-wise lr decay for transformers (block i of n trains at lr * decay ** (n - i));
+    1.0 for convolutional encoders. ``augment``: ST-MEM's RandAugment on the training windows.
+    """
+
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    weight_decay: float
+    warmup_epochs: float
+    layer_decay: float
+    augment: bool
+    evidence: str
+
+    def lr_for(self, batch_size: int) -> float:
+        return self.learning_rate * batch_size / self.batch_size
+
+
+@dataclass(frozen=True)
+class Family:
+    """One encoder family: architecture, sizes, input, objective, recipes, saved-weights loader."""
+
+    name: str  # as stored with saved weights and model versions, e.g. "resnet1d"
+    method: str  # its self-supervised pretraining method, as a pretraining job names it, e.g. "simclr"
+    description: str
+    sizes: dict[str, Any]  # size name -> config dataclass
+    config_class: type
+    encoder_class: type[nn.Module]  # encoder(cfg): (B, C, L) -> (B, cfg.width)
+    input_spec: Callable[[Any], InputSpec]  # config -> what the encoder consumes
+    objective: Callable[[Any, Any], nn.Module]  # (config, pretraining params) -> model(batch) -> loss
+    pretrain_recipes: dict[str, PretrainRecipe]
+    finetune_recipes: dict[str, FinetuneRecipe]
+    blocks: Callable[[nn.Module], list[nn.Module]] = field(default=lambda encoder: [])  # transformer blocks
+    tokens: Callable[[nn.Module], nn.Module] | None = None  # per-lead patch tokens (B, C, N, D), for VQ-VAE
+
+    def config_from_dict(self, data: dict) -> Any:
+        """A config saved with ``dataclasses.asdict`` (tuples come back as lists)."""
+        return self.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
