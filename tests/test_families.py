@@ -141,7 +141,8 @@ def test_a_resnet1d_trained_from_scratch_by_a_finetune_job_is_served_by_predict(
     client: TestClient, data_dir: Path, ptb_record: Path
 ) -> None:
     body = {"family": "resnet1d", "model_size": "tiny", "dataset": "ptbxl-500", "method": "finetune",
-            "record_limit": 120, "epochs": 3, "test_fold": 3, "model_name": f"cnn-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+            "record_limit": 120, "epochs": 3, "test_fold": 3,
+            "model_name": f"cnn-{uuid.uuid4().hex[:6]}"}  # fmt: skip
     job = finished(client, post_job(client, "finetune", body))
     result = job["result"]
     assert result["base_model"] is None and result["recipe"]["learning_rate"] == 1e-2

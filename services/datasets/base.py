@@ -43,8 +43,8 @@ class EcgDataset(ABC):
     def split(self, name: Split, test_fold: int | None = None) -> np.ndarray:
         """Record indices of a split. Folds are PTB-XL's ``strat_fold`` where present, else 10 deterministic
         folds grouped by patient (by record when patients are unknown). Default: folds 1-8 train, 9
-        validates, 10 tests (the PTB-XL benchmark split). ``test_fold`` k (cross-validation): fold k tests, the next fold (k + 1, 10 -> 1)
-        validates, the other eight train."""
+        validates, 10 tests (the PTB-XL benchmark split). ``test_fold`` k (cross-validation): fold k
+        tests, the next fold (k + 1, 10 -> 1) validates, the other eight train."""
         folds = self.folds if self.folds is not None else self._bucket_folds()
         test, val = (10, 9) if test_fold is None else (test_fold, test_fold % 10 + 1)
         if name == "test":
