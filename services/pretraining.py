@@ -166,6 +166,7 @@ def _fit(
             warmup_epochs=params.warmup_epochs,
             seed=params.seed,
             checkpoint_every=params.checkpoint_every,
+            amp=family(params.method).amp(device.type),
         ),
         device,
         checkpoint_path=plan.checkpoint,

@@ -105,7 +105,7 @@ def test_pretrain_is_queued_on_the_broker_and_can_be_cancelled(client: TestClien
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        ({"dataset": "ptbxl-500", "method": "simclr"}, "method"),
+        ({"dataset": "ptbxl-500", "method": "byol"}, "method"),
         ({"dataset": "ptbxl-500", "epochs": -3}, "epochs"),
         ({"dataset": "ptbxl-500", "batch_size": 0}, "batch_size"),
         ({"dataset": "ptbxl-500", "mask_ratio": 1.5}, "mask_ratio"),

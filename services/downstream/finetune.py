@@ -125,7 +125,8 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
         base = _base(s, params)
         row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
     encoder, family = _encoder(base, params)
-    recipe = params.recipe(family, size_of(FAMILIES[family], encoder.cfg))
+    recipe = {**params.recipe(family, size_of(FAMILIES[family], encoder.cfg)),
+              "amp": FAMILIES[family].amp(device.type)}  # fmt: skip
     data = open_labelled(row, base.spec, params.record_limit, reporter, params.test_fold)
     folder, work = artifacts_dir(job_id), job_dir(job_id)
     reporter.phase(
@@ -175,6 +176,7 @@ def _encoder(base: Base, params: FinetuneParams) -> tuple[nn.Module, str]:
 
 def _config(params: FinetuneParams, recipe: dict, batch_size: int | None = None) -> TrainConfig:
     return TrainConfig(
+        amp=recipe["amp"],
         epochs=recipe["epochs"],
         batch_size=batch_size or recipe["batch_size"],
         learning_rate=recipe["learning_rate"],

@@ -66,6 +66,11 @@ class Family:
     finetune_recipes: dict[str, FinetuneRecipe]
     blocks: Callable[[nn.Module], list[nn.Module]] = field(default=lambda encoder: [])  # transformer blocks
     tokens: Callable[[nn.Module], nn.Module] | None = None  # per-lead patch tokens (B, C, N, D), for VQ-VAE
+    cpu_autocast: bool = True  # bf16 autocast on CPUs with native bf16 (False where it measured slower)
+
+    def amp(self, device_type: str) -> bool:
+        """Whether training autocasts on this device (``TrainConfig.amp``)."""
+        return device_type != "cpu" or self.cpu_autocast
 
     def config_from_dict(self, data: dict) -> Any:
         """A config saved with ``dataclasses.asdict`` (tuples come back as lists)."""

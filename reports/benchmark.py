@@ -1,0 +1,332 @@
+"""One benchmark: 10-fold cross-validation over the 488 labelled records of ptbxl-500, every line through the
+functions the service's jobs call.
+
+Each of the 10 ``strat_fold``s is the test fold once, the next fold validates (thresholds, the best epoch,
+the probe's C), the other eight train (``FinetuneParams.test_fold``). Pretraining never sees ptbxl-500: each
+self-supervised method is pretrained once, by a real pretraining job (``services.pretraining``, the method's
+default recipe) on ptbxl-unlabelled (1,320 records), and that encoder serves all ten folds. Every other line
+is a real fine-tuning job (``services.downstream.finetune``: train, evaluate, export to ONNX, parity,
+register) run in this process on a temporary embedded database, except the clinical-features baseline
+(the service's NeuroKit2 measurements, ``services.ecg.clinical``, with scikit-learn's logistic regression).
+
+Lines (``--lines``, comma-separated names; default all):
+    supervised        1-D ResNet (resnet1d_wang) trained from scratch: the field's strong simple baseline
+    clinical          clinical measurements + logistic regression (C on the validation fold)
+    random-<family>   that family's encoder at its random initialisation + linear probe
+    <method>-probe    the pretrained encoder, frozen, + linear probe (and its kNN, k=20 cosine, in one job)
+    <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
+    best              the service's best default diagnosis recipe (see ``BEST``)
+
+It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
+validation folds' mean, the figure to choose recipes by), and the per-class means; writes a Markdown table
+(``--out``). Results of each (line, fold) are kept in ``--work`` so an interrupted run resumes.
+
+    .venv/bin/python reports/benchmark.py                  # all lines, 10 folds (~1 h on a 2-core CPU)
+    .venv/bin/python reports/benchmark.py --quick          # folds 1-3, 10 pretraining epochs
+    .venv/bin/python reports/benchmark.py --lines supervised,simclr-finetune --folds 1,2 --work /tmp/b
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LABELLED = "ptbxl-500"
+UNLABELLED = "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"
+CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
+SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "base"}  # pretraining method -> size benchmarked
+RANDOM = {"resnet1d": "base", "st_mem": "tiny", "ecg_jepa": "tiny"}  # family -> size
+
+
+def environment(work: Path, data: Path, threads: int) -> None:
+    """Point the service at an embedded database and artifact folder under ``work`` (before importing it)."""
+    os.environ.update(
+        ECGSSL_DATABASE_URL=f"sqlite:///{work / 'benchmark.db'}",
+        ECGSSL_BROKER_URL=f"sqla+sqlite:///{work / 'broker.db'}",
+        ECGSSL_ARTIFACT_DIR=str(work / "artifacts"),
+        ECGSSL_DATA_ROOT=str(data),
+        ECGSSL_EXPORT_VARIANTS="none",
+        ECGSSL_DEVICE="cpu",
+    )
+    import torch
+    from alembic import command
+    from alembic.config import Config
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | FinetuneParams)
+    """Queue-less: write the job row and run it as the worker would; its row's result (exit on failure)."""
+    from services.dataset_registry import dataset_for_job
+    from services.db.models import Job
+    from services.db.session import session_scope
+    from services.downstream.finetune import run_finetune_job
+    from services.jobs import create_job
+    from services.pretraining import run_pretrain_job
+
+    with session_scope() as s:
+        row = dataset_for_job(s, params.dataset)
+        job_id = create_job(s, kind, params, epochs=params.epochs or 0, dataset=row).id
+    started = time.perf_counter()
+    {"pretrain": run_pretrain_job, "finetune": run_finetune_job}[kind](job_id, worker="benchmark")
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        if job.status != "succeeded":
+            raise SystemExit(f"{kind} job {job_id} {job.status}: {job.error}")
+        return {
+            "result": job.result or {},
+            "version": job.model_version.ref if job.model_version else None,
+            "seconds": time.perf_counter() - started,
+        }
+
+
+def pretrained(method: str, epochs: int | None, work: Path) -> str:
+    """The registered encoder of ``method`` pretrained on ptbxl-unlabelled (made once per ``work``)."""
+    from services.jobs import PretrainParams
+
+    known = work / f"pretrained-{method}.json"
+    if known.is_file():
+        return json.loads(known.read_text())["version"]
+    params = PretrainParams(
+        dataset=UNLABELLED, method=method, model_size=SSL[method], epochs=epochs, model_name=f"bench-{method}"
+    )
+    print(
+        f"pretraining {method} {SSL[method]} on ptbxl-unlabelled: {params.epochs} epochs, batch "
+        f"{params.batch_size}, lr {params.learning_rate:g}",
+        flush=True,
+    )
+    out = run_job("pretrain", params)
+    known.write_text(
+        json.dumps(
+            {"version": out["version"], "seconds": out["seconds"], "params": params.model_dump(mode="json")}
+        )
+    )
+    print(f"  {out['version']} in {out['seconds'] / 60:.1f} min", flush=True)
+    return out["version"]
+
+
+def shared_job(params, work: Path) -> dict:  # noqa: ANN001  (FinetuneParams)
+    """A fine-tuning job's output, run once per distinct parameters in ``work``."""
+    key = hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
+    path = work / f"job-{key}.json"
+    if not path.is_file():
+        path.write_text(json.dumps(run_job("finetune", params)))
+    return json.loads(path.read_text())
+
+
+def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noqa: ANN003
+    """A line that runs one fine-tuning job per fold and reads its test (and kNN) figures."""
+
+    def run(fold: int, args: argparse.Namespace) -> dict:
+        from services.jobs import FinetuneParams
+
+        given = {
+            k: (pretrained(v, args.pretrain_epochs, args.work) if k == "model" else v)
+            for k, v in fields.items()
+            if k != "read"
+        }
+        params = FinetuneParams(dataset=LABELLED, test_fold=fold, seed=args.seed, **given)
+        out = shared_job(params, args.work)  # e.g. a probe line and its kNN line read one job
+        scores = out["result"][fields.get("read", "test")]
+        return {
+            "macro_auroc": scores["macro_auroc"],
+            "per_class": scores["auroc_per_class"],
+            "val_macro_auroc": out["result"].get("test", {}).get("val_macro_auroc"),
+            "seconds": out["seconds"],
+            "recipe": out["result"].get("recipe"),
+        }
+
+    return run
+
+
+def clinical_line(fold: int, args: argparse.Namespace) -> dict:
+    """The service's clinical measurements (normalised on the training folds, missing flags) + logistic
+    regression per class, C in 0.01 / 0.1 / 1 chosen by the validation fold's macro AUROC."""
+    from sklearn.linear_model import LogisticRegression
+
+    from services.config import get_settings
+    from services.dataset_registry import dataset_for_job
+    from services.db.session import session_scope
+    from services.downstream.data import open_labelled
+    from services.ecg.clinical import FeatureNormaliser, clinical_features_for
+    from services.evaluation.linear_probe import macro_auroc
+    from services.job_runner import JobReporter
+    from services.models.resnet1d import INPUT_SPEC
+
+    started = time.perf_counter()
+    with session_scope() as s:
+        row = dataset_for_job(s, LABELLED)
+        reporter = JobReporter(uuid.uuid4(), writes=False)
+        data = open_labelled(row, INPUT_SPEC, None, reporter, test_fold=fold)
+    raw = clinical_features_for(
+        data.dataset, data.source_index, Path(get_settings().artifact_dir) / "cache", identity=data.identity
+    )
+    normaliser = FeatureNormaliser.fit(raw, rows=data.records["train"])
+    x = normaliser.transform_stacked(raw)
+    split = {s: (x[data.records[s]], data.labels[data.records[s]]) for s in ("train", "val", "test")}
+
+    def fit(c: float) -> Callable[[np.ndarray], np.ndarray]:
+        models = [
+            LogisticRegression(C=c, max_iter=2000).fit(split["train"][0], split["train"][1][:, k])
+            for k in range(len(CLASSES))
+        ]
+        return lambda z: np.stack([m.predict_proba(z)[:, 1] for m in models], axis=1)
+
+    val = {c: macro_auroc(split["val"][1], fit(c)(split["val"][0]))[0] for c in (0.01, 0.1, 1.0)}
+    c = max(val, key=val.get)
+    value, per_class = macro_auroc(split["test"][1], fit(c)(split["test"][0]))
+    return {
+        "macro_auroc": value,
+        "per_class": dict(zip(CLASSES, map(float, per_class), strict=True)),
+        "val_macro_auroc": val[c],
+        "seconds": time.perf_counter() - started,
+        "recipe": {"C": c},
+    }
+
+
+BEST = "simclr-finetune"  # the service's best default diagnosis recipe, chosen on the validation folds
+
+
+def lines() -> dict[str, tuple[str, Callable]]:
+    table: dict[str, tuple[str, Callable]] = {
+        "supervised": (
+            "1-D ResNet from scratch (supervised baseline)",
+            finetune_line(family="resnet1d", model_size="base", method="finetune"),
+        ),
+        "clinical": ("clinical measurements + logistic regression", clinical_line),
+    }
+    for family, size in RANDOM.items():
+        table[f"random-{family}"] = (
+            f"{family} {size} at random init + linear probe",
+            finetune_line(family=family, model_size=size, method="linear_probe"),
+        )
+    for method, size in SSL.items():
+        table[f"{method}-probe"] = (
+            f"{method} {size} pretrained, frozen + linear probe",
+            finetune_line(model=method, method="linear_probe"),
+        )
+        table[f"{method}-knn"] = (
+            f"{method} {size} pretrained, frozen + kNN (k=20, cosine)",
+            finetune_line(model=method, method="linear_probe", read="knn"),
+        )
+        table[f"{method}-finetune"] = (
+            f"{method} {size} pretrained, fine-tuned (default recipe)",
+            finetune_line(model=method, method="finetune"),
+        )
+    table["best"] = (f"the service's best default recipe ({BEST})", table[BEST][1])
+    return table
+
+
+def summary(name: str, description: str, runs: list[dict]) -> dict:
+    test = np.array([r["macro_auroc"] for r in runs])
+    val = np.array([r["val_macro_auroc"] for r in runs if r.get("val_macro_auroc") is not None])
+    per_class = {c: float(np.nanmean([r["per_class"][c] for r in runs])) for c in CLASSES}
+    return {
+        "line": name,
+        "description": description,
+        "folds": len(runs),
+        "mean": float(test.mean()),
+        "std": float(test.std()),
+        "val_mean": float(val.mean()) if len(val) else None,
+        "per_class": per_class,
+        "minutes": sum(r["seconds"] for r in runs) / 60,
+    }
+
+
+def table_markdown(rows: list[dict]) -> str:
+    head = "| line | folds | test macro AUROC (mean ± sd) | val mean | " + " | ".join(CLASSES) + " | min |"
+    out = [head, "|" + "---|" * (6 + len(CLASSES))]
+    for r in rows:
+        val = "" if r["val_mean"] is None else f"{r['val_mean']:.3f}"
+        out.append(
+            f"| {r['description']} (`{r['line']}`) | {r['folds']} | {r['mean']:.3f} ± {r['std']:.3f} | "
+            f"{val} | " + " | ".join(f"{r['per_class'][c]:.3f}" for c in CLASSES) + f" | {r['minutes']:.1f} |"
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--lines", help="comma-separated line names (default: all)")
+    parser.add_argument("--folds", default="1,2,3,4,5,6,7,8,9,10", help="test folds")
+    parser.add_argument("--quick", action="store_true", help="folds 1-3 and 10 pretraining epochs")
+    parser.add_argument("--pretrain-epochs", type=int, help="override the methods' default epochs")
+    parser.add_argument("--work", help="working folder (kept: resumes; default a new temporary one)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the Markdown table here (e.g. reports/benchmark.md)")
+    args = parser.parse_args()
+    folds = [1, 2, 3] if args.quick else [int(f) for f in args.folds.split(",")]
+    if args.quick and args.pretrain_epochs is None:
+        args.pretrain_epochs = 10
+    args.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ecgssl-benchmark-"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    environment(args.work, Path(args.data), args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    available = lines()
+    chosen = args.lines.split(",") if args.lines else list(available)
+    unknown = [n for n in chosen if n not in available]
+    if unknown:
+        raise SystemExit(f"unknown line(s) {unknown}: one of {', '.join(available)}")
+
+    started = time.perf_counter()
+    rows = []
+    for name in chosen:
+        description, run = available[name]
+        runs = []
+        for fold in folds:
+            done = args.work / f"result-{name}-fold{fold}-seed{args.seed}.json"
+            if not done.is_file():
+                done.write_text(json.dumps(run(fold, args)))
+            runs.append(json.loads(done.read_text()))
+            print(
+                f"  {name} fold {fold}: test {runs[-1]['macro_auroc']:.3f}, val "
+                f"{runs[-1].get('val_macro_auroc') or float('nan'):.3f} ({runs[-1]['seconds']:.0f} s)",
+                flush=True,
+            )
+        rows.append(summary(name, description, runs))
+        r = rows[-1]
+        print(
+            f"{name:<18} {r['mean']:.3f} ± {r['std']:.3f} ({len(runs)} folds; val {r['val_mean'] or 0:.3f}) "
+            + " ".join(f"{c} {r['per_class'][c]:.3f}" for c in CLASSES),
+            flush=True,
+        )
+
+    minutes = (time.perf_counter() - started) / 60
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    text = "\n".join(
+        [
+            f"Command: `.venv/bin/python reports/benchmark.py {' '.join(sys.argv[1:])}`; {machine}; "
+            f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, seed {args.seed}.",
+            "",
+            table_markdown(rows),
+        ]
+    )
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
