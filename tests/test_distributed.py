@@ -314,6 +314,38 @@ def test_a_pretraining_job_starts_itself_under_torchrun(
     assert [d["records"] for d in runs[1][1]["datasets"]] == expected_records
 
 
+def test_a_several_dataset_plan_reopens_identically(
+    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+) -> None:
+    """What torchrun ranks and a redelivered (resuming) task rely on: re-planning a job of several datasets
+    re-opens the same caches (not rebuilt) with the same per-dataset hold-outs, in the same order."""
+    from services.db.models import Job
+    from services.db.session import session_scope
+    from services.job_runner import JobReporter
+    from services.jobs import PretrainParams, create_job
+    from services.pretraining import _plan
+
+    params = PretrainParams(
+        dataset=[
+            {"dataset": "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz", "record_limit": 24},
+            {"dataset": "ptbxl-500", "folds": [3], "record_limit": 12},
+        ],
+        epochs=1,
+        seed=5,
+    )
+    with session_scope() as s:
+        job_id = create_job(s, "pretrain", params, params.epochs).id
+    first, again = (_plan(job_id, params, JobReporter(job_id)) for _ in range(2))
+    for a, b in zip(first.parts, again.parts, strict=True):
+        assert a.cache.path == b.cache.path and a.cache.meta == b.cache.meta
+        np.testing.assert_array_equal(a.train_idx, b.train_idx)
+        np.testing.assert_array_equal(a.val_idx, b.val_idx)
+    assert [len(p.val_idx) for p in first.parts] == [2, 1]  # 10 % of each dataset's records, held out whole
+    assert set(first.parts[1].cache.folds.tolist()) == {3}
+    with session_scope() as s:
+        assert [d["records"] for d in s.get(Job, job_id).result["datasets"]] == [24, 12]
+
+
 def test_a_batch_that_does_not_split_between_processes_fails_the_job_clearly(
     settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
 ) -> None:
