@@ -52,6 +52,20 @@ class JobProgress(BaseModel):
     eta_s: float | None
 
 
+class DatasetUse(BaseModel):
+    """One dataset of a pretraining job: what was asked, and (once the worker prepared it) what went in."""
+
+    name: str = Field(description="the registered dataset (before the worker opened it: as requested)")
+    kind: str | None = None
+    folds: list[int] | None = Field(None, description="the folds selected (null: all)")
+    record_limit: int | None = None
+    records: int | None = Field(None, description="records used (selected and readable)")
+    segments: int | None = Field(None, description="10-s segments of those records")
+    train_segments: int | None = None
+    val_segments: int | None = Field(None, description="segments of the records held out for val_loss")
+    skipped: int | None = Field(None, description="selected records that could not be used")
+
+
 class JobOut(BaseModel):
     id: uuid.UUID
     kind: str
@@ -60,13 +74,19 @@ class JobOut(BaseModel):
     progress: JobProgress
     metrics: list[EpochMetrics] = Field(default_factory=list, description="one entry per finished epoch")
     error: str | None
-    dataset: str | None = Field(None, description="registered dataset (path under the data root)")
+    dataset: str | None = Field(
+        None, description="registered dataset (path under the data root); several: the first"
+    )
+    datasets: list[DatasetUse] | None = Field(
+        None, description="pretraining jobs: each dataset trained on, with its selection and record counts"
+    )
     cancel_requested: bool
     worker: str | None
     model_version: str | None = Field(None, description="'name@version' registered by this job")
     result: dict | None = Field(
         None,
-        description="downstream jobs, once finished: metrics per protocol (macro and per-class AUROC, macro "
+        description="pretraining jobs, once their data is prepared: {datasets: [...]} (as 'datasets'); "
+        "downstream jobs, once finished: metrics per protocol (macro and per-class AUROC, macro "
         "F1 at thresholds tuned on the validation split, kNN, cluster indices), records per split, artifacts",
     )
     artifacts: list[str] = Field(
@@ -129,7 +149,11 @@ class ModelVersionOut(BaseModel):
     parity_max_abs_diff: float = Field(
         description="largest PyTorch-vs-ONNX (fp32) difference on real records"
     )
-    metrics: dict
+    metrics: dict = Field(
+        description="final epoch's losses and what went in: records, train_segments, skipped_records, and "
+        "per dataset (pretrained versions) 'datasets': name, kind, folds, record_limit, records, segments, "
+        "train_segments, val_segments, skipped"
+    )
     clinical_features: list[str] | None = Field(
         None, description="hybrid models: the clinical measurements appended to the embedding (then flags)"
     )

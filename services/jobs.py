@@ -3,13 +3,14 @@
 import re
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
+from services.dataset_registry import dataset_for_job
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
 from services.models.families import BY_METHOD, FAMILIES
@@ -46,13 +47,45 @@ PretrainMethod = Literal[tuple(BY_METHOD)]  # type: ignore[valid-type]
 FamilyName = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
 
 
+class DatasetEntry(BaseModel):
+    """One dataset of a pretraining job on several: its records are selected like a single dataset's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        ..., min_length=1, description="a registered dataset's name, or a path under the data root"
+    )
+    folds: list[int] | None = Field(None, description="PTB-XL strat_fold values to use; default all")
+    record_limit: int | None = Field(None, ge=2, description="use at most this many of its records")
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
+        return check_folds(folds)
+
+
+def check_folds(folds: list[int] | None) -> list[int] | None:
+    if folds is not None and (not folds or any(f < 1 or f > 10 for f in folds)):
+        raise ValueError("folds must be a non-empty list of PTB-XL strat_fold values 1-10")
+    return folds
+
+
+# one dataset (as before lists were taken), or a list; validated as the one or the other, so that the
+# errors of a list are its own (no 'should be a valid string' beside them)
+DatasetRef = Annotated[
+    Annotated[str, Tag("one")] | Annotated[list[DatasetEntry], Tag("list")],
+    Discriminator(lambda v: "list" if isinstance(v, list) else "one"),
+]
+
+
 class PretrainParams(BaseModel):
     """What a pretraining job needs; validated by the API and again by the worker."""
 
-    dataset: str = Field(
+    dataset: DatasetRef = Field(
         ...,
         description="a registered dataset's name (POST /datasets), or a path under the data root "
-        "(a PTB-XL folder, a WFDB folder, a .npz), registered on first use",
+        "(a PTB-XL folder, a WFDB folder, a .npz), registered on first use; or a list of them to pretrain "
+        "on all together, each a name / path or {dataset, folds, record_limit}",
         examples=["ptbxl-500"],
     )
     method: PretrainMethod = Field(
@@ -95,9 +128,36 @@ class PretrainParams(BaseModel):
     @field_validator("folds")
     @classmethod
     def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
-        if folds is not None and (not folds or any(f < 1 or f > 10 for f in folds)):
-            raise ValueError("folds must be a non-empty list of PTB-XL strat_fold values 1-10")
-        return folds
+        return check_folds(folds)
+
+    @field_validator("dataset", mode="before")
+    @classmethod
+    def _entries(cls, dataset: object) -> object:
+        """A list: plain names become entries; empty lists and repeated names are refused."""
+        if not isinstance(dataset, list):
+            return dataset
+        if not dataset:
+            raise ValueError("'dataset' is an empty list: give at least one dataset")
+        entries = [{"dataset": e} if isinstance(e, str) else e for e in dataset]
+        names = [e.get("dataset") if isinstance(e, dict) else None for e in entries]
+        for i, name in enumerate(names):
+            if name is not None and name in names[:i]:
+                raise ValueError(
+                    f"dataset[{i}] '{name}' repeats dataset[{names.index(name)}]: give each dataset once "
+                    "(with the folds and record_limit it should contribute)"
+                )
+        return entries
+
+    @model_validator(mode="after")
+    def _selection_per_entry(self) -> "PretrainParams":
+        if isinstance(self.dataset, list):
+            given = [name for name in ("folds", "record_limit") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"with a list of datasets, give {' and '.join(repr(g) for g in given)} per entry "
+                    '({"dataset": ..., "folds": [...], "record_limit": ...}), not for the whole job'
+                )
+        return self
 
     @model_validator(mode="after")
     def _size_exists_and_recipe_filled_in(self) -> "PretrainParams":
@@ -115,6 +175,13 @@ class PretrainParams(BaseModel):
         self.weight_decay = recipe.weight_decay if self.weight_decay is None else self.weight_decay
         self.warmup_epochs = recipe.warmup_epochs if self.warmup_epochs is None else self.warmup_epochs
         return self
+
+    @property
+    def entries(self) -> list[DatasetEntry]:
+        """The datasets to train on, in order; a single dataset is one entry with the job's selection."""
+        if isinstance(self.dataset, list):
+            return list(self.dataset)
+        return [DatasetEntry(dataset=self.dataset, folds=self.folds, record_limit=self.record_limit)]
 
     @property
     def peak_lr(self) -> float:
@@ -353,14 +420,41 @@ def check_labelled(dataset: Dataset) -> None:
 
 
 def check_params_fit_dataset(params: PretrainParams, dataset: Dataset) -> None:
-    """Refuse, before queueing, what the dataset's summary already shows cannot work."""
+    """Refuse, before queueing, what the dataset's summary already shows cannot work (one dataset)."""
+    check_folds_fit_dataset(params.folds, dataset)
+
+
+def check_folds_fit_dataset(wanted: list[int] | None, dataset: Dataset) -> None:
     folds = {int(f) for f in (dataset.summary or {}).get("folds", {})}
-    if params.folds and not folds:
+    if wanted and not folds:
         raise ClientError(f"'folds' was given but dataset '{dataset.name}' has no folds")
-    if params.folds and not folds & set(params.folds):
+    if wanted and not folds & set(wanted):
         raise ClientError(
-            f"dataset '{dataset.name}' has no record in folds {params.folds} (it has {sorted(folds)})"
+            f"dataset '{dataset.name}' has no record in folds {wanted} (it has {sorted(folds)})"
         )
+
+
+def pretrain_datasets(session: Session, params: PretrainParams) -> list[Dataset]:
+    """The registered dataset of each entry (a path is registered on first use), each checked against its
+    entry's folds; an error names the entry of a list (index and name). Two entries of the same data
+    (the same kind, path and options, e.g. a name and its path) are refused."""
+    rows: list[Dataset] = []
+    for i, entry in enumerate(params.entries):
+        try:
+            row = dataset_for_job(session, entry.dataset)
+            check_folds_fit_dataset(entry.folds, row)
+        except ClientError as exc:
+            if not isinstance(params.dataset, list):
+                raise
+            raise type(exc)(f"dataset[{i}] '{entry.dataset}': {exc}") from exc
+        for j, earlier in enumerate(rows):
+            if (row.kind, row.path, row.options) == (earlier.kind, earlier.path, earlier.options):
+                raise ClientError(
+                    f"dataset[{i}] '{entry.dataset}' is the same data as dataset[{j}] "
+                    f"'{params.entries[j].dataset}' (registered as '{row.name}'): give each dataset once"
+                )
+        rows.append(row)
+    return rows
 
 
 def create_job(

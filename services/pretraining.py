@@ -28,6 +28,7 @@ from services.registry import register_model_version
 from services.training.distributed import die_with_parent, is_main_process, log_tail, run_torchrun
 from services.training.loop import (
     Cancelled,
+    CropConcat,
     CropDataset,
     TrainConfig,
     TrainResult,
@@ -46,21 +47,83 @@ def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
 
 
 @dataclass
-class TrainingPlan:
-    """A job's training data, prepared once by the worker; every torchrun process re-opens it."""
+class PlanPart:
+    """One dataset of a job (an entry of its ``dataset`` list, or its one dataset) and its cache."""
 
-    spec: InputSpec
+    name: str  # the registered dataset's name
+    kind: str
+    folds: list[int] | None
+    record_limit: int | None
     dataset: EcgDataset
     identity: dict
     cache: PreprocessedCache
     train_records: np.ndarray  # positions in cache.record_ids
     train_idx: np.ndarray  # segments (rows of cache.signals)
     val_idx: np.ndarray
+
+    def used(self) -> dict:
+        """What went into the job from this dataset (the job's result and the model card list these)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "folds": self.folds,
+            "record_limit": self.record_limit,
+            "records": len(self.cache.record_ids),
+            "segments": len(self.cache.record_index),
+            "train_segments": len(self.train_idx),
+            "val_segments": len(self.val_idx),
+            "skipped": len(self.cache.meta["skipped"]),
+        }
+
+
+@dataclass
+class TrainingPlan:
+    """A job's training data, prepared once by the worker; every torchrun process re-opens it.
+
+    One part per dataset; training samples the segments of all parts together (one global index over
+    the parts' caches, ``CropConcat``), validation holds out whole records of each part."""
+
+    spec: InputSpec
+    parts: list[PlanPart]
     job_dir: Path
 
     @property
     def checkpoint(self) -> Path:
         return self.job_dir / "checkpoint.pt"
+
+    @property
+    def train_segments(self) -> int:
+        return sum(len(p.train_idx) for p in self.parts)
+
+    @property
+    def val_segments(self) -> int:
+        return sum(len(p.val_idx) for p in self.parts)
+
+    def train_set(self, seed: int) -> CropConcat:
+        samples = self.spec.samples
+        return CropConcat(
+            [
+                CropDataset(p.cache.signals, samples, random_crop=True, seed=seed, indices=p.train_idx)
+                for p in self.parts
+            ]
+        )
+
+    def val_set(self) -> CropConcat:
+        samples = self.spec.samples
+        return CropConcat(
+            [CropDataset(p.cache.signals, samples, random_crop=False, indices=p.val_idx) for p in self.parts]
+        )
+
+    def check_windows(self, count: int = 8) -> np.ndarray:
+        """Centre crops of up to ``count`` real segments, held-out ones where a part has them, taken from
+        every part in turn (for one part: its first ``count``)."""
+        per_part = -(-count // len(self.parts))
+        windows = []
+        for p in self.parts:
+            idx = (p.val_idx if len(p.val_idx) else p.train_idx)[:per_part]
+            crops = CropDataset(p.cache.signals, self.spec.samples, random_crop=False, indices=idx)
+            windows += [crops[i].numpy() for i in range(len(crops))]
+        return np.stack(windows[:count])
 
 
 def training_processes(requested: int, device: torch.device) -> int:
@@ -93,40 +156,63 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
 
 
 def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> TrainingPlan:
-    """Open the dataset, build (or re-open) its preprocessed cache, hold out the validation records."""
+    """Open each dataset, build (or re-open) its preprocessed cache, hold out its validation records."""
     settings = get_settings()
     spec = input_spec(params)
-    reporter.phase("opening the dataset")
+    entries = params.entries
+    reporter.phase("opening the dataset" if len(entries) == 1 else f"opening the {len(entries)} datasets")
+    opened = []
     with session_scope() as s:
         job = s.get(Job, job_id)
-        row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
-        dataset, identity = open_registered(row)
-    indices = np.arange(len(dataset))
-    if params.folds:
-        if dataset.folds is None:
-            raise ClientError(f"dataset '{params.dataset}' has no folds, so 'folds' cannot select records")
-        indices = indices[np.isin(dataset.folds, params.folds)]
-    indices = indices[: params.record_limit]
-    cache = preprocessed(
-        dataset,
-        identity,
-        spec,
-        Path(settings.artifact_dir) / "cache",
-        indices=indices,
-        on_progress=lambda done, total: reporter.phase(f"preprocessing records: {done}/{total}"),
-    )
-
-    # hold out whole records (all their segments) for the per-epoch validation loss
+        for k, entry in enumerate(entries):
+            row = job.dataset if k == 0 and job.dataset is not None else dataset_for_job(s, entry.dataset)
+            opened.append((row.name, row.kind, *open_registered(row)))
+    # one generator for the hold-outs of all parts, in order: the first part's is a single dataset's
     rng = np.random.default_rng(params.seed)
-    records = rng.permutation(len(cache.record_ids))
-    n_val = int(round(len(records) * params.val_fraction)) if len(records) >= 10 else 0
-    val_idx, train_idx = cache.segments_of(records[:n_val]), cache.segments_of(records[n_val:])
-    if len(train_idx) < 2:
-        raise ClientError(
-            f"dataset '{params.dataset}' has {len(train_idx)} usable training segment(s); need >= 2"
+    parts = []
+    for k, (entry, (name, kind, dataset, identity)) in enumerate(zip(entries, opened, strict=True)):
+        indices = np.arange(len(dataset))
+        if entry.folds:
+            if dataset.folds is None:
+                raise ClientError(f"dataset '{entry.dataset}' has no folds, so 'folds' cannot select records")
+            indices = indices[np.isin(dataset.folds, entry.folds)]
+        indices = indices[: entry.record_limit]
+        what = "records" if len(entries) == 1 else f"{name} ({k + 1}/{len(entries)})"
+        cache = preprocessed(
+            dataset,
+            identity,
+            spec,
+            Path(settings.artifact_dir) / "cache",
+            indices=indices,
+            on_progress=lambda done, total, what=what: reporter.phase(
+                f"preprocessing {what}: {done}/{total}"
+            ),
+        )
+        # hold out whole records (all their segments) for the per-epoch validation loss
+        records = rng.permutation(len(cache.record_ids))
+        n_val = int(round(len(records) * params.val_fraction)) if len(records) >= 10 else 0
+        val_idx, train_idx = cache.segments_of(records[:n_val]), cache.segments_of(records[n_val:])
+        parts.append(
+            PlanPart(
+                name=name,
+                kind=kind,
+                folds=entry.folds,
+                record_limit=entry.record_limit,
+                dataset=dataset,
+                identity=identity,
+                cache=cache,
+                train_records=records[n_val:],
+                train_idx=train_idx,
+                val_idx=val_idx,
+            )
         )
     job_dir = Path(settings.artifact_dir) / "jobs" / str(job_id)
-    return TrainingPlan(spec, dataset, identity, cache, records[n_val:], train_idx, val_idx, job_dir)
+    plan = TrainingPlan(spec, parts, job_dir)
+    if plan.train_segments < 2:
+        what = f"dataset '{params.dataset}'" if len(entries) == 1 else "the datasets"
+        raise ClientError(f"{what} has {plan.train_segments} usable training segment(s); need >= 2")
+    reporter.update(result={"datasets": [p.used() for p in parts]})  # what went in, shown while it trains
+    return plan
 
 
 def input_spec(params: PretrainParams) -> InputSpec:
@@ -151,13 +237,14 @@ def _fit(
     resuming = (
         " (resuming from its last checkpoint: the task was redelivered)" if plan.checkpoint.is_file() else ""
     )
+    sources = f" of {len(plan.parts)} datasets" if len(plan.parts) > 1 else ""
     reporter.phase(
-        f"training on {device.type}: {len(plan.train_idx)} segments, {len(plan.val_idx)} held out{resuming}"
+        f"training on {device.type}: {plan.train_segments} segments{sources}, {plan.val_segments} held out"
+        f"{resuming}"
     )
-    signals, samples = plan.cache.signals, plan.spec.samples
     result = train(
         model,
-        CropDataset(signals, samples, random_crop=True, seed=params.seed, indices=plan.train_idx),
+        plan.train_set(params.seed),
         TrainConfig(
             epochs=params.epochs,
             batch_size=params.batch_size,
@@ -170,9 +257,7 @@ def _fit(
         ),
         device,
         checkpoint_path=plan.checkpoint,
-        val_set=CropDataset(signals, samples, random_crop=False, indices=plan.val_idx)
-        if len(plan.val_idx)
-        else None,
+        val_set=plan.val_set() if plan.val_segments else None,
         on_progress=reporter.progress,
         on_epoch=reporter.epoch_metrics,
         should_cancel=reporter.should_cancel,
@@ -219,9 +304,7 @@ def _export_and_register(
 ) -> None:
     reporter.phase("exporting the encoder to ONNX")
     encoder = encoder.to("cpu").float().eval()
-    check_idx = (plan.val_idx if len(plan.val_idx) else plan.train_idx)[:8]
-    check = CropDataset(plan.cache.signals, plan.spec.samples, random_crop=False, indices=check_idx)
-    windows = np.stack([check[i].numpy() for i in range(len(check))])  # real records, centre crops
+    windows = plan.check_windows()  # real records, centre crops
     onnx_path = plan.job_dir / "encoder.onnx"
     parity = export_checked(encoder, windows, onnx_path)
     save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
@@ -247,9 +330,10 @@ def _export_and_register(
             parity_max_abs_diff=parity,
             metrics={
                 **final,
-                "records": len(plan.cache.record_ids),
-                "train_segments": len(plan.train_idx),
-                "skipped_records": len(plan.cache.meta["skipped"]),
+                "records": sum(len(p.cache.record_ids) for p in plan.parts),
+                "train_segments": plan.train_segments,
+                "skipped_records": sum(len(p.cache.meta["skipped"]) for p in plan.parts),
+                "datasets": [p.used() for p in plan.parts],
                 "resumed_from_epoch": resumed_from,
                 "model_size": params.model_size,
             },
@@ -258,16 +342,23 @@ def _export_and_register(
 
 def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
     """Clinical measurements of the job's training records (cached), and their normaliser fitted on them."""
-    wanted = set(plan.cache.record_ids[plan.train_records].tolist())
-    records = [i for i in range(len(plan.dataset)) if plan.dataset.record_id(i) in wanted]
-    features = clinical_features_for(
-        plan.dataset,
-        records,
-        cache_dir=Path(get_settings().artifact_dir) / "cache",
-        identity=plan.identity,
-        on_progress=lambda done, total: reporter.phase(f"clinical measurements: {done}/{total} records"),
-    )
-    return FeatureNormaliser.fit(features).to_dict()
+    features = []
+    for p in plan.parts:
+        wanted = set(p.cache.record_ids[p.train_records].tolist())
+        records = [i for i in range(len(p.dataset)) if p.dataset.record_id(i) in wanted]
+        what = "" if len(plan.parts) == 1 else f" of {p.name}"
+        features.append(
+            clinical_features_for(
+                p.dataset,
+                records,
+                cache_dir=Path(get_settings().artifact_dir) / "cache",
+                identity=p.identity,
+                on_progress=lambda done, total, what=what: reporter.phase(
+                    f"clinical measurements{what}: {done}/{total} records"
+                ),
+            )
+        )
+    return FeatureNormaliser.fit(np.concatenate(features)).to_dict()
 
 
 def main(argv: list[str]) -> None:

@@ -103,3 +103,94 @@ def test_pretrain_on_a_registered_dataset(client: TestClient, ptbxl_100: dict) -
 def test_pretrain_folds_must_fit_the_dataset(client: TestClient) -> None:
     no_folds = client.post("/jobs/pretrain", json={"dataset": "ptbxl-unlabelled", "folds": [1]})
     assert no_folds.status_code == 422 and "has no folds" in no_folds.json()["detail"]
+
+
+# --------------------------------------------------------------------------------------------------
+# pretraining on several datasets in one job (the job itself runs in tests/test_e2e.py)
+
+UNLABELLED_NPZ = "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"
+
+
+def test_pretrain_on_a_list_of_datasets_is_queued_with_each_entry(client: TestClient) -> None:
+    body = {
+        "dataset": [
+            {"dataset": UNLABELLED_NPZ, "record_limit": 40},
+            {"dataset": "ptbxl-500", "folds": [1, 2], "record_limit": 30},
+            "ptbxl-500-at-100hz-list",
+        ],
+        "epochs": 1,
+    }
+    registered = client.post(
+        "/datasets",
+        json={
+            "name": "ptbxl-500-at-100hz-list",
+            "kind": "ptbxl",
+            "path": "ptbxl-500",
+            "options": {"sampling_rate": 100},
+        },
+    )
+    assert registered.status_code == 201, registered.text
+    created = client.post("/jobs/pretrain", json=body)
+    assert created.status_code == 202, created.text
+    job = client.get(f"/jobs/{created.json()['job_id']}").json()
+    assert job["dataset"] == UNLABELLED_NPZ  # the job row keeps the first entry's dataset
+    assert job["params"]["dataset"][2] == {
+        "dataset": "ptbxl-500-at-100hz-list",
+        "folds": None,
+        "record_limit": None,
+    }
+    asked = [(d["name"], d["folds"], d["record_limit"], d["records"]) for d in job["datasets"]]
+    assert asked == [
+        (UNLABELLED_NPZ, None, 40, None),  # counted once the worker has prepared them
+        ("ptbxl-500", [1, 2], 30, None),
+        ("ptbxl-500-at-100hz-list", None, None, None),
+    ]
+    assert job["datasets"][0]["kind"] == "npz"
+    client.post(f"/jobs/{job['id']}/cancel")
+
+    single = client.post("/jobs/pretrain", json={"dataset": "ptbxl-500", "folds": [1], "record_limit": 8})
+    assert single.status_code == 202, single.text  # one dataset as before, job-wide folds and record_limit
+    job = client.get(f"/jobs/{single.json()['job_id']}").json()
+    assert job["datasets"] == [
+        {"name": "ptbxl-500", "kind": "ptbxl", "folds": [1], "record_limit": 8, "records": None,
+         "segments": None, "train_segments": None, "val_segments": None, "skipped": None}
+    ]  # fmt: skip
+    client.post(f"/jobs/{job['id']}/cancel")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "extra", "status", "expected"),
+    [
+        ([], {}, 422, "'dataset' is an empty list"),
+        (["ptbxl-500", "no-such-dataset"], {}, 422, "dataset[1] 'no-such-dataset': "),
+        (["ptbxl-500", "../../etc"], {}, 422, "outside the data root"),
+        (
+            [{"dataset": UNLABELLED_NPZ, "folds": [1, 2]}],
+            {},
+            422,
+            f"dataset[0] '{UNLABELLED_NPZ}': 'folds' was",
+        ),
+        ([{"dataset": "ptbxl-500", "folds": [11]}], {}, 422, "strat_fold values 1-10"),
+        ([{"dataset": "ptbxl-500", "record_limit": 1}], {}, 422, "record_limit"),
+        ([{"dataset": "ptbxl-500", "limit": 5}], {}, 422, "limit"),
+        (["ptbxl-500", UNLABELLED_NPZ], {"folds": [1]}, 422, "give 'folds' per entry"),
+        (["ptbxl-500", UNLABELLED_NPZ], {"record_limit": 9}, 422, "give 'record_limit' per entry"),
+        (["ptbxl-500", UNLABELLED_NPZ, "ptbxl-500"], {}, 422, "dataset[2] 'ptbxl-500' repeats dataset[0]"),
+        (
+            [UNLABELLED_NPZ, "./ptbxl-unlabelled/../" + UNLABELLED_NPZ],
+            {},
+            422,
+            "is the same data as dataset[0]",
+        ),
+    ],
+)
+def test_bad_dataset_lists_get_4xx_naming_the_entry(
+    client: TestClient, dataset: list, extra: dict, status: int, expected: str
+) -> None:
+    before = len(client.get("/jobs", params={"limit": 500}).json()["jobs"])
+    response = client.post("/jobs/pretrain", json={"dataset": dataset, "epochs": 1, **extra})
+    assert response.status_code == status, response.text
+    assert expected in response.text, response.text
+    assert len(client.get("/jobs", params={"limit": 500}).json()["jobs"]) == before, (
+        "a rejected job was stored"
+    )

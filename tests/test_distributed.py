@@ -260,20 +260,32 @@ def test_masking_noise_is_the_global_batch_rows():
         torch.testing.assert_close(mae.masking_noise(2, 12, 30, CPU), full[rank::3])
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"dataset": "ptbxl-500", "record_limit": 30},
+        {
+            "dataset": [
+                {"dataset": "ptbxl-500", "folds": [1, 2], "record_limit": 16},
+                {"dataset": "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz", "record_limit": 16},
+            ]
+        },
+    ],
+    ids=["one-dataset", "two-datasets"],
+)
 def test_a_pretraining_job_starts_itself_under_torchrun(
-    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path, data: dict
 ) -> None:
     """ECGSSL_TRAIN_PROCESSES=2: the worker launches torchrun (2 gloo processes), rank 0 alone reports, the
-    worker exports and registers; the epochs' losses are those of the same job in one process."""
+    worker exports and registers; the epochs' losses are those of the same job in one process (every
+    process re-opens the same plan: with several datasets too)."""
     from services.db.models import Job, ModelVersion
     from services.db.session import session_scope
     from services.jobs import PretrainParams, create_job
     from services.pretraining import run_pretrain_job
 
     settings_env.setenv("ECGSSL_DEVICE", "cpu")
-    params = PretrainParams(
-        dataset="ptbxl-500", epochs=2, batch_size=8, learning_rate=1e-3, record_limit=30, checkpoint_every=1
-    )
+    params = PretrainParams(**data, epochs=2, batch_size=8, learning_rate=1e-3, checkpoint_every=1)
     runs = {}
     for processes in (1, 2):
         settings_env.setenv("ECGSSL_TRAIN_PROCESSES", str(processes))
@@ -297,6 +309,41 @@ def test_a_pretraining_job_starts_itself_under_torchrun(
     # same global batches and masks; bf16 autocast rounding differs a little with the per-process batch
     np.testing.assert_allclose([v for _, v in two], [v for _, v in one], rtol=5e-3)
     assert runs[2][1]["train_segments"] == runs[1][1]["train_segments"]
+    assert runs[2][1]["datasets"] == runs[1][1]["datasets"]
+    expected_records = [30] if "record_limit" in data else [16, 16]
+    assert [d["records"] for d in runs[1][1]["datasets"]] == expected_records
+
+
+def test_a_several_dataset_plan_reopens_identically(
+    settings_env: pytest.MonkeyPatch, ptbxl_dir: Path
+) -> None:
+    """What torchrun ranks and a redelivered (resuming) task rely on: re-planning a job of several datasets
+    re-opens the same caches (not rebuilt) with the same per-dataset hold-outs, in the same order."""
+    from services.db.models import Job
+    from services.db.session import session_scope
+    from services.job_runner import JobReporter
+    from services.jobs import PretrainParams, create_job
+    from services.pretraining import _plan
+
+    params = PretrainParams(
+        dataset=[
+            {"dataset": "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz", "record_limit": 24},
+            {"dataset": "ptbxl-500", "folds": [3], "record_limit": 12},
+        ],
+        epochs=1,
+        seed=5,
+    )
+    with session_scope() as s:
+        job_id = create_job(s, "pretrain", params, params.epochs).id
+    first, again = (_plan(job_id, params, JobReporter(job_id)) for _ in range(2))
+    for a, b in zip(first.parts, again.parts, strict=True):
+        assert a.cache.path == b.cache.path and a.cache.meta == b.cache.meta
+        np.testing.assert_array_equal(a.train_idx, b.train_idx)
+        np.testing.assert_array_equal(a.val_idx, b.val_idx)
+    assert [len(p.val_idx) for p in first.parts] == [2, 1]  # 10 % of each dataset's records, held out whole
+    assert set(first.parts[1].cache.folds.tolist()) == {3}
+    with session_scope() as s:
+        assert [d["records"] for d in s.get(Job, job_id).result["datasets"]] == [24, 12]
 
 
 def test_a_batch_that_does_not_split_between_processes_fails_the_job_clearly(

@@ -223,6 +223,56 @@ def test_pretrain_and_embed_on_postgres_and_redis(production_service: Service, p
 
 
 @needs_servers
+def test_pretrain_on_several_datasets_in_one_job(production_service: Service) -> None:
+    """The unlabelled npz (40 records), ptbxl-500 folds 1-2 (30) and a synthetic set (16) in one job: it
+    trains on all three, and the job and its version list each with the records that went in."""
+    with production_service.client() as client:
+        registered = client.post(
+            "/datasets", json={"name": "synthetic-16", "kind": "synthetic", "options": {"n": 16, "seed": 3}}
+        )
+        assert registered.status_code == 201, registered.text
+        body = {
+            **{k: v for k, v in TINY_JOB.items() if k != "record_limit"},
+            "dataset": [
+                {"dataset": "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz", "record_limit": 40},
+                {"dataset": "ptbxl-500", "folds": [1, 2], "record_limit": 30},
+                "synthetic-16",
+            ],
+            "model_name": "multi-dataset",
+        }
+        created = client.post("/jobs/pretrain", json=body)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["job_id"]
+        job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
+        assert job["status"] == "succeeded", f"{job}\n{dump_logs(production_service)}"
+        assert job["dataset"] == "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"  # the first entry's row
+        assert [m["epoch"] for m in job["metrics"]] == [1, 2]
+        assert all(np.isfinite(m["values"]["val_loss"]) for m in job["metrics"])
+
+        expected = [
+            # name, kind, folds, record_limit, records (10-s records: one segment each), held out (10 %)
+            ("ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz", "npz", None, 40, 40, 4),
+            ("ptbxl-500", "ptbxl", [1, 2], 30, 30, 3),
+            ("synthetic-16", "synthetic", None, None, 16, 2),
+        ]
+        for used in (job["datasets"], job["result"]["datasets"]):
+            got = [
+                (d["name"], d["kind"], d["folds"], d["record_limit"], d["records"], d["val_segments"])
+                for d in used
+            ]
+            assert got == expected, used
+            assert [d["segments"] for d in used] == [40, 30, 16] and [d["skipped"] for d in used] == [0, 0, 0]
+
+        version = client.get("/models/multi-dataset/versions/1").json()
+        assert f"{version['name']}@{version['version']}" == job["model_version"]
+        assert version["metrics"]["datasets"] == job["datasets"]
+        assert version["metrics"]["records"] == 86 and version["metrics"]["train_segments"] == 86 - 9
+        worker_log = production_service.logs[1].read_text()  # every phase is logged by the worker
+        assert f"job {job_id}: preprocessing ptbxl-500 (2/3): 30/30" in worker_log
+        assert f"job {job_id}: preprocessing synthetic-16 (3/3): 16/16" in worker_log
+
+
+@needs_servers
 def test_cancel_a_running_job_then_the_worker_takes_the_next(production_service: Service) -> None:
     with production_service.client() as client:
         long_job = {**TINY_JOB, "epochs": 500, "record_limit": 48}

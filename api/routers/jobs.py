@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
 from api.schemas import (
+    DatasetUse,
     EpochMetrics,
     EvaluateRequest,
     FinetuneRequest,
@@ -39,6 +40,7 @@ def job_out(job: Job) -> JobOut:
         metrics=[EpochMetrics(epoch=e, values=v) for e, v in sorted(by_epoch.items())],
         error=job.error,
         dataset=job.dataset.name if job.dataset else None,
+        datasets=_datasets(job),
         cancel_requested=job.cancel_requested,
         worker=job.worker,
         model_version=job.model_version.ref if job.model_version else None,
@@ -48,6 +50,25 @@ def job_out(job: Job) -> JobOut:
         started_at=job.started_at,
         finished_at=job.finished_at,
     )
+
+
+def _datasets(job: Job) -> list[DatasetUse] | None:
+    """A pretraining job's datasets: what went in once the worker prepared them (its result), before
+    that what was asked (its params)."""
+    if job.kind != "pretrain":
+        return None
+    if job.result and "datasets" in job.result:
+        return [DatasetUse(**used) for used in job.result["datasets"]]
+    asked = job.params.get("dataset")
+    if not isinstance(asked, list):
+        asked = [{k: job.params.get(k) for k in ("folds", "record_limit")} | {"dataset": asked}]
+    used = [
+        DatasetUse(name=str(e["dataset"]), folds=e.get("folds"), record_limit=e.get("record_limit"))
+        for e in asked
+    ]
+    if job.dataset is not None:  # the first entry's registered row
+        used[0].name, used[0].kind = job.dataset.name, job.dataset.kind
+    return used
 
 
 @router.post(
@@ -60,9 +81,8 @@ def job_out(job: Job) -> JobOut:
 def submit_pretrain(
     body: PretrainRequest, request: Request, session: Session = Depends(db_session)
 ) -> JobCreated:
-    dataset = dataset_for_job(session, body.dataset)
-    jobs.check_params_fit_dataset(body, dataset)
-    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset=dataset)
+    datasets = jobs.pretrain_datasets(session, body)  # each entry of a list checked (4xx naming it)
+    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset=datasets[0])
     return _enqueue(session, job, request)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from services.ecg.preprocess import standardise
 from services.training import distributed
@@ -113,6 +113,15 @@ class CropDataset(Dataset):
             start = (length - self.window) // 2
         window = np.asarray(self.signals[row, :, start : start + self.window], dtype=np.float32)
         return torch.from_numpy(standardise(window))
+
+
+class CropConcat(ConcatDataset):
+    """Several ``CropDataset``s as one (e.g. the caches of a job's datasets): a global index runs over
+    the first's rows, then the second's, ...; ``set_epoch`` reaches them all."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
 
 
 def lr_at(step: float, total: int, warmup: float, peak: float, floor: float) -> float:
