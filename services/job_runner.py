@@ -62,13 +62,16 @@ class JobReporter:
             eta_s=p.eta_s,
         )
 
-    def epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
+    def epoch_metrics(self, epoch: int, metrics: dict[str, float], prefix: str = "") -> None:
+        """One row per metric of the epoch (named ``prefix + name``, e.g. an ensemble's ``member2_``)."""
         with session_scope() as s:
             for name, value in metrics.items():
-                s.merge(JobMetric(job_id=self.job_id, epoch=epoch, name=name, value=float(value)))
+                s.merge(JobMetric(job_id=self.job_id, epoch=epoch, name=prefix + name, value=float(value)))
             job = s.get(Job, self.job_id)
             job.epoch = epoch
-            job.phase = f"training: epoch {epoch}/{job.epochs} done, train_loss {metrics['train_loss']:.4f}"
+            who = f" ({prefix.rstrip('_')})" if prefix else ""
+            loss = metrics["train_loss"]
+            job.phase = f"training{who}: epoch {epoch}/{job.epochs} done, train_loss {loss:.4f}"
 
     def should_cancel(self) -> bool:
         now = time.monotonic()

@@ -316,6 +316,13 @@ class FinetuneParams(DownstreamCommon):
     augment: bool | None = Field(
         None, description="finetune: ST-MEM's RandAugment on the training windows; default: the recipe's"
     )
+    ensemble: int | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="finetune: train this many members (seeds seed, seed + 1, ...) and serve the mean of "
+        "their probabilities (the embedding: theirs side by side); default: the recipe's",
+    )
     keep_best: bool = Field(
         True,
         description="finetune: keep the weights of the epoch with the best validation macro AUROC (else the "
@@ -339,6 +346,8 @@ class FinetuneParams(DownstreamCommon):
                 "give either 'model' (a registered version to start from) or 'family' (a new encoder "
                 "trained from scratch), not both or neither"
             )
+        if self.ensemble not in (None, 1) and self.method != "finetune":
+            raise ValueError("'ensemble' goes with method 'finetune'")
         if self.model is not None and self.model_size is not None:
             raise ValueError("'model_size' goes with 'family'; a registered model has its own size")
         if self.family is not None:
@@ -365,6 +374,7 @@ class FinetuneParams(DownstreamCommon):
                 "warmup_epochs": r.warmup_epochs,
                 "layer_decay": r.layer_decay,
                 "augment": r.augment,
+                "ensemble": r.ensemble,
             }
         else:
             batch = self.batch_size or 32
@@ -376,6 +386,7 @@ class FinetuneParams(DownstreamCommon):
                 "warmup_epochs": 1.0,
                 "layer_decay": 1.0,
                 "augment": False,
+                "ensemble": 1,
             }
         given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
         return {**defaults, **given, "batch_size": batch}

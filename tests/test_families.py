@@ -194,3 +194,37 @@ def test_ecg_jepa_family_keeps_its_lead_tokens_accessor() -> None:
     encoder = ecg_jepa.EcgJepaEncoder(ecg_jepa.SIZES["tiny"])
     tokens = ecg_jepa.FAMILY.tokens(encoder).forward_tokens(torch.randn(1, 8, 2500))
     assert tokens.shape == (1, 8, 50, 64)
+
+
+def test_an_ensemble_finetune_serves_the_mean_of_its_members(client: TestClient, data_dir: Path) -> None:
+    body = {"family": "resnet1d", "model_size": "tiny", "dataset": "ptbxl-500", "method": "finetune",
+            "record_limit": 100, "epochs": 2, "ensemble": 2, "seed": 3}  # fmt: skip
+    job = finished(client, post_job(client, "finetune", body))
+    result = job["result"]
+    assert result["recipe"]["ensemble"] == 2 and len(result["members"]) == 2
+    names = {name for m in job["metrics"] for name in m["values"]}
+    assert {"val_macro_auroc", "member2_val_macro_auroc"} <= names
+    with session_scope() as s:
+        version = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one()
+        assert version.embedding_dim == 2 * 128
+        folder = Path(version.onnx_path).parent
+    state = torch.load(folder / "downstream.pt", weights_only=True)["state_dict"]
+    members = []
+    for k in range(2):
+        encoder = resnet1d.Resnet1dEncoder(resnet1d.SIZES["tiny"])
+        member = DiagnosisModel(encoder, LinearHead(encoder.cfg.width, 5))
+        prefix = f"members.{k}."
+        member.load_state_dict({n[len(prefix) :]: v for n, v in state.items() if n.startswith(prefix)})
+        members.append(member.eval())
+    x = torch.randn(2, 12, 250)
+    with torch.no_grad():
+        expected = (members[0].probabilities(x) + members[1].probabilities(x)) / 2
+        assert not torch.allclose(members[0].probabilities(x), members[1].probabilities(x))  # two models
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    embedding, probabilities = session.run(None, {"signal": x.numpy()})
+    assert embedding.shape == (2, 256)
+    np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="'ensemble' goes with method 'finetune'"):
+        FinetuneParams(family="resnet1d", dataset="x", method="linear_probe", ensemble=2)

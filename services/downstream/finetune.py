@@ -20,10 +20,11 @@ The training-split embeddings and labels are kept as the version's kNN reference
 (``POST /predict?method=knn``).
 """
 
+import copy
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,7 @@ from services.job_runner import JobReporter, run_job
 from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
 from services.models.families import FAMILIES, size_of
-from services.models.heads import DiagnosisModel, Embedder, LinearHead
+from services.models.heads import DiagnosisModel, Embedder, EnsembleDiagnosis, LinearHead
 from services.models.triplet import LabelledRecords, PKBatches, TripletModel
 from services.models.vqvae import VqConfig, VqVae
 from services.registry import register_model_version, resolve_model_version
@@ -247,12 +248,56 @@ def _finetune(
     encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
+    """Encoder + linear head trained together; with ``ensemble`` K > 1, K such members (seeds seed..seed+K-1;
+    a family trained from scratch is also initialised anew per member) served as one model."""
+    initial = copy.deepcopy(encoder.state_dict())
+    members, histories, extra = [], [], {"members": []}
+    for i in range(recipe["ensemble"]):
+        torch.manual_seed(params.seed + i)
+        if i and params.model is None:  # from scratch: each member its own initialisation
+            encoder = FAMILIES[family].encoder_class(encoder.cfg)
+        elif i:
+            encoder = copy.deepcopy(encoder)
+            encoder.load_state_dict(initial)
+        suffix = "" if i == 0 else f"-{i + 1}"
+        member_reporter = reporter if i == 0 else MemberReporter(reporter, f"member{i + 1}_")
+        model, history, kept = _finetune_one(
+            encoder, family, data, params, recipe, device, checkpoint.with_name(f"checkpoint{suffix}.pt"),
+            member_reporter, seed=params.seed + i,
+        )  # fmt: skip
+        members.append(model)
+        histories.append(history)
+        extra["members"].append(kept)
+        reporter.check_cancel(f"after ensemble member {i + 1}")
+    extra.update(extra["members"][0])
+    model = members[0] if len(members) == 1 else EnsembleDiagnosis(members)
+    return Trained(model, HEAD_OUTPUTS, model.embed, members[0].encoder, histories[0], model.probabilities,
+                   extra=extra)  # fmt: skip
+
+
+class MemberReporter:
+    """A job reporter for ensemble member k: its epoch metrics are written with a prefix (member2_...)."""
+
+    def __init__(self, reporter: JobReporter, prefix: str):
+        self.reporter, self.prefix = reporter, prefix
+
+    def epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.reporter.epoch_metrics(epoch, metrics, prefix=self.prefix)
+
+    def __getattr__(self, name: str):  # noqa: ANN204  (progress, should_cancel, ...)
+        return getattr(self.reporter, name)
+
+
+def _finetune_one(
+    encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
+    device: torch.device, checkpoint: Path, reporter: JobReporter, seed: int,
+) -> tuple[DiagnosisModel, list[dict[str, float]], dict]:  # fmt: skip
     model = DiagnosisModel(encoder, LinearHead(_width(encoder), len(data.class_names)))
-    windows = _crops(data, "train", random=True, seed=params.seed)
+    windows = _crops(data, "train", random=True, seed=seed)
     if recipe["augment"]:
-        windows = Augmented(windows, RandAugment(), seed=params.seed)
+        windows = Augmented(windows, RandAugment(), seed=seed)
     val_labels = data.labels[data.records["val"]]
-    best = BestEpoch(checkpoint.with_name("best.pt"), "val_macro_auroc")
+    best = BestEpoch(checkpoint.with_name(checkpoint.name.replace("checkpoint", "best")), "val_macro_auroc")
 
     def val_auroc() -> dict[str, float]:
         probs = features_of(
@@ -268,14 +313,13 @@ def _finetune(
         log(epoch, metrics)
         best.update(model, epoch, log.history[-1])
 
-    _train(objective, _labelled(data, "train", windows), _config(params, recipe), device, checkpoint,
-           _labelled(data, "val", _crops(data, "val", False, params.seed)), on_epoch, reporter)  # fmt: skip
-    extra = {"best_epoch": best.epoch, "kept": "last epoch"}
+    config = replace(_config(params, recipe), seed=seed)
+    _train(objective, _labelled(data, "train", windows), config, device, checkpoint,
+           _labelled(data, "val", _crops(data, "val", False, seed)), on_epoch, reporter)  # fmt: skip
+    kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch"}
     if params.keep_best and best.restore(model):
-        extra["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
-    model = model.cpu().eval()
-    return Trained(model, HEAD_OUTPUTS, model.encoder, model.encoder, log.history, model.probabilities,
-                   extra=extra)  # fmt: skip
+        kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
+    return model.cpu().eval(), log.history, kept
 
 
 def _triplet(

@@ -45,6 +45,9 @@ class FinetuneRecipe:
     layer_decay: float
     augment: bool
     evidence: str
+    ensemble: int = (
+        1  # members trained with seeds seed.. seed + K - 1, served as the mean of their probabilities
+    )
 
     def lr_for(self, batch_size: int) -> float:
         return self.learning_rate * batch_size / self.batch_size

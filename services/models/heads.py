@@ -54,6 +54,29 @@ class DiagnosisModel(nn.Module):
     def probabilities(self, signals: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(signals))
 
+    def embed(self, signals: torch.Tensor) -> torch.Tensor:
+        return self.encoder(signals)
+
+
+class EnsembleDiagnosis(nn.Module):
+    """K diagnosis models served as one: ``forward(signals) -> (embedding (B, K * D), probabilities (B, C))``,
+    the members' embeddings side by side and the mean of their probabilities."""
+
+    def __init__(self, members: list[DiagnosisModel]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def embed(self, signals: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.encoder(signals) for m in self.members], dim=-1)  # (B, K * D)
+
+    def probabilities(self, signals: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.probabilities(signals) for m in self.members]).mean(dim=0)  # (B, C)
+
+    def forward(self, signals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [m(signals) for m in self.members]
+        embedding = torch.cat([e for e, _ in outputs], dim=-1)
+        return embedding, torch.stack([p for _, p in outputs]).mean(dim=0)
+
 
 class MultiLabelLoss(nn.Module):
     """``loss(batch)``: binary cross-entropy of ``model.logits(batch.signals)`` against the multi-hot labels
