@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 LABELLED = "ptbxl-500"
 UNLABELLED = "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"
 CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
-SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "base"}  # pretraining method -> size benchmarked
-RANDOM = {"resnet1d": "base", "st_mem": "tiny", "ecg_jepa": "tiny"}  # family -> size
+SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "tiny"}  # pretraining method -> size benchmarked
+RANDOM = {"resnet1d": "tiny", "st_mem": "tiny", "ecg_jepa": "tiny"}  # family -> size
 
 
 def environment(work: Path, data: Path, threads: int) -> None:
@@ -208,6 +208,10 @@ def lines() -> dict[str, tuple[str, Callable]]:
         "supervised": (
             "1-D ResNet from scratch (supervised baseline)",
             finetune_line(family="resnet1d", model_size="base", method="finetune"),
+        ),
+        "supervised-tiny": (
+            "1-D ResNet tiny from scratch (the SSL CNN's network)",
+            finetune_line(family="resnet1d", model_size="tiny", method="finetune"),
         ),
         "clinical": ("clinical measurements + logistic regression", clinical_line),
     }

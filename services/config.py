@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         48 * 3600, description="broker redelivers an unacknowledged task after this (longer than any job)"
     )
+    ship_default_model: bool = Field(
+        True,
+        description="register the diagnosis model shipped in models/default on first start (and point its "
+        "'production' alias at it), so that /predict and /embed serve without a training step",
+    )
     default_model: str | None = Field(
         None,
         description="model served when a request names none: 'name' (its 'production' alias, else its newest "

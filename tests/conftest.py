@@ -89,6 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["ECGSSL_DATA_ROOT"] = str(DATA)
     os.environ.pop("ECGSSL_API_KEY", None)
     os.environ.pop("ECGSSL_DEFAULT_MODEL", None)
+    os.environ["ECGSSL_SHIP_DEFAULT_MODEL"] = "false"  # tests that need the shipped model register it
     from alembic import command
     from alembic.config import Config
 

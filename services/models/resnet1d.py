@@ -184,7 +184,7 @@ FAMILY = Family(
     input_spec=lambda cfg: INPUT_SPEC,
     objective=lambda cfg, params: SimClr(Resnet1dEncoder(cfg), seed=params.seed),
     pretrain_recipes={
-        "tiny": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
+        "tiny": PretrainRecipe(1e-3, 128, 50, 1e-2, 5, _BENCHMARK),
         "base": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
     },
     finetune_recipes={"tiny": _FINETUNE, "base": _FINETUNE},
