@@ -323,6 +323,10 @@ class FinetuneParams(DownstreamCommon):
         description="finetune: train this many members (seeds seed, seed + 1, ...) and serve the mean of "
         "their probabilities (the embedding: theirs side by side); default: the recipe's",
     )
+    map_method: Literal["tsne", "pca"] = Field(
+        "pca",
+        description="2-D map of the test embeddings (t-SNE took over a minute of a 2-minute job on 2 cores)",
+    )
     keep_best: bool = Field(
         True,
         description="finetune: keep the weights of the epoch with the best validation macro AUROC (else the "

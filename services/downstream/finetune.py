@@ -423,7 +423,7 @@ def _evaluate(
     result["artifacts"] += plots
     title = f"{params.method}: test embeddings by superclass"
     result["clustering"], plots = clustering_protocol(embeddings["test"], labels["test"], names, folder,
-                                                      params.seed, title=title)  # fmt: skip
+                                                      params.seed, params.map_method, title)  # fmt: skip
     result["artifacts"] += plots
     head = None
     if trained.probabilities is not None:

@@ -1,0 +1,132 @@
+"""Train the diagnosis model that ships in ``models/default`` (registered on the service's first start).
+
+The recipe is the benchmark's best (``reports/benchmark.BEST``: a fine-tuning job with the family's default
+recipe, pretraining first where it names a pretrained method), run through the service's own jobs on a
+temporary embedded database, on ptbxl-500 (folds 1-8 train, 9 validates: best epoch and thresholds, 10
+tests once). The files, the registry fields, the provenance (command, recipe, data, seed, time, machine,
+commit) and the model card are written to ``--out``.
+
+    .venv/bin/python reports/default_model.py [--seed 0] [--out models/default]
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reports.benchmark import BEST, LABELLED, environment, pretrained, run_job  # noqa: E402
+
+NAME = "ecg-diagnosis"
+
+
+def card(manifest: dict, benchmark: str | None) -> str:
+    test, records = manifest["result"]["test"], manifest["result"]["records"]
+    per_class = ", ".join(f"{c} {v:.3f}" for c, v in test["auroc_per_class"].items())
+    return f"""# Model card: {NAME}
+
+**What it is.** A multi-label classifier of the 5 PTB-XL diagnostic superclasses (NORM, MI, STTC, CD, HYP)
+from a 12-lead ECG, with a 256-per-member embedding. {manifest["description"]}
+
+**Input.** 12 standard leads, any rate and length of at least 2.5 s (resampled to 100 Hz, band-passed
+0.67-40 Hz; each 2.5-s window is standardised per lead inside the model, so millivolt records and records
+z-scored per lead are read alike). `/predict` averages 3 crops of each 10-s segment.
+
+**Training data.** PTB-XL records ecg_id 1-500 (`ptbxl-500`, the 488 with a superclass): folds 1-8 train
+({records["train"]} records), fold 9 validates (best epoch, per-class thresholds at max F1;
+{records["val"]} records), fold 10 tests ({records["test"]} records). PTB-XL: Wagner et al., Sci Data 2020,
+CC BY 4.0. {manifest["pretraining"]}
+
+**Recipe.** `{json.dumps(manifest["params"])}`, resolved to `{json.dumps(manifest["result"]["recipe"])}`.
+Trained by `{manifest["command"]}` in {manifest["minutes"]:.1f} min on {manifest["machine"]}
+({manifest["date"]}, commit {manifest["commit"]}).
+
+**Figures.** Test fold 10 (66 records, read once): macro AUROC {test["macro_auroc"]:.3f} ({per_class}),
+macro F1 {test["macro_f1"]:.3f}. 66 records overstate or understate held-out results by several hundredths;
+the 10-fold cross-validation of the same recipe is the figure to trust:
+
+{benchmark or "(run reports/benchmark.py for the cross-validated table)"}
+
+**Intended use.** Research: a baseline and a starting point for ECG machine-learning work, a demonstration
+of the service. **Not a medical device**: not validated for clinical use, not to be used for diagnosis or
+treatment decisions.
+
+**Limitations.** Trained on 353 records of the oldest PTB-XL block (1984-87, two device types): HYP is rare
+(40 records in all) and its figures are the least certain; other populations, devices and paediatric ECGs
+are untested. It knows 5 coarse superclasses only; a record outside them gets probabilities that mean
+nothing. Thresholds come from 81 validation records.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "models" / "default"))
+    parser.add_argument("--work", help="working folder (default: a new temporary one)")
+    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    args = parser.parse_args()
+    args.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ecgssl-default-model-"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    environment(args.work, Path(args.data), 0)
+    os.environ["ECGSSL_EXPORT_VARIANTS"] = "none"  # made where it is registered
+
+    from services.db.models import ModelVersion
+    from services.db.session import session_scope
+    from services.jobs import FinetuneParams
+    from services.shipped import export_version
+
+    started = time.perf_counter()
+    fields = dict(BEST)
+    pretraining = "No pretraining: trained from scratch."
+    if "model" in fields:
+        fields["model"] = pretrained(fields["model"], None, args.work)
+        pretraining = (
+            f"Encoder pretrained by a {BEST['model']} job on ptbxl-unlabelled (1,320 other PTB-XL records)."
+        )
+    params = FinetuneParams(dataset=LABELLED, seed=args.seed, model_name=NAME, **fields)
+    out = run_job("finetune", params)
+    minutes = (time.perf_counter() - started) / 60
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    provenance = {
+        "command": "reports/default_model.py " + " ".join(sys.argv[1:]),
+        "params": params.model_dump(mode="json", exclude_defaults=True),
+        "recipe": out["result"]["recipe"],
+        "data": "ptbxl-500: folds 1-8 train, 9 validation, 10 test",
+        "seed": args.seed,
+        "minutes": round(minutes, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": commit.stdout.strip(),
+    }
+    benchmark = ROOT / "reports" / "benchmark.md"
+    with session_scope() as s:
+        version = (
+            s.query(ModelVersion)
+            .filter(ModelVersion.onnx_path.isnot(None))
+            .order_by(ModelVersion.id.desc())
+            .first()
+        )
+        manifest = {**provenance, "result": out["result"], "description": "", "pretraining": pretraining}
+        manifest["description"] = (
+            f"{BEST.get('family', BEST.get('model'))} fine-tuned with the family's default "
+            f"recipe ({out['result']['recipe'].get('ensemble', 1)} member(s))."
+        )
+        text = card(manifest, benchmark.read_text() if benchmark.is_file() else None)
+        folder = export_version(version, Path(args.out), provenance, text)
+    print(
+        f"{out['version']}: test macro AUROC {out['result']['test']['macro_auroc']:.3f}, written to {folder} "
+        f"in {minutes:.1f} min"
+    )
+
+
+if __name__ == "__main__":
+    main()
