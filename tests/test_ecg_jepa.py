@@ -525,6 +525,7 @@ def test_onnx_export_keeps_cropa(tmp_path: Path, real_windows: torch.Tensor, mon
     assert got.shape == (4, 64)
     # the mask matters: the same weights attending everywhere give different embeddings
     monkeypatch.setattr(ecg_jepa, "cropa_mask", lambda c, n, device: None)
+    monkeypatch.setattr(ecg_jepa, "cropa_bias", lambda c, n, device: None)
     with torch.no_grad():
         unmasked = encoder(real_windows).numpy()
     assert np.abs(unmasked - got).max() > 100 * parity + 1e-3
