@@ -1,21 +1,28 @@
-"""ST-MEM pretraining throughput: this implementation against a plain reference, in one run.
+"""Pretraining throughput (ST-MEM, ECG-JEPA): this implementation against a plain reference, in one run.
 
-Both models are the same ST-MEM masked autoencoder with the same weights (the reference loads this
+For each method both models are the same network with the same weights (the reference loads this
 implementation's state dict, strict), fed the same batches with the same masks (the RNG is reseeded
-identically before every step), and both run the same step: forward, backward, AdamW step.
+identically before every step), and both run the same step: forward, backward, AdamW step (and, for
+ECG-JEPA, the EMA update of the target encoder).
 
-- "plain": the architecture written straightforwardly, as the original code does it: manual
-  ``softmax(q k^T / sqrt(d)) v`` attention, the lead-wise decoding loop over the 12 leads, fp32, no
-  compile, ``torch.optim.AdamW`` with its default implementation.
-- "ours": ``services.models.st_mem.StMemMae`` stepped exactly as ``services.training.loop.train`` steps
-  it (``TrainStep``): autocast as ``TrainConfig.amp`` selects it for the device (bf16 on CUDA, and on
-  CPUs with native bf16), ``torch.compile`` with ``--compile``, fused AdamW (the same update).
+- "plain" (``bench/plain_reference.py``): the architecture written as the original code writes it. ST-MEM:
+  manual ``softmax(q k^T / sqrt(d)) v`` attention, the lead-wise decoding loop over the 12 leads.
+  ECG-JEPA: manual attention with the CroPA mask as the original applies it (a 0/1 float mask built
+  every call, ``masked_fill(mask == 0, -inf)``), all patches projected then sliced, the EMA as a loop.
+  Eager, ``torch.optim.AdamW`` with its default implementation; fp32, and also under the same autocast
+  as ours where ours trains under one (bf16 on CPUs with native bf16).
+- "ours": ``services.models`` stepped exactly as ``services.training.loop.train`` steps it
+  (``TrainStep``, then ``after_step``): autocast as ``TrainConfig.amp`` selects it for the device (bf16
+  on CUDA, and on CPUs with native bf16), ``torch.compile`` with ``--compile``, fused AdamW (the same
+  update); "ours fp32" the same without autocast.
 
-Samples/s are measured after warm-up over several repeats, alternating between the two models (so that
-drifts of a shared machine hit both alike); the median is reported, and the load average around it.
+Samples/s are measured after warm-up over several repeats, rotating the order of the contenders (so
+that drifts of a shared machine hit all alike); the median is reported, and the load average around it.
+The line with "same precision" compares ours with plain at equal precision (fp32 with fp32, and bf16
+autocast with bf16 autocast where the device has it).
 
-    .venv/bin/python bench/pretrain_throughput.py [--size small] [--batch 16] [--steps 3] [--repeats 5]
-        [--device auto|cpu|cuda] [--amp auto|on|off] [--compile]
+    .venv/bin/python bench/pretrain_throughput.py [--method st_mem|ecg_jepa|all] [--size small]
+        [--batch 16] [--steps 3] [--repeats 5] [--device auto|cpu|cuda] [--amp auto|on|off] [--compile]
 """
 
 import argparse
@@ -32,201 +39,35 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.models.st_mem import SIZES, StMemConfig, StMemMae  # noqa: E402
+from bench.plain_reference import plain_copy, plain_jepa_copy  # noqa: E402
+from services.ecg.preprocess import InputSpec  # noqa: E402
+from services.models import ecg_jepa  # noqa: E402
+from services.models.ecg_jepa import EcgJepa  # noqa: E402
+from services.models.st_mem import SIZES, StMemMae  # noqa: E402
 from services.training.loop import TrainConfig, TrainStep, pick_device  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptbxl-500"
-
-# --------------------------------------------------------------------------------------------------
-# The plain reference: ST-MEM's MAE as the original code writes it (same parameter names and shapes).
-
-
-class PlainAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, qkv_bias: bool):
-        super().__init__()
-        inner = heads * dim_head
-        self.heads = heads
-        self.scale = dim_head**-0.5
-        self.to_qkv = nn.Linear(dim, inner * 3, bias=qkv_bias)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
-        attn = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scale, dim=-1)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, n, -1)
-        return self.to_out(out)
-
-
-class PlainPreNorm(nn.Module):
-    def __init__(self, dim: int, fn: nn.Module):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.norm(x))
-
-
-class PlainFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class PlainBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, qkv_bias: bool):
-        super().__init__()
-        self.attn = PlainPreNorm(dim, PlainAttention(dim, heads, dim_head, qkv_bias))
-        self.ff = PlainPreNorm(dim, PlainFeedForward(dim, mlp_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(x) + x
-        return self.ff(x) + x
-
-
-class PlainEncoder(nn.Module):
-    def __init__(self, cfg: StMemConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.to_patch_embedding = nn.Sequential(
-            nn.Identity(),
-            nn.LayerNorm(cfg.patch_size),
-            nn.Linear(cfg.patch_size, cfg.width),
-            nn.LayerNorm(cfg.width),
-        )
-        self.pos_embedding = nn.Parameter(torch.zeros(1, cfg.num_patches + 2, cfg.width), requires_grad=False)
-        self.sep_embedding = nn.Parameter(torch.zeros(cfg.width))
-        self.lead_embeddings = nn.ParameterList(
-            nn.Parameter(torch.zeros(cfg.width)) for _ in range(cfg.num_leads)
-        )
-        for i in range(cfg.depth):
-            self.add_module(
-                f"block{i}", PlainBlock(cfg.width, cfg.heads, cfg.dim_head, cfg.mlp_dim, cfg.qkv_bias)
-            )
-        self.norm = nn.LayerNorm(cfg.width)
-
-
-class PlainMae(nn.Module):
-    """The original ``ST_MEM`` forward: patchify, mask, encode, and decode each lead in turn."""
-
-    def __init__(self, cfg: StMemConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = PlainEncoder(cfg)
-        self.to_patch_embedding = self.encoder.to_patch_embedding
-        self.to_decoder_embedding = nn.Linear(cfg.width, cfg.decoder_width)
-        self.mask_embedding = nn.Parameter(torch.zeros(1, 1, cfg.decoder_width))
-        self.decoder_pos_embed = nn.Parameter(
-            torch.zeros(1, cfg.num_patches + 2, cfg.decoder_width), requires_grad=False
-        )
-        self.decoder_blocks = nn.ModuleList(
-            PlainBlock(cfg.decoder_width, cfg.decoder_heads, 64, cfg.decoder_width * 4, cfg.qkv_bias)
-            for _ in range(cfg.decoder_depth)
-        )
-        self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=1e-6)
-        self.decoder_head = nn.Linear(cfg.decoder_width, cfg.patch_size)
-
-    def random_masking(self, x: torch.Tensor, mask_ratio: float):
-        b, c, n, d = x.shape
-        len_keep = int(n * (1 - mask_ratio))
-        noise = torch.rand(b, c, n, device=x.device)
-        ids_shuffle = torch.argsort(noise, dim=2)
-        ids_restore = torch.argsort(ids_shuffle, dim=2)
-        ids_keep = ids_shuffle[:, :, :len_keep]
-        x_masked = torch.gather(x, dim=2, index=ids_keep.unsqueeze(-1).repeat(1, 1, 1, d))
-        mask = torch.ones([b, c, n], device=x.device)
-        mask[:, :, :len_keep] = 0
-        mask = torch.gather(mask, dim=2, index=ids_restore)
-        return x_masked, mask, ids_restore
-
-    def forward_encoder(self, series: torch.Tensor, mask_ratio: float):
-        enc = self.encoder
-        b, c, length = series.shape
-        x = series.reshape(b, c, length // self.cfg.patch_size, self.cfg.patch_size)
-        x = self.to_patch_embedding(x)
-        n = x.shape[2]
-        x = x + enc.pos_embedding[:, 1 : n + 1, :].unsqueeze(1)
-        x, mask, ids_restore = self.random_masking(x, mask_ratio)
-        sep = enc.sep_embedding[None, None, None, :]
-        left = sep.expand(b, c, -1, -1) + enc.pos_embedding[:, :1, :].unsqueeze(1)
-        right = sep.expand(b, c, -1, -1) + enc.pos_embedding[:, -1:, :].unsqueeze(1)
-        x = torch.cat([left, x, right], dim=2)
-        leads = torch.stack([enc.lead_embeddings[i] for i in range(c)]).unsqueeze(0)
-        x = x + leads.unsqueeze(2).expand(b, -1, x.shape[2], -1)
-        x = x.reshape(b, -1, x.shape[-1])
-        for i in range(self.cfg.depth):
-            x = getattr(enc, f"block{i}")(x)
-        return enc.norm(x), mask, ids_restore
-
-    def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        b, c, n = ids_restore.shape
-        x = self.to_decoder_embedding(x)
-        x = x.reshape(b, c, -1, x.shape[-1])
-        d = x.shape[-1]
-        masks = self.mask_embedding.unsqueeze(1).repeat(b, c, n + 2 - x.shape[2], 1)
-        x_wo_sep = torch.cat([x[:, :, 1:-1, :], masks], dim=2)
-        x_wo_sep = torch.gather(x_wo_sep, dim=2, index=ids_restore.unsqueeze(-1).repeat(1, 1, 1, d))
-        x_wo_sep = x_wo_sep + self.decoder_pos_embed[:, 1 : n + 1, :].unsqueeze(1)
-        left = x[:, :, :1, :] + self.decoder_pos_embed[:, :1, :].unsqueeze(1)
-        right = x[:, :, -1:, :] + self.decoder_pos_embed[:, -1:, :].unsqueeze(1)
-        x = torch.cat([left, x_wo_sep, right], dim=2)
-        decoded = []
-        for i in range(c):  # lead-wise decoding, one lead at a time (methods.md 1.3)
-            x_lead = x[:, i, :, :]
-            for block in self.decoder_blocks:
-                x_lead = block(x_lead)
-            x_lead = self.decoder_head(self.decoder_norm(x_lead))
-            decoded.append(x_lead[:, 1:-1, :])
-        return torch.stack(decoded, dim=1)
-
-    def loss(self, series: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, c, length = series.shape
-        target = series.reshape(b, c, length // self.cfg.patch_size, self.cfg.patch_size)
-        if self.cfg.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((pred - target) ** 2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum()
-
-    def forward_all(self, series: torch.Tensor, mask_ratio: float = 0.75):
-        latent, mask, ids_restore = self.forward_encoder(series, mask_ratio)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.loss(series, pred, mask), pred, mask
-
-    def forward(self, series: torch.Tensor, mask_ratio: float = 0.75) -> torch.Tensor:
-        return self.forward_all(series, mask_ratio)[0]
-
-
-def plain_copy(model: StMemMae) -> PlainMae:
-    """A ``PlainMae`` holding exactly ``model``'s weights (strict load: same names, same shapes)."""
-    plain = PlainMae(model.cfg)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    return plain
-
+METHODS = {"st_mem": "ST-MEM MAE", "ecg_jepa": "ECG-JEPA"}
+SIZES_OF = {"st_mem": SIZES, "ecg_jepa": ecg_jepa.SIZES}
+TOTAL_STEPS = 10_000  # the schedule length after_step sees (the EMA momentum)
 
 # --------------------------------------------------------------------------------------------------
 # measurement
 
 
-def real_batches(batch: int, n_batches: int) -> torch.Tensor:
-    """(n_batches, batch, 12, 2250): centre windows of real PTB-XL records, or noise without the data."""
+def real_batches(spec: InputSpec, batch: int, n_batches: int) -> torch.Tensor:
+    """(n_batches, batch, leads, samples): centre windows of real PTB-XL records (noise without them)."""
     count = batch * n_batches
+    shape = (n_batches, batch, len(spec.leads), spec.samples)
     headers = sorted((DATA / "records500").glob("*/*_hr.hea"))[:count] if DATA.is_dir() else []
     if len(headers) < count:
         print(f"(no PTB-XL at {DATA}: standard-normal batches instead)")
-        return torch.randn(n_batches, batch, 12, 2250, generator=torch.Generator().manual_seed(0))
-    from services.ecg.preprocess import InputSpec, preprocess
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    from services.ecg.preprocess import preprocess
     from services.ecg.recording import read_wfdb
 
-    windows = [preprocess(read_wfdb(h), InputSpec(), "center")[0] for h in headers]
-    return torch.from_numpy(np.stack(windows)).reshape(n_batches, batch, 12, 2250)
+    windows = [preprocess(read_wfdb(h), spec, "center")[0] for h in headers]
+    return torch.from_numpy(np.stack(windows)).reshape(shape)
 
 
 def sync(device: torch.device) -> None:
@@ -235,65 +76,85 @@ def sync(device: torch.device) -> None:
 
 
 class PlainStep:
-    """forward + backward + AdamW (default implementation), fp32, eager."""
+    """forward (under ``dtype`` autocast when given) + backward + AdamW (default implementation), eager;
+    then the model's ``after_step`` (ECG-JEPA's EMA), as the original's training loop."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig):
-        self.model = model
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None):
+        self.model, self.device, self.dtype = model, device, dtype
+        groups = model.parameters()
+        if hasattr(model, "param_groups"):  # ECG-JEPA: no decay on biases and norms, as the original
+            groups = model.param_groups(cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay
+            groups, lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
+        self.steps = 0
 
     def __call__(self, batch: torch.Tensor) -> float:
-        loss = self.model(batch)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            loss = self.model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if hasattr(self.model, "after_step"):
+            self.model.after_step(self.steps, TOTAL_STEPS)
+        self.steps += 1
         return loss.detach()
 
 
+class OursStep:
+    """``TrainStep`` (autocast, compile, fused AdamW), then ``after_step``: one step of ``train``."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+        self.model = model
+        self.step = TrainStep(model, cfg, device)
+        self.steps = 0
+
+    def __call__(self, batch: torch.Tensor) -> float:
+        value = self.step(batch)
+        if hasattr(self.model, "after_step"):
+            self.model.after_step(self.steps, TOTAL_STEPS)
+        self.steps += 1
+        return value
+
+
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+clock = CLOCKS["wall"]
+
+
 def run_steps(step, batches: torch.Tensor, steps: int, first: int, device: torch.device) -> float:
-    """samples/s over ``steps`` steps; batch i uses masks seeded with ``first + i`` (same for both)."""
+    """samples/s over ``steps`` steps; batch i uses masks seeded with ``first + i`` (same for all)."""
     sync(device)
-    started = time.perf_counter()
+    started = clock()
     for i in range(steps):
         torch.manual_seed(first + i)
         step(batches[(first + i) % len(batches)])
     sync(device)
-    return steps * batches.shape[1] / (time.perf_counter() - started)
+    return steps * batches.shape[1] / (clock() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="ours: autocast")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    parser.add_argument("--no-fp32", action="store_true", help="skip ours without autocast")
-    args = parser.parse_args()
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch, learning_rate=1e-4, compile=args.compile)
-    if args.amp != "auto":
-        cfg.amp = args.amp == "on"
-    batches = real_batches(args.batch, 4).to(device)
-
+def build(method: str, size: str, device: torch.device) -> tuple[nn.Module, nn.Module, InputSpec]:
+    """(ours, plain with the same weights, input spec) for ``method`` at ``size``."""
     torch.manual_seed(0)
-    ours_model = StMemMae(SIZES[args.size]).to(device)
-    plain_model = plain_copy(ours_model).to(device)
-    ours = TrainStep(ours_model, cfg, device)
-    plain = PlainStep(plain_model, cfg)
-    contenders = {"ours": ours, "plain": plain}
-    if ours.dtype is not None and not args.no_fp32:  # also ours without autocast: what precision brings
-        fp32_model = StMemMae(SIZES[args.size]).to(device)
-        fp32_model.load_state_dict(ours_model.state_dict())
-        contenders["ours fp32"] = TrainStep(fp32_model, replace(cfg, amp=False), device)
+    if method == "st_mem":
+        ours = StMemMae(SIZES[size]).to(device)
+        return ours, plain_copy(ours).to(device), InputSpec()
+    ours = EcgJepa(ecg_jepa.SIZES[size]).to(device)
+    return ours, plain_jepa_copy(ours).to(device), ecg_jepa.INPUT_SPEC
+
+
+def bench_method(method: str, args: argparse.Namespace, cfg: TrainConfig, device: torch.device) -> None:
+    if args.size not in SIZES_OF[method]:
+        print(f"{METHODS[method]}: no size '{args.size}' (sizes: {', '.join(SIZES_OF[method])}); skipped\n")
+        return
+    ours_model, plain_model, spec = build(method, args.size, device)
+    batches = real_batches(spec, args.batch, 4).to(device)
+    ours = OursStep(ours_model, cfg, device)
+    dtype = ours.step.dtype
+    contenders = {"ours": ours, "plain": PlainStep(plain_model, cfg, device, None)}
+    if dtype is not None and not args.no_fp32:  # both at fp32 too: what precision brings, and the same-
+        fp32_model, plain_amp_model, _ = build(method, args.size, device)  # precision ratio at fp32
+        contenders["ours fp32"] = OursStep(fp32_model, replace(cfg, amp=False), device)
+        contenders["plain amp"] = PlainStep(plain_amp_model, cfg, device, dtype)
 
     # the same model: the first loss agrees (before any step, same weights, batch and masks)
     with torch.no_grad():
@@ -313,29 +174,68 @@ def main() -> None:
             rates[name].append(run_steps(step, batches, args.steps, first, device))
     medians = {name: statistics.median(values) for name, values in rates.items()}
 
-    params = sum(p.numel() for p in ours_model.parameters())
+    params = sum(p.numel() for p in ours_model.parameters() if p.requires_grad)
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU, {torch.get_num_threads()} threads"
     )
-    print(
-        f"ST-MEM MAE '{args.size}' ({params / 1e6:.2f} M params), batch {args.batch}, {device.type} ({name})"
-    )
-    print(
-        f"torch {torch.__version__}; ours: {ours.describe()}; plain: fp32, eager, manual attention, lead loop"
-    )
+    title = f"{METHODS[method]} '{args.size}'"
+    print(f"{title} ({params / 1e6:.2f} M trainable params), batch {args.batch}, {device.type} ({name})")
+    plain_ops = "manual attention, lead loop" if method == "st_mem" else "manual attention, CroPA masked_fill"
+    print(f"torch {torch.__version__}; ours: {ours.step.describe()}; plain: fp32, eager, {plain_ops}")
     print(f"first loss at the same weights/masks (fp32): ours {loss_ours:.6f}  plain {loss_plain:.6f}")
     print(
-        f"repeats: {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps; load average "
-        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} CPUs)"
+        f"repeats: {args.repeats} x {args.steps} steps after {args.warmup} warm-up steps, {args.clock} "
+        f"clock; load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
+        f"({os.cpu_count()} CPUs)"
     )
     for name, values in rates.items():
         print(f"  {name:9s}: {' '.join(f'{v:7.2f}' for v in values)}  median {medians[name]:8.2f} samples/s")
-    if "ours fp32" in medians:
-        print(f"ratio ours fp32/plain: {medians['ours fp32'] / medians['plain']:.2f}  (same precision)")
-    ours_rate, plain_rate = medians["ours"], medians["plain"]
-    print(f"ratio ours/plain: {ours_rate / plain_rate:.2f}")
+    same = [f"fp32 {medians.get('ours fp32', medians['ours']) / medians['plain']:.2f}"]
+    if "plain amp" in medians:
+        same.append(f"{ours.step.describe().split(',')[0]} {medians['ours'] / medians['plain amp']:.2f}")
+    elif dtype is not None:
+        same = []  # --no-fp32: ours only under autocast, no plain at that precision
+    if same:
+        print(f"{title} ratio ours/plain at the same precision: {', '.join(same)}  (same precision)")
+    print(f"ratio ours/plain: {medians['ours'] / medians['plain']:.2f}")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="st_mem")
+    parser.add_argument("--size", choices=sorted(set(SIZES) | set(ecg_jepa.SIZES)), default="small")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="ours: autocast")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="thread: CPU time of this thread, with --threads 1 on a CPU shared with other work",
+    )
+    parser.add_argument("--no-fp32", action="store_true", help="skip both at fp32 when ours uses autocast")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread" and (args.threads != 1 or args.device == "cuda"):
+        parser.error("--clock thread measures one CPU thread: give --threads 1 (and no GPU)")
+    global clock
+    clock = CLOCKS[args.clock]
+    device = pick_device(args.device)
+    cfg = TrainConfig(epochs=1, batch_size=args.batch, learning_rate=1e-4, compile=args.compile)
+    if args.amp != "auto":
+        cfg.amp = args.amp == "on"
+    for method in METHODS if args.method == "all" else [args.method]:
+        bench_method(method, args, cfg, device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """ECG-JEPA: the official layout, CroPA, masks, the loss against a plain transcription of the original,
 EMA and weight decay, checkpoint import, ONNX export and training through the one loop, on real records."""
 
+import importlib.util
 import math
 import re
 import uuid
@@ -324,6 +325,49 @@ def test_loss_and_gradients_equal_the_plain_original(real_windows: torch.Tensor,
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
+def _plain_reference():
+    """bench/plain_reference.py: the plain ECG-JEPA that bench/pretrain_throughput.py times against ours."""
+    spec = importlib.util.spec_from_file_location(
+        "plain_reference", Path(__file__).resolve().parents[1] / "bench" / "plain_reference.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["block", "random"])
+def test_the_benchmarks_plain_reference_gives_the_same_loss_gradients_and_ema(real_windows, kind: str):
+    # the reference the benchmark times (CroPA as a float 0/1 mask rebuilt per call, masked_fill with
+    # -inf, all patches projected; the EMA as a loop) holds our weights (strict load) and, under the same
+    # RNG state, draws the same mask: the same loss, gradients, and target encoder after an AdamW step
+    torch.manual_seed(0)
+    model = EcgJepa(TINY, MaskConfig(kind))
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plain = _plain_reference().plain_jepa_copy(model)
+    losses = []
+    for m in (model, plain):
+        torch.manual_seed(7)
+        loss = m(real_windows)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] > 0.05
+    plain_params = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert plain_params[name].grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, plain_params[name].grad, rtol=1e-3, atol=1e-6, msg=name)
+    for m in (model, plain):
+        groups = m.param_groups(0.05)
+        torch.optim.AdamW(groups, lr=1e-3).step()
+        m.after_step(3, 10)
+    plain_state = plain.state_dict()
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(t, plain_state[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_representation_is_the_mean_of_the_normalised_tokens(real_windows: torch.Tensor):
     torch.manual_seed(0)
     encoder = EcgJepa(TINY).encoder.eval()
@@ -481,6 +525,7 @@ def test_onnx_export_keeps_cropa(tmp_path: Path, real_windows: torch.Tensor, mon
     assert got.shape == (4, 64)
     # the mask matters: the same weights attending everywhere give different embeddings
     monkeypatch.setattr(ecg_jepa, "cropa_mask", lambda c, n, device: None)
+    monkeypatch.setattr(ecg_jepa, "cropa_bias", lambda c, n, device: None)
     with torch.no_grad():
         unmasked = encoder(real_windows).numpy()
     assert np.abs(unmasked - got).max() > 100 * parity + 1e-3

@@ -10,11 +10,13 @@ import os
 import stat
 import struct
 import zipfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
+import scipy.signal as sps
 import wfdb
 
 from services.ecg.formats import (
@@ -27,7 +29,7 @@ from services.ecg.formats import (
     read_npz,
 )
 from services.ecg.preprocess import InputSpec, check_signal, interpolate_gaps, prepare_signal, preprocess
-from services.ecg.recording import ContentTooLargeError, Recording, read_upload, read_wfdb
+from services.ecg.recording import ContentTooLargeError, Recording, read_header_fields, read_upload, read_wfdb
 from services.errors import EcgInputError
 
 SPEC = InputSpec()
@@ -557,3 +559,43 @@ def test_zip_records_and_listing(rec: Recording, header: Path, tmp_path: Path):
         read_upload({"notes.zip": zip_of({"docs/notes.txt": b"hello"})}, _fresh(tmp_path, "w3"))
     with pytest.raises(EcgInputError, match=r"^csv.zip: ecg.csv: line 2, column 'I'"):
         read_upload({"csv.zip": zip_of({"ecg.csv": b"I\nx\n"})}, _fresh(tmp_path, "w4"), fs=500.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the WFDB read for the cache: one header parse, the format-16 signal straight from the file, the same
+# arrays as wfdb.rdrecord + resample_poly + sosfiltfilt written plainly (bench/cache_throughput.py times both)
+
+
+def test_wfdb_header_fields_and_signals_equal_wfdbs_own(ptbxl_dir: Path, ptb_record: Path):
+    headers = sorted((ptbxl_dir / "records500").glob("*/*_hr.hea"))
+    headers += sorted((ptbxl_dir / "records100").glob("*/*_lr.hea"))[:50] + [ptb_record]
+    assert len(headers) == 551
+    for header in headers:
+        fields, reference = read_header_fields(header), wfdb.rdheader(str(header.with_suffix("")))
+        checked = ("n_sig", "fs", "sig_len", "file_name", "fmt", "samps_per_frame", "byte_offset", "sig_name")
+        for name in checked:
+            assert getattr(fields, name) == getattr(reference, name), (header.name, name)
+        channels = [0, 1, 2] if header == ptb_record else None  # PTB: 15 signals in two files
+        record = wfdb.rdrecord(str(header.with_suffix("")), channels=channels)
+        ours = read_wfdb(header)
+        rows = ours.signal[:3] if header == ptb_record else ours.signal
+        # mV already (the factor is 1): exactly wfdb's physical values, as float32
+        np.testing.assert_array_equal(rows, record.p_signal.T.astype(np.float32), err_msg=header.name)
+        assert ours.lead_names[:3] == record.sig_name[:3] and ours.comments == record.comments
+        assert ours.fs == float(record.fs)
+
+
+def test_a_record_read_for_the_cache_equals_the_plain_path(ptbxl_dir: Path):
+    spec = InputSpec()
+    for i in (1, 2, 77, 500):
+        header = ptbxl_dir / "records500" / f"{(i // 1000) * 1000:05d}" / f"{i:05d}_hr.hea"
+        record = wfdb.rdrecord(str(header.with_suffix("")))
+        ratio = Fraction(spec.fs / record.fs)
+        x = sps.resample_poly(record.p_signal.T, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
+        high = sps.butter(spec.filter_order, spec.highpass_hz, btype="highpass", fs=spec.fs, output="sos")
+        low = sps.butter(spec.filter_order, spec.lowpass_hz, btype="lowpass", fs=spec.fs, output="sos")
+        plain = sps.sosfiltfilt(np.concatenate([high, low]), x, axis=-1).astype(np.float32)
+        ours = prepare_signal(read_wfdb(header), spec)
+        assert ours.shape == plain.shape == (12, 2500)
+        # ours reads float32 mV (the Recording type): only that rounding differs
+        np.testing.assert_allclose(ours, plain, rtol=0, atol=1e-5 * np.abs(plain).max(), err_msg=header.name)

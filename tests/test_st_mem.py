@@ -240,12 +240,13 @@ def test_encoder_loads_the_mae_encoder_weights(real_windows: torch.Tensor):
 
 
 # --------------------------------------------------------------------------------------------------
-# the plain reference of bench/pretrain_throughput.py: the same results at the same weights
+# the plain reference of bench/pretrain_throughput.py (bench/plain_reference.py): the same results at
+# the same weights
 
 
 def _bench():
     spec = importlib.util.spec_from_file_location(
-        "pretrain_throughput", Path(__file__).resolve().parents[1] / "bench" / "pretrain_throughput.py"
+        "plain_reference", Path(__file__).resolve().parents[1] / "bench" / "plain_reference.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

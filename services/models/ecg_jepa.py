@@ -20,6 +20,8 @@ Differences from the original, deliberate:
   patch is never masked); ``MaskConfig(original_block_starts=True)`` restores the original;
 - the context encoder projects only the visible patches (the original projects all 400, then slices);
   the predictor normalises and projects only the masked tokens (it keeps only those). Same results.
+- CroPA reaches the attention as an additive float mask (0 / -inf) built once per shape (``cropa_bias``),
+  not a 0/1 mask rebuilt with Python loops at every call and applied with ``masked_fill``. Same results.
 - the ``tiny`` size (ours, for CPUs) draws the patch projection ``W_P`` at std 0.4, not 0.02 (``base``
   keeps 0.02). At 0.02 the fixed sin-cos table (rms 0.7 per feature, added before every block) dwarfs the
   patch tokens of a standardised window (rms 0.14): on real records 3.5% of the tiny encoder's token
@@ -148,6 +150,16 @@ def cropa_mask(num_leads: int, num_patches: int, device: torch.device) -> torch.
         return (lead[:, None] == lead[None, :]) | (time[:, None] == time[None, :])
 
 
+@lru_cache(maxsize=64)
+def cropa_bias(num_leads: int, num_patches: int, device: torch.device) -> torch.Tensor:
+    """(C*n, C*n) float32: ``cropa_mask`` as the additive mask of the attention logits, 0 where a token may
+    attend, -inf elsewhere. ``scaled_dot_product_attention`` takes it faster than the boolean mask on the
+    CPU (tiny pretraining steps 1.08x, bench/pretrain_throughput.py). Built once per shape and device."""
+    with torch.inference_mode(False):
+        allowed = cropa_mask(num_leads, num_patches, device)
+        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+
+
 # --------------------------------------------------------------------------------------------------
 # positional tables
 
@@ -181,6 +193,8 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, n, dh) each
+        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+            mask = mask.to(q.dtype)  # an additive mask under autocast: the dtype of the logits
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, n, dh)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -290,7 +304,7 @@ class EcgJepaEncoder(nn.Module):
             x, pos = x[:, :, visible], pos[:, visible]  # (B, C, n, D), (C, n, D)
         n = x.shape[2]
         x = x.reshape(b, c * n, cfg.width)
-        x = self.encoder_blocks(x, pos.reshape(1, c * n, cfg.width), cropa_mask(c, n, x.device))
+        x = self.encoder_blocks(x, pos.reshape(1, c * n, cfg.width), cropa_bias(c, n, x.device))
         return self.norm(x)
 
     def forward(self, series: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,12 @@ per-lead independent random masking and a lead-wise shared decoder.
 Parameter names follow the official checkpoints (``block{i}.attn.fn.to_qkv`` and so on), so that
 their state dicts load unchanged.
 
-Computation (not the results) differs from the original code for speed: fused attention on GPUs (a
-plain matmul-softmax-matmul on the CPU, faster there), all leads decoded in one batch (chunked on the
-CPU) instead of a loop over the leads. ``bench/pretrain_throughput.py`` holds a plain transcription of
-the original and measures both; ``tests/test_st_mem.py`` checks that they agree at the same weights.
+Computation (not the results) differs from the original code for speed: fused attention (a plain
+matmul-softmax-matmul under CPU autocast, faster there), all leads decoded in one batch (chunked on the
+CPU) instead of a loop over the leads, only the kept patches embedded, the target's per-patch variance
+without ``torch.var`` (slow over the last dimension on the CPU). ``bench/pretrain_throughput.py`` times
+a plain transcription of the original (``bench/plain_reference.py``) against this; ``tests/test_st_mem.py``
+checks that they agree at the same weights.
 The masking noise can be given (``noise``), and under data parallelism it is drawn for the global batch
 (``set_data_shard``), so that any number of processes masks a sample alike.
 """
@@ -78,21 +80,23 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        qkv = self.to_qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)  # (3, B, H, n, dh)
-        out = attention(qkv[0], qkv[1], qkv[2])  # (B, H, n, dh)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        # chunk, then view each of q, k, v as heads (the original's layout): the backward is one cat of the
+        # three gradients, where indexing a permuted (3, B, H, n, dh) tensor zero-fills and adds three times
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_qkv(x).chunk(3, dim=-1))
+        out = attention(q, k, v)  # (B, H, n, dh)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, n, H*dh) -> (B, n, D)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, H, n, d).
 
-    On GPUs ``scaled_dot_product_attention`` (fused flash / memory-efficient kernels). On the CPU the
-    plain composition of two batched matmuls and a softmax: for ST-MEM's short sequences (108 and 32
-    tokens) PyTorch's fused CPU kernel is slower, forward and backward, especially in bf16 (measured:
-    bench/pretrain_throughput.py). The softmax is taken in fp32 whatever the input precision.
+    ``scaled_dot_product_attention`` (fused kernels, strided q, k, v without copies), except under CPU
+    bf16/fp16 autocast: there the plain composition of two batched matmuls and a softmax taken in fp32,
+    which measured faster for ST-MEM's short sequences (108 and 32 tokens) on a CPU with native bf16. In
+    fp32 on the CPU the fused kernel is the faster (tiny size, 1 thread: steps 1.07x; bench/
+    pretrain_throughput.py).
     """
-    if q.device.type != "cpu":
+    if q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, k, v)
     scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
@@ -143,7 +147,11 @@ class PatchEmbedding(nn.Sequential):
 
     def forward(self, series: torch.Tensor) -> torch.Tensor:
         b, c, length = series.shape
-        return super().forward(series.reshape(b, c, length // self.patch_size, self.patch_size))
+        return self.embed(series.reshape(b, c, length // self.patch_size, self.patch_size))
+
+    def embed(self, patches: torch.Tensor) -> torch.Tensor:
+        """(..., patch_size) -> (..., width): each patch on its own."""
+        return super().forward(patches)
 
 
 class StMemEncoder(nn.Module):
@@ -216,7 +224,8 @@ class StMemMae(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(cfg.decoder_width, eps=1e-6)
         self.decoder_head = nn.Linear(cfg.decoder_width, cfg.patch_size)
-        self.cpu_chunk_rows = 256 * torch.get_num_threads()  # see decode_leads
+        # see decode_leads: 256 tokens per thread at decoder width 256, more for narrower decoders
+        self.cpu_chunk_rows = 256 * torch.get_num_threads() * max(1, 256 // cfg.decoder_width)
         self.data_shard = (0, 1)  # (rank, world size): see set_data_shard
         self.initialize_weights()
 
@@ -247,6 +256,18 @@ class StMemMae(nn.Module):
         return torch.rand(b * world, c, n, device=device)[rank::world]
 
     @staticmethod
+    def masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """noise (B, C, N) -> ids_keep (B, C, keep): the int(N*(1-ratio)) patches of the smallest noise, per
+        sample and lead; mask (B, C, N) with 1 = masked; ids_restore (B, C, N)."""
+        b, c, n = noise.shape
+        keep = int(n * (1 - mask_ratio))
+        ids_shuffle = noise.argsort(dim=2)
+        ids_restore = ids_shuffle.argsort(dim=2)
+        mask = torch.ones(b, c, n, device=noise.device)
+        mask[..., :keep] = 0
+        return ids_shuffle[..., :keep], torch.gather(mask, 2, ids_restore), ids_restore
+
+    @staticmethod
     def random_masking(
         x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,24 +277,24 @@ class StMemMae(nn.Module):
         ``noise`` (B, C, N) fixes the draw (default: ``torch.rand``).
         """
         b, c, n, d = x.shape
-        keep = int(n * (1 - mask_ratio))
         if noise is None:
             noise = torch.rand(b, c, n, device=x.device)
-        ids_shuffle = noise.argsort(dim=2)
-        ids_restore = ids_shuffle.argsort(dim=2)
-        kept = torch.gather(x, 2, ids_shuffle[..., :keep, None].expand(-1, -1, -1, d))
-        mask = torch.ones(b, c, n, device=x.device)
-        mask[..., :keep] = 0
-        return kept, torch.gather(mask, 2, ids_restore), ids_restore
+        ids_keep, mask, ids_restore = StMemMae.masking(noise, mask_ratio)
+        return torch.gather(x, 2, ids_keep[..., None].expand(-1, -1, -1, d)), mask, ids_restore
 
     def forward_encoder(self, series: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         enc = self.encoder
-        x = enc.to_patch_embedding(series)  # (B, C, N, D)
-        b, c, n, _ = x.shape
-        x = x + enc.pos_embedding[:, 1 : n + 1].unsqueeze(1)
+        b, c, length = series.shape
+        p = self.cfg.patch_size
+        patches = series.reshape(b, c, length // p, p)  # (B, C, N, P)
+        n = patches.shape[2]
         if noise is None:
-            noise = self.masking_noise(b, c, n, x.device)
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # (B, C, keep, D)
+            noise = self.masking_noise(b, c, n, series.device)
+        # Mask first, then embed only the kept patches (the embedding acts on each patch alone: the same
+        # tokens as embedding all N and keeping some, as the original does, at a quarter of the work).
+        ids_keep, mask, ids_restore = self.masking(noise, mask_ratio)  # (B, C, keep)
+        x = torch.gather(patches, 2, ids_keep[..., None].expand(-1, -1, -1, p))  # (B, C, keep, P)
+        x = enc.to_patch_embedding.embed(x) + enc.pos_embedding[0, 1 : n + 1][ids_keep]  # (B, C, keep, D)
         x = enc.add_sep_and_leads(x)  # (B, C*(keep+2), D)
         for block in enc.blocks:
             x = block(x)
@@ -297,10 +318,12 @@ class StMemMae(nn.Module):
         """(S, N+2, Dd) lead sequences -> (S, N+2, P): the shared decoder blocks, LayerNorm and head.
 
         The leads never attend to each other, so all of them go through at once (the original loops over
-        the 12 leads). On the CPU in chunks of ``cpu_chunk_rows`` tokens (256 per thread): the same results,
-        but activations that stay in cache and in the allocator's pools. In one piece, the large buffers
-        are mapped and page-faulted afresh every step: measured on the 2-core development machine, fp32
-        steps ran 1.15x (batch 16) to 1.4x (batch 32) slower, bf16 steps 1.1x.
+        the 12 leads). On the CPU in chunks of ``cpu_chunk_rows`` tokens (256 per thread at decoder width
+        256, as many more as the decoder is narrower): the same results, but activations that stay in cache
+        and in the allocator's pools. In one piece, the large buffers are mapped and page-faulted afresh
+        every step: measured on the 2-core development machine, fp32 steps ran 1.15x (batch 16) to 1.4x
+        (batch 32) slower, bf16 steps 1.1x. Chunks of 256 tokens of the tiny size's 64-wide decoder, on the
+        other hand, were as slow as the original's loop over the leads (per-operation overheads).
         """
         if x.device.type == "cpu":
             per_chunk = max(1, self.cpu_chunk_rows // x.shape[1])
@@ -317,11 +340,11 @@ class StMemMae(nn.Module):
         """MSE per patch over masked patches only; targets normalised per patch when norm_pix_loss."""
         b, c, length = series.shape
         target = series.reshape(b, c, length // self.cfg.patch_size, self.cfg.patch_size)
-        if self.cfg.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
-        per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (B, C, N)
+        if self.cfg.norm_pix_loss:  # (target - mean) / sqrt(unbiased var + 1e-6), per patch
+            centred = target - target.mean(dim=-1, keepdim=True)
+            var = centred.square().sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)  # 6x torch.var's speed
+            target = centred * (var + 1e-6).rsqrt()
+        per_patch = (pred.float() - target).square().mean(dim=-1)  # (B, C, N)
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
