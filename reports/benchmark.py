@@ -11,6 +11,8 @@ register) run in this process on a temporary embedded database, except the clini
 
 Lines (``--lines``, comma-separated names; default all):
     supervised        1-D ResNet (resnet1d_wang) trained from scratch: the field's strong simple baseline
+    supervised-tiny   the same at the tiny size (the network the SimCLR line pretrains)
+    ensemble-<size>   several 1-D ResNets from scratch, their probabilities averaged (one served model)
     clinical          clinical measurements + logistic regression (C on the validation fold)
     random-<family>   that family's encoder at its random initialisation + linear probe
     <method>-probe    the pretrained encoder, frozen, + linear probe (and its kNN, k=20 cosine, in one job)
@@ -214,6 +216,14 @@ def lines() -> dict[str, tuple[str, Callable]]:
         "supervised-tiny": (
             "1-D ResNet tiny from scratch (the SSL CNN's network)",
             finetune_line(family="resnet1d", model_size="tiny", method="finetune"),
+        ),
+        "ensemble-tiny": (
+            "5 x 1-D ResNet tiny from scratch, averaged",
+            finetune_line(family="resnet1d", model_size="tiny", method="finetune", ensemble=5),
+        ),
+        "ensemble-base": (
+            "3 x 1-D ResNet (resnet1d_wang) from scratch, averaged",
+            finetune_line(family="resnet1d", model_size="base", method="finetune", ensemble=3),
         ),
         "clinical": ("clinical measurements + logistic regression", clinical_line),
     }
