@@ -605,7 +605,7 @@ def test_an_ecg_jepa_job_pretrains_exports_and_serves_an_awkward_upload(
     assert run_pretrain_job(uuid.UUID(job_id), worker="test-worker") == "succeeded"  # as the worker would
     job = client.get(f"/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
-    assert job["params"]["weight_decay"] is None  # the method's default (0.05) applied on the worker
+    assert job["params"]["weight_decay"] == 0.05  # the method's recipe, filled in and kept on the job row
     losses = [m["values"]["train_loss"] for m in job["metrics"]]
     assert len(losses) == 2 and all(np.isfinite(losses))
 
