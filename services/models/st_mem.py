@@ -375,7 +375,7 @@ class StMemObjective(nn.Module):
         return self.mae(batch, self.mask_ratio)
 
 
-_SEARCHED = "reports/recipe_search.py --method st_mem (out-of-fold probes, folds 1-9)"
+_SEARCHED = "out-of-fold probes over folds 1-9 (reports/learning_check_st_mem.md); reports/benchmark.py"
 _PAPER = "the paper's recipe (Na et al. 2024), not measured here"
 _FINETUNE = FinetuneRecipe(1e-3, 32, 30, 0.05, 3, 0.75, False, "reports/benchmark.py (validation folds)")
 
