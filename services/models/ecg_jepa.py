@@ -29,7 +29,7 @@ Differences from the original, deliberate:
   alone, and the tiny model's loss fell to 0.001 while its embeddings stayed at chance (out-of-fold macro
   AUROC over folds 1-9 of ptbxl-500, best of 3 probe strengths: 0.56-0.57 after 12 epochs with random
   masks or an EMA from 0.9995; a deeper tiny, 0.50 after 2 epochs, was stopped). Measured the same way
-  (out-of-fold probes, ``reports/learning_check_ecg_jepa.md``), at std 0.2 / 0.4 / 1.0 (57% / 74% / 85% of the variance
+  (out-of-fold probes), at std 0.2 / 0.4 / 1.0 (57% / 74% / 85% of the variance
   across records) the embeddings went from 0.68 / 0.70 / 0.72 at initialisation to 0.71 / 0.76 / 0.75
   after 12 epochs (std 0.1: 0.65, then 0.64 after 4 epochs, stopped). 0.4 gained most.
 Kept from the original: the target encoder is a deep copy that runs in the model's mode (with drop-path
