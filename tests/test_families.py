@@ -228,3 +228,22 @@ def test_an_ensemble_finetune_serves_the_mean_of_its_members(client: TestClient,
     np.testing.assert_allclose(probabilities, expected.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="'ensemble' goes with method 'finetune'"):
         FinetuneParams(family="resnet1d", dataset="x", method="linear_probe", ensemble=2)
+
+
+def test_a_simclr_pretraining_job_registers_a_cnn_encoder_that_embeds_uploads(
+    client: TestClient, ptb_record: Path
+) -> None:
+    body = {"dataset": "ptbxl-500", "method": "simclr", "model_size": "tiny", "epochs": 2, "batch_size": 16,
+            "record_limit": 40, "model_name": f"simclr-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+    job = finished(client, post_job(client, "pretrain", body))
+    losses = [m["values"]["train_loss"] for m in job["metrics"]]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[1] < losses[0]
+    assert job["params"]["learning_rate"] == pytest.approx(1e-3 * 16 / 128)  # the recipe, scaled to the batch
+    ref = job["model_version"]
+    name, number = ref.split("@")
+    version = client.get(f"/models/{name}/versions/{number}").json()
+    assert version["input_spec"]["fs"] == 100.0 and version["embedding_dim"] == 128
+    assert version["parity_max_abs_diff"] < 1e-3
+    embedded = client.post(f"/embed?model={ref}", files=wfdb_files(ptb_record, ".hea", ".dat"))
+    assert embedded.status_code == 200, embedded.text
+    assert embedded.json()["dimension"] == 128 and len(embedded.json()["embedding"]) == 128
