@@ -308,25 +308,24 @@ def main() -> None:
         raise SystemExit(f"unknown line(s) {unknown}: one of {', '.join(available)}")
 
     started = time.perf_counter()
-    rows = []
-    for name in chosen:
-        description, run = available[name]
-        runs = []
-        for fold in folds:
+    runs: dict[str, list[dict]] = {name: [] for name in chosen}
+    for fold in folds:  # fold after fold, so that an interrupted run has every line on the same folds
+        for name in chosen:
             done = args.work / f"result-{name}-fold{fold}-seed{args.seed}.json"
             if not done.is_file():
-                done.write_text(json.dumps(run(fold, args)))
-            runs.append(json.loads(done.read_text()))
+                done.write_text(json.dumps(available[name][1](fold, args)))
+            runs[name].append(json.loads(done.read_text()))
+            r = runs[name][-1]
+            val = r.get("val_macro_auroc") or float("nan")
             print(
-                f"  {name} fold {fold}: test {runs[-1]['macro_auroc']:.3f}, val "
-                f"{runs[-1].get('val_macro_auroc') or float('nan'):.3f} ({runs[-1]['seconds']:.0f} s)",
+                f"  fold {fold} {name}: test {r['macro_auroc']:.3f}, val {val:.3f} ({r['seconds']:.0f} s)",
                 flush=True,
             )
-        rows.append(summary(name, description, runs))
-        r = rows[-1]
+    rows = [summary(name, available[name][0], runs[name]) for name in chosen]
+    for r in rows:
         print(
-            f"{name:<18} {r['mean']:.3f} ± {r['std']:.3f} ({len(runs)} folds; val {r['val_mean'] or 0:.3f}) "
-            + " ".join(f"{c} {r['per_class'][c]:.3f}" for c in CLASSES),
+            f"{r['line']:<18} {r['mean']:.3f} ± {r['std']:.3f} ({r['folds']} folds, "
+            f"val {r['val_mean'] or 0:.3f}) " + " ".join(f"{c} {r['per_class'][c]:.3f}" for c in CLASSES),
             flush=True,
         )
 
