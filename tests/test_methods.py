@@ -89,3 +89,89 @@ def test_methods_need_no_api_key(client: TestClient, settings_env: pytest.Monkey
     settings_env.setenv("ECGSSL_API_KEY", "s3cret")
     assert client.post("/jobs/pretrain", json={"dataset": "ptbxl-500"}).status_code == 401
     assert client.get("/methods").status_code == 200  # read-only, open like GET /jobs
+
+
+# --------------------------------------------------------------------------------------------------
+# bad family / size / fold / ensemble choices: one 422 each, on the field, saying what was expected
+
+FINETUNE = {"dataset": "ptbxl-500", "method": "finetune"}
+BAD_CHOICES = [  # (id, url, body, the field the error is on (None: the body), what its message must say)
+    ("neither-model-nor-family", "/jobs/finetune", FINETUNE, None, ["'model'", "'family'", "neither"]),
+    (
+        "both-model-and-family",
+        "/jobs/finetune",
+        {**FINETUNE, "model": "st_mem-tiny@1", "family": "st_mem"},
+        "family",
+        ["either 'model' or 'family', not both"],
+    ),
+    (
+        "unknown-family",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "transformer"},
+        "family",
+        ["'st_mem', 'ecg_jepa' or 'resnet1d'"],
+    ),
+    (
+        "size-the-family-lacks",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "model_size": "small"},
+        "model_size",
+        ["model_size 'small' does not exist for resnet1d: one of tiny, base", "GET /methods"],
+    ),
+    (
+        "test-fold-0",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "test_fold": 0},
+        "test_fold",
+        ["greater than or equal to 1"],
+    ),
+    (
+        "test-fold-11",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "test_fold": 11},
+        "test_fold",
+        ["less than or equal to 10"],
+    ),
+    (
+        "ensemble-of-linear-probes",
+        "/jobs/finetune",
+        {**FINETUNE, "method": "linear_probe", "family": "resnet1d", "ensemble": 2},
+        "ensemble",
+        ["method 'finetune' only", "'linear_probe'"],
+    ),
+    (
+        "ensemble-11",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "ensemble": 11},
+        "ensemble",
+        ["less than or equal to 10"],
+    ),
+    (
+        "pretrain-size-the-method-lacks",
+        "/jobs/pretrain",
+        {"dataset": "ptbxl-500", "method": "simclr", "model_size": "small"},
+        "model_size",
+        ["model_size 'small' does not exist for simclr", "one of tiny, base", "GET /methods"],
+    ),
+    (
+        "model-size-with-a-model",
+        "/jobs/finetune",
+        {**FINETUNE, "model": "st_mem-tiny@1", "model_size": "tiny"},
+        "model_size",
+        ["'model_size' goes with 'family' only", "st_mem-tiny@1"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field", "says"), [c[1:] for c in BAD_CHOICES], ids=[c[0] for c in BAD_CHOICES]
+)
+def test_bad_choices_are_422_on_the_field(
+    client: TestClient, url: str, body: dict, field: str | None, says: list[str]
+) -> None:
+    response = client.post(url, json=body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]  # one error, not a cascade of follow-ups
+    assert error["loc"] == (["body", field] if field else ["body"])
+    for part in says:
+        assert part in error["msg"], (part, error["msg"])
