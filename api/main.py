@@ -7,7 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.routers import datasets, embed, health, jobs, models, predict
+from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.errors import ClientError
 from services.shipped import register_on_first_start
 
@@ -33,7 +33,15 @@ def create_app() -> FastAPI:
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
 
-    for router in (datasets.router, jobs.router, models.router, embed.router, predict.router, health.router):
+    for router in (
+        datasets.router,
+        jobs.router,
+        methods.router,
+        models.router,
+        embed.router,
+        predict.router,
+        health.router,
+    ):
         app.include_router(router)
     return app
 

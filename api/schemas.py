@@ -318,3 +318,95 @@ class ModelImportRequest(BaseModel):
     name: str = Field(
         ..., pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; a new version if it exists"
     )
+
+
+# GET /methods: the model families, their sizes and recipes
+
+_STANDARD_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+_BENCHMARK = "reports/benchmark.py (validation folds of the 10-fold cross-validation)"
+METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods.py checks it still is)
+    "families": [
+        {
+            "name": "resnet1d",
+            "method": "simclr",
+            "description": "1-D ResNet (resnet1d_wang), SimCLR with ECG augmentations "
+            "(12 leads, 100 Hz, 2.5 s)",
+            "sizes": [
+                {
+                    "name": "tiny",
+                    "input": {"leads": _STANDARD_LEADS, "fs": 100.0, "samples": 250},
+                    "embedding_dim": 128,
+                    "encoder_parameters": 113024,
+                    "pretrain_recipe": {
+                        "learning_rate": 0.001,
+                        "batch_size": 128,
+                        "epochs": 50,
+                        "weight_decay": 0.01,
+                        "warmup_epochs": 5.0,
+                        "evidence": _BENCHMARK,
+                    },
+                    "finetune_recipe": {
+                        "learning_rate": 0.01,
+                        "batch_size": 64,
+                        "epochs": 30,
+                        "weight_decay": 0.01,
+                        "warmup_epochs": 9.0,
+                        "layer_decay": 1.0,
+                        "augment": False,
+                        "ensemble": 1,
+                        "evidence": _BENCHMARK,
+                    },
+                }
+            ],
+        }
+    ]
+}
+
+
+class MethodInput(BaseModel):
+    """What the encoder consumes (uploads are resampled and cut to this)."""
+
+    leads: list[str] = Field(description="lead names, in the order the encoder takes them")
+    fs: float = Field(description="sampling rate in Hz")
+    samples: int = Field(description="samples per window (window length: samples / fs seconds)")
+
+
+class PretrainRecipeOut(BaseModel):
+    """A pretraining job's defaults for the size (what POST /jobs/pretrain fills in when not given)."""
+
+    learning_rate: float = Field(description="peak lr at this batch_size; scaled linearly with batch_size")
+    batch_size: int
+    epochs: int
+    weight_decay: float = Field(description="AdamW")
+    warmup_epochs: float
+    evidence: str = Field(description="where the recipe was shown to learn (a reports/ command or the paper)")
+
+
+class FinetuneRecipeOut(PretrainRecipeOut):
+    """A fine-tuning job's defaults (method finetune) for the size."""
+
+    layer_decay: float = Field(description="layer-wise lr decay of a transformer's blocks (1.0: none)")
+    augment: bool = Field(description="ST-MEM's RandAugment on the training windows")
+    ensemble: int = Field(description="members trained (seeds seed, seed + 1, ...), served as their mean")
+
+
+class MethodSize(BaseModel):
+    name: str = Field(description="the model_size of a job")
+    input: MethodInput
+    embedding_dim: int = Field(description="size of the embedding the encoder returns (per window)")
+    encoder_parameters: int = Field(description="parameters of the encoder (without heads or decoders)")
+    pretrain_recipe: PretrainRecipeOut
+    finetune_recipe: FinetuneRecipeOut | None = Field(description="null: the size has no fine-tuning recipe")
+
+
+class MethodFamily(BaseModel):
+    name: str = Field(description="the family, as FinetuneRequest.family and model versions name it")
+    method: str = Field(description="its self-supervised pretraining method, as PretrainRequest.method")
+    description: str
+    sizes: list[MethodSize]
+
+
+class MethodList(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [METHODS_EXAMPLE]})
+
+    families: list[MethodFamily]

@@ -5,7 +5,16 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -91,10 +100,13 @@ class PretrainParams(BaseModel):
     method: PretrainMethod = Field(
         "st_mem",
         description="st_mem: masked autoencoder (12 leads); ecg_jepa: JEPA with CroPA (8 leads); simclr: "
-        "contrastive with ECG augmentations on the 1-D ResNet (12 leads, 100 Hz)",
+        "contrastive with ECG augmentations on the 1-D ResNet (12 leads, 100 Hz); GET /methods lists them",
     )
     model_size: Literal["tiny", "small", "base"] = Field(
-        "tiny", description="tiny (CPU demo), small (ST-MEM only), base (the published encoders)"
+        "tiny",
+        validate_default=True,
+        description="tiny (CPU demo), small (ST-MEM only), base (the published encoders); each method's "
+        "sizes: GET /methods",
     )
     model_name: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
@@ -130,6 +142,18 @@ class PretrainParams(BaseModel):
     def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
         return check_folds(folds)
 
+    @field_validator("model_size")
+    @classmethod
+    def _size_exists(cls, size: str, info: ValidationInfo) -> str:
+        """A size the method has (an error on 'model_size'); skipped when 'method' itself was refused."""
+        method = info.data.get("method")
+        if method is not None and size not in METHOD_SIZES[method]:
+            raise ValueError(
+                f"model_size '{size}' does not exist for {method} (family {BY_METHOD[method].name}): "
+                f"one of {', '.join(METHOD_SIZES[method])} (GET /methods lists each method's sizes)"
+            )
+        return size
+
     @field_validator("dataset", mode="before")
     @classmethod
     def _entries(cls, dataset: object) -> object:
@@ -160,14 +184,9 @@ class PretrainParams(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _size_exists_and_recipe_filled_in(self) -> "PretrainParams":
-        """Refuse a size the method lacks; fill what was not given from the method's recipe for the size
-        (so that the job row records the recipe it ran)."""
-        if self.model_size not in METHOD_SIZES[self.method]:
-            raise ValueError(
-                f"model_size '{self.model_size}' does not exist for {self.method}: "
-                f"one of {', '.join(METHOD_SIZES[self.method])}"
-            )
+    def _recipe_filled_in(self) -> "PretrainParams":
+        """Fill what was not given from the method's recipe for the size (so that the job row records the
+        recipe it ran); the size exists (``_size_exists``)."""
         recipe = BY_METHOD[self.method].pretrain_recipes[self.model_size]
         self.batch_size = self.batch_size or recipe.batch_size
         self.epochs = self.epochs or recipe.epochs
@@ -279,10 +298,12 @@ class FinetuneParams(DownstreamCommon):
     family: FamilyName | None = Field(
         None,
         description="without 'model': the encoder family to train from scratch (resnet1d: the supervised "
-        "1-D ResNet baseline; st_mem, ecg_jepa: a random-init transformer)",
+        "1-D ResNet baseline; st_mem, ecg_jepa: a random-init transformer); GET /methods lists them",
     )
     model_size: str | None = Field(
-        None, description="with 'family': its size; default resnet1d base, else tiny"
+        None,
+        description="with 'family' only: its size (GET /methods lists each family's); default resnet1d "
+        "base, else tiny",
     )
     method: FinetuneMethod = Field(
         ...,
@@ -339,29 +360,63 @@ class FinetuneParams(DownstreamCommon):
     )
     checkpoint_every: int = Field(5, ge=1)
 
+    # Checks of one field against the fields declared before it (info.data) report on that field; each is
+    # skipped when the field it depends on was itself refused (that field's error says why).
+
+    @field_validator("family")
+    @classmethod
+    def _family_or_model(cls, family: str | None, info: ValidationInfo) -> str | None:
+        if family is not None and info.data.get("model") is not None:
+            raise ValueError(
+                f"give either 'model' or 'family', not both: 'model' ('{info.data['model']}') starts from a "
+                f"registered version (of its own family), 'family' ('{family}') from a new encoder trained "
+                "from scratch"
+            )
+        return family
+
+    @field_validator("model_size")
+    @classmethod
+    def _size_of_the_family(cls, size: str | None, info: ValidationInfo) -> str | None:
+        if size is None:
+            return size
+        if info.data.get("model") is not None:
+            raise ValueError(
+                f"'model_size' goes with 'family' only: model '{info.data['model']}' is a registered "
+                "version of its own size; leave 'model_size' out"
+            )
+        family = info.data.get("family")
+        if family is not None and size not in FAMILIES[family].sizes:
+            raise ValueError(
+                f"model_size '{size}' does not exist for {family}: one of "
+                f"{', '.join(FAMILIES[family].sizes)} (GET /methods lists each family's sizes)"
+            )
+        return size
+
+    @field_validator("ensemble")
+    @classmethod
+    def _ensemble_of_finetunes(cls, ensemble: int | None, info: ValidationInfo) -> int | None:
+        method = info.data.get("method")
+        if ensemble not in (None, 1) and method is not None and method != "finetune":
+            raise ValueError(
+                f"'ensemble' goes with method 'finetune' only, not '{method}' ({ensemble} members asked): "
+                "leave it out or give 1"
+            )
+        return ensemble
+
     @model_validator(mode="after")
     def _options_match_the_method(self) -> "FinetuneParams":
         defaults = {"triplet": TripletOptions(), "vqvae": VqvaeOptions()}
         for option, default in defaults.items():  # (the stored params carry both, at their defaults)
             if self.method != option and getattr(self, option) != default:
                 raise ValueError(f"'{option}' options were given but method is '{self.method}'")
-        if (self.model is None) == (self.family is None):
+        if self.model is None and self.family is None:
             raise ValueError(
-                "give either 'model' (a registered version to start from) or 'family' (a new encoder "
-                "trained from scratch), not both or neither"
+                "give either 'model' (a registered version to start from, e.g. 'st_mem-tiny@1') or "
+                f"'family' (a new encoder trained from scratch: one of {', '.join(FAMILIES)}): "
+                "neither was given"
             )
-        if self.ensemble not in (None, 1) and self.method != "finetune":
-            raise ValueError("'ensemble' goes with method 'finetune'")
-        if self.model is not None and self.model_size is not None:
-            raise ValueError("'model_size' goes with 'family'; a registered model has its own size")
-        if self.family is not None:
-            sizes = FAMILIES[self.family].sizes
+        if self.family is not None:  # (its size was checked by _size_of_the_family)
             self.model_size = self.model_size or ("base" if self.family == "resnet1d" else "tiny")
-            if self.model_size not in sizes:
-                raise ValueError(
-                    f"model_size '{self.model_size}' does not exist for {self.family}: "
-                    f"one of {', '.join(sizes)}"
-                )
         return self
 
     def recipe(self, family: str, size: str) -> dict:

@@ -1,0 +1,177 @@
+"""GET /methods (the model families, their sizes and recipes) and the 422s of bad family / size / fold /
+ensemble choices in job requests, through the HTTP API in-process (nothing is queued)."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.schemas import METHODS_EXAMPLE
+from services.jobs import PretrainParams
+from services.models.families import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def listed(client: TestClient) -> dict:
+    response = client.get("/methods")
+    assert response.status_code == 200, response.text
+    return {f["name"]: f for f in response.json()["families"]}
+
+
+def size_of(listed: dict, family: str, size: str) -> dict:
+    return next(s for s in listed[family]["sizes"] if s["name"] == size)
+
+
+def test_methods_lists_every_family_with_its_sizes(listed: dict) -> None:
+    assert list(listed) == ["st_mem", "ecg_jepa", "resnet1d"]
+    assert [s["name"] for s in listed["st_mem"]["sizes"]] == ["tiny", "small", "base"]
+    assert [s["name"] for s in listed["ecg_jepa"]["sizes"]] == ["tiny", "base"]
+    assert [s["name"] for s in listed["resnet1d"]["sizes"]] == ["tiny", "base"]
+    assert {f: listed[f]["method"] for f in listed} == {
+        "st_mem": "st_mem",
+        "ecg_jepa": "ecg_jepa",
+        "resnet1d": "simclr",
+    }
+    for name, family in listed.items():
+        assert family["description"] == FAMILIES[name].description
+        for size in family["sizes"]:
+            assert size["embedding_dim"] == FAMILIES[name].sizes[size["name"]].width
+            assert size["pretrain_recipe"]["evidence"] and size["finetune_recipe"]["evidence"]
+
+
+def test_input_specs(listed: dict) -> None:
+    resnet = size_of(listed, "resnet1d", "base")["input"]
+    assert (len(resnet["leads"]), resnet["fs"], resnet["samples"]) == (12, 100.0, 250)
+    jepa = size_of(listed, "ecg_jepa", "tiny")["input"]
+    assert (jepa["leads"], jepa["fs"], jepa["samples"]) == (
+        ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"],
+        250.0,
+        2500,
+    )
+    assert size_of(listed, "st_mem", "tiny")["input"]["samples"] == 2250
+
+
+def test_pretrain_recipe_is_what_a_pretraining_job_fills_in(listed: dict) -> None:
+    shown = size_of(listed, "st_mem", "tiny")["pretrain_recipe"]
+    filled = PretrainParams(dataset="ptbxl-500", method="st_mem", model_size="tiny")
+    for field in ("epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs"):
+        assert shown[field] == pytest.approx(getattr(filled, field)), field
+    assert "recipe_search" in shown["evidence"]
+
+
+def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> None:
+    from services.jobs import FinetuneParams
+
+    shown = size_of(listed, "resnet1d", "base")["finetune_recipe"]
+    params = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")
+    resolved = params.recipe("resnet1d", params.model_size)
+    assert {k: shown[k] for k in resolved} == pytest.approx(resolved)
+
+
+@pytest.mark.parametrize(("family", "size"), [("st_mem", "tiny"), ("ecg_jepa", "tiny"), ("resnet1d", "base")])
+def test_parameter_counts_are_those_of_a_real_encoder(listed: dict, family: str, size: str) -> None:
+    f = FAMILIES[family]
+    encoder = f.encoder_class(f.sizes[size])
+    assert size_of(listed, family, size)["encoder_parameters"] == sum(p.numel() for p in encoder.parameters())
+
+
+def test_documented_example_is_what_the_service_lists(client: TestClient, listed: dict) -> None:
+    (example,) = METHODS_EXAMPLE["families"]
+    (example_size,) = example["sizes"]
+    assert {k: v for k, v in listed[example["name"]].items() if k != "sizes"} == {
+        k: v for k, v in example.items() if k != "sizes"
+    }
+    assert size_of(listed, example["name"], example_size["name"]) == example_size
+    operation = client.get("/openapi.json").json()["paths"]["/methods"]["get"]
+    assert operation["summary"].startswith("Model families")
+    assert operation["responses"]["200"]["content"]["application/json"]["example"] == METHODS_EXAMPLE
+
+
+def test_methods_need_no_api_key(client: TestClient, settings_env: pytest.MonkeyPatch) -> None:
+    settings_env.setenv("ECGSSL_API_KEY", "s3cret")
+    assert client.post("/jobs/pretrain", json={"dataset": "ptbxl-500"}).status_code == 401
+    assert client.get("/methods").status_code == 200  # read-only, open like GET /jobs
+
+
+# --------------------------------------------------------------------------------------------------
+# bad family / size / fold / ensemble choices: one 422 each, on the field, saying what was expected
+
+FINETUNE = {"dataset": "ptbxl-500", "method": "finetune"}
+BAD_CHOICES = [  # (id, url, body, the field the error is on (None: the body), what its message must say)
+    ("neither-model-nor-family", "/jobs/finetune", FINETUNE, None, ["'model'", "'family'", "neither"]),
+    (
+        "both-model-and-family",
+        "/jobs/finetune",
+        {**FINETUNE, "model": "st_mem-tiny@1", "family": "st_mem"},
+        "family",
+        ["either 'model' or 'family', not both"],
+    ),
+    (
+        "unknown-family",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "transformer"},
+        "family",
+        ["'st_mem', 'ecg_jepa' or 'resnet1d'"],
+    ),
+    (
+        "size-the-family-lacks",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "model_size": "small"},
+        "model_size",
+        ["model_size 'small' does not exist for resnet1d: one of tiny, base", "GET /methods"],
+    ),
+    (
+        "test-fold-0",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "test_fold": 0},
+        "test_fold",
+        ["greater than or equal to 1"],
+    ),
+    (
+        "test-fold-11",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "test_fold": 11},
+        "test_fold",
+        ["less than or equal to 10"],
+    ),
+    (
+        "ensemble-of-linear-probes",
+        "/jobs/finetune",
+        {**FINETUNE, "method": "linear_probe", "family": "resnet1d", "ensemble": 2},
+        "ensemble",
+        ["method 'finetune' only", "'linear_probe'"],
+    ),
+    (
+        "ensemble-11",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "ensemble": 11},
+        "ensemble",
+        ["less than or equal to 10"],
+    ),
+    (
+        "pretrain-size-the-method-lacks",
+        "/jobs/pretrain",
+        {"dataset": "ptbxl-500", "method": "simclr", "model_size": "small"},
+        "model_size",
+        ["model_size 'small' does not exist for simclr", "one of tiny, base", "GET /methods"],
+    ),
+    (
+        "model-size-with-a-model",
+        "/jobs/finetune",
+        {**FINETUNE, "model": "st_mem-tiny@1", "model_size": "tiny"},
+        "model_size",
+        ["'model_size' goes with 'family' only", "st_mem-tiny@1"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field", "says"), [c[1:] for c in BAD_CHOICES], ids=[c[0] for c in BAD_CHOICES]
+)
+def test_bad_choices_are_422_on_the_field(
+    client: TestClient, url: str, body: dict, field: str | None, says: list[str]
+) -> None:
+    response = client.post(url, json=body)
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]  # one error, not a cascade of follow-ups
+    assert error["loc"] == (["body", field] if field else ["body"])
+    for part in says:
+        assert part in error["msg"], (part, error["msg"])
