@@ -218,8 +218,8 @@ def lines() -> dict[str, tuple[str, Callable]]:
             finetune_line(family="resnet1d", model_size="tiny", method="finetune"),
         ),
         "ensemble-tiny": (
-            "5 x 1-D ResNet tiny from scratch, averaged",
-            finetune_line(family="resnet1d", model_size="tiny", method="finetune", ensemble=5),
+            "3 x 1-D ResNet tiny from scratch, averaged",
+            finetune_line(family="resnet1d", model_size="tiny", method="finetune", ensemble=3),
         ),
         "ensemble-base": (
             "3 x 1-D ResNet (resnet1d_wang) from scratch, averaged",
