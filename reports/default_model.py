@@ -79,9 +79,9 @@ def main() -> None:
     environment(args.work, Path(args.data), 0)
     os.environ["ECGSSL_EXPORT_VARIANTS"] = "none"  # made where it is registered
 
-    from services.db.models import ModelVersion
     from services.db.session import session_scope
     from services.jobs import FinetuneParams
+    from services.registry import resolve_model_version
     from services.shipped import export_version
 
     started = time.perf_counter()
@@ -109,12 +109,7 @@ def main() -> None:
     }
     benchmark = ROOT / "reports" / "benchmark.md"
     with session_scope() as s:
-        version = (
-            s.query(ModelVersion)
-            .filter(ModelVersion.onnx_path.isnot(None))
-            .order_by(ModelVersion.id.desc())
-            .first()
-        )
+        version = resolve_model_version(s, out["version"])
         manifest = {**provenance, "result": out["result"], "description": "", "pretraining": pretraining}
         manifest["description"] = (
             f"{BEST.get('family', BEST.get('model'))} fine-tuned with the family's default "
