@@ -28,7 +28,8 @@ NAME = "ecg-diagnosis"
 
 
 def card(manifest: dict, benchmark: str | None) -> str:
-    test, records = manifest["result"]["test"], manifest["result"]["records"]
+    """The model card from the provenance stored with the shipped model and the benchmark table."""
+    test, records = manifest["test"], manifest["records"]
     per_class = ", ".join(f"{c} {v:.3f}" for c, v in test["auroc_per_class"].items())
     return f"""# Model card: {NAME}
 
@@ -44,7 +45,7 @@ z-scored per lead are read alike). `/predict` averages 3 crops of each 10-s segm
 {records["val"]} records), fold 10 tests ({records["test"]} records). PTB-XL: Wagner et al., Sci Data 2020,
 CC BY 4.0. {manifest["pretraining"]}
 
-**Recipe.** `{json.dumps(manifest["params"])}`, resolved to `{json.dumps(manifest["result"]["recipe"])}`.
+**Recipe.** `{json.dumps(manifest["params"])}`, resolved to `{json.dumps(manifest["recipe"])}`.
 Trained by `{manifest["command"]}` in {manifest["minutes"]:.1f} min on {manifest["machine"]}
 ({manifest["date"]}, commit {manifest["commit"]}).
 
@@ -65,6 +66,17 @@ nothing. Thresholds come from 81 validation records.
 """
 
 
+def benchmark_table() -> str | None:
+    path = ROOT / "reports" / "benchmark.md"
+    return path.read_text() if path.is_file() else None
+
+
+def remake_card(folder: Path) -> None:
+    """Rewrite the model card from the stored provenance (e.g. after a new benchmark run)."""
+    provenance = json.loads((folder / "version.json").read_text())["provenance"]
+    (folder / "MODEL_CARD.md").write_text(card(provenance, benchmark_table()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,7 +85,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "models" / "default"))
     parser.add_argument("--work", help="working folder (default: a new temporary one)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--card-only", action="store_true", help="only rewrite the card of --out")
     args = parser.parse_args()
+    if args.card_only:
+        return remake_card(Path(args.out))
     args.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ecgssl-default-model-"))
     args.work.mkdir(parents=True, exist_ok=True)
     environment(args.work, Path(args.data), 0)
@@ -96,27 +111,26 @@ def main() -> None:
     out = run_job("finetune", params)
     minutes = (time.perf_counter() - started) / 60
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    result = out["result"]
     provenance = {
         "command": "reports/default_model.py " + " ".join(sys.argv[1:]),
         "params": params.model_dump(mode="json", exclude_defaults=True),
-        "recipe": out["result"]["recipe"],
+        "recipe": result["recipe"],
+        "description": f"{BEST.get('family', BEST.get('model'))} fine-tuned with its family's default recipe "
+        f"({result['recipe'].get('ensemble', 1)} member(s)).",
+        "pretraining": pretraining,
         "data": "ptbxl-500: folds 1-8 train, 9 validation, 10 test",
+        "records": result["records"],
+        "test": {k: result["test"][k] for k in ("macro_auroc", "auroc_per_class", "macro_f1")},
         "seed": args.seed,
         "minutes": round(minutes, 1),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit.stdout.strip(),
     }
-    benchmark = ROOT / "reports" / "benchmark.md"
     with session_scope() as s:
-        version = resolve_model_version(s, out["version"])
-        manifest = {**provenance, "result": out["result"], "description": "", "pretraining": pretraining}
-        manifest["description"] = (
-            f"{BEST.get('family', BEST.get('model'))} fine-tuned with the family's default "
-            f"recipe ({out['result']['recipe'].get('ensemble', 1)} member(s))."
-        )
-        text = card(manifest, benchmark.read_text() if benchmark.is_file() else None)
-        folder = export_version(version, Path(args.out), provenance, text)
+        folder = export_version(resolve_model_version(s, out["version"]), Path(args.out), provenance,
+                                card(provenance, benchmark_table()))  # fmt: skip
     print(
         f"{out['version']}: test macro AUROC {out['result']['test']['macro_auroc']:.3f}, written to {folder} "
         f"in {minutes:.1f} min"
