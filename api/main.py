@@ -1,15 +1,30 @@
 """The FastAPI gateway: HTTP only; it queues work and serves ONNX models, it never trains."""
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.errors import ClientError
 from services.shipped import register_on_first_start
+
+
+def json_safe(value: object) -> object:
+    """``value`` with non-finite floats as the strings 'NaN', 'Infinity', '-Infinity' (strict JSON has no
+    such numbers: a 422 echoing the NaN it refused could not be written, and became a 500)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 @asynccontextmanager
@@ -32,6 +47,11 @@ def create_app() -> FastAPI:
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer (422, {"detail": [errors]}), with a non-finite input echoed as a string
+        return JSONResponse(status_code=422, content={"detail": json_safe(jsonable_encoder(exc.errors()))})
 
     for router in (
         datasets.router,

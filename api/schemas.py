@@ -5,6 +5,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.datasets import DataPath
 from services.jobs import EvaluateParams, FinetuneParams
 from services.models.checkpoints import ImportFormat
 from services.pretraining import PretrainParams
@@ -280,7 +281,7 @@ class DatasetOut(BaseModel):
     id: int
     name: str
     kind: str
-    path: str | None
+    path: str | None = Field(description="relative to the data root; null for 'synthetic'")
     options: dict
     summary: dict = Field(
         description="records, sampling_rates, leads, duration_s, label_counts, unlabelled, folds"
@@ -309,9 +310,8 @@ class ModelImportRequest(BaseModel):
         description="checkpoint format: 'st_mem' = an official ST-MEM encoder or full (MAE) file; "
         "'ecg_jepa' = an official ECG-JEPA encoder file ({'encoder': state dict})",
     )
-    path: str = Field(
+    path: DataPath = Field(
         ...,
-        min_length=1,
         description="the checkpoint file, relative to the data root (or absolute inside it)",
         examples=["checkpoints/st_mem_vit_base_encoder.pth"],
     )

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
-from services.datasets import resolve_data_path
+from services.datasets import DataPath, relative_to_root, resolve_data_path
 from services.datasets.base import EcgDataset
 from services.datasets.kinds import detect_dataset_kind, open_dataset
 from services.db.models import Dataset
@@ -24,7 +24,7 @@ class DatasetRequest(BaseModel):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.\-]{1,100}$", examples=["ptbxl-500"])
     kind: DatasetKind = Field(..., description="layout of the data", examples=["ptbxl"])
-    path: str | None = Field(
+    path: DataPath | None = Field(
         None, description="path under the data root (not for 'synthetic')", examples=["ptbxl-500"]
     )
     options: dict = Field(
@@ -42,7 +42,18 @@ def _resolve(kind: str, path: str | None) -> Path | None:
         return None
     if not path:
         raise DatasetError(f"a '{kind}' dataset needs 'path': a folder or file under the data root")
-    return resolve_data_path(get_settings().data_root, path)
+    return dataset_path(path)
+
+
+def dataset_path(path: str) -> Path:
+    """A dataset's folder or file under the data root; the root itself (all datasets at once) is refused."""
+    resolved = resolve_data_path(get_settings().data_root, path)
+    if resolved == Path(get_settings().data_root).resolve():
+        raise DatasetError(
+            f"dataset path '{path}' is the data root itself: give a dataset folder or file under it "
+            "(e.g. 'ptbxl-500')"
+        )
+    return resolved
 
 
 def register_dataset(session: Session, request: DatasetRequest) -> Dataset:
@@ -79,9 +90,8 @@ def dataset_for_job(session: Session, ref: str) -> Dataset:
     row = session.scalar(select(Dataset).where(Dataset.name == ref))
     if row is not None:
         return row
-    path = resolve_data_path(get_settings().data_root, ref)
-    root = Path(get_settings().data_root).resolve()
-    name = str(path.relative_to(root)) if path != root else "."
+    path = dataset_path(ref)
+    name = relative_to_root(get_settings().data_root, path)
     row = session.scalar(select(Dataset).where(Dataset.name == name))
     if row is not None:
         return row
@@ -95,7 +105,8 @@ def open_registered(row: Dataset) -> tuple[EcgDataset, dict]:
     """The dataset object and its identity (what a preprocessed cache of it is keyed by)."""
     path = Path(row.path) if row.path else None
     if path is not None and not path.exists():
-        raise DatasetError(f"dataset '{row.name}': its path {row.path} no longer exists")
+        shown = relative_to_root(get_settings().data_root, row.path)
+        raise DatasetError(f"dataset '{row.name}': its path '{shown}' no longer exists under the data root")
     identity = {
         "kind": row.kind,
         "path": row.path,

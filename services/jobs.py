@@ -20,12 +20,23 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.dataset_registry import dataset_for_job
+from services.datasets import DataPath
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
 from services.models.families import BY_METHOD, FAMILIES
 
 
-class JepaMasking(BaseModel):
+class Params(BaseModel):
+    """Base of every job's parameters: a float field refuses NaN and +-Infinity (422 naming the field)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+MAX_SEED = 2**32 - 1  # what every random generator of a job takes (numpy's legacy seeds, scikit-learn)
+SEED = Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0 to {MAX_SEED}")
+
+
+class JepaMasking(Params):
     """ECG-JEPA's time masking (the same patches masked in every lead)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -56,14 +67,12 @@ PretrainMethod = Literal[tuple(BY_METHOD)]  # type: ignore[valid-type]
 FamilyName = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
 
 
-class DatasetEntry(BaseModel):
+class DatasetEntry(Params):
     """One dataset of a pretraining job on several: its records are selected like a single dataset's."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = Field(
-        ..., min_length=1, description="a registered dataset's name, or a path under the data root"
-    )
+    dataset: DataPath = Field(..., description="a registered dataset's name, or a path under the data root")
     folds: list[int] | None = Field(None, description="PTB-XL strat_fold values to use; default all")
     record_limit: int | None = Field(None, ge=2, description="use at most this many of its records")
 
@@ -82,12 +91,12 @@ def check_folds(folds: list[int] | None) -> list[int] | None:
 # one dataset (as before lists were taken), or a list; validated as the one or the other, so that the
 # errors of a list are its own (no 'should be a valid string' beside them)
 DatasetRef = Annotated[
-    Annotated[str, Tag("one")] | Annotated[list[DatasetEntry], Tag("list")],
+    Annotated[DataPath, Tag("one")] | Annotated[list[DatasetEntry], Tag("list")],
     Discriminator(lambda v: "list" if isinstance(v, list) else "one"),
 ]
 
 
-class PretrainParams(BaseModel):
+class PretrainParams(Params):
     """What a pretraining job needs; validated by the API and again by the worker."""
 
     dataset: DatasetRef = Field(
@@ -119,7 +128,7 @@ class PretrainParams(BaseModel):
         None, gt=0, le=1.0, description="peak lr; default: the recipe's, scaled linearly with batch_size"
     )
     weight_decay: float | None = Field(None, ge=0, le=1.0, description="AdamW; default: the recipe's")
-    warmup_epochs: float | None = Field(None, ge=0, description="default: the recipe's")
+    warmup_epochs: float | None = Field(None, ge=0, le=10_000, description="default: the recipe's")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="ST-MEM: share of each lead's patches masked")
     jepa_masking: JepaMasking = Field(default_factory=JepaMasking, description="ECG-JEPA: time masking")
     clinical_features: bool = Field(
@@ -129,7 +138,7 @@ class PretrainParams(BaseModel):
         "II/V2/V5, QRS axis), standardised with statistics of the job's training records, and one "
         "missing flag each",
     )
-    seed: int = Field(0, ge=0)
+    seed: int = SEED
     record_limit: int | None = Field(None, ge=2, description="use at most this many records")
     folds: list[int] | None = Field(
         None, description="PTB-XL strat_fold values to use (e.g. 1-8 to keep 9/10 unseen); default all"
@@ -234,7 +243,7 @@ DATASET_REF = Field(
 )
 
 
-class TripletOptions(BaseModel):
+class TripletOptions(Params):
     """Triplet-loss metric head (services.models.triplet): P x K class-balanced batches."""
 
     model_config = ConfigDict(extra="forbid")
@@ -252,7 +261,7 @@ class TripletOptions(BaseModel):
     unfreeze_blocks: int = Field(0, ge=0, le=48, description="train the encoder's last N blocks too")
 
 
-class VqvaeOptions(BaseModel):
+class VqvaeOptions(Params):
     """Token-level VQ-VAE head (services.models.vqvae) on the frozen encoder's patch tokens."""
 
     model_config = ConfigDict(extra="forbid")
@@ -267,9 +276,9 @@ class VqvaeOptions(BaseModel):
     decoder_hidden: int = Field(256, ge=2, le=8192)
 
 
-class DownstreamCommon(BaseModel):
-    dataset: str = DATASET_REF
-    seed: int = Field(0, ge=0)
+class DownstreamCommon(Params):
+    dataset: DataPath = DATASET_REF
+    seed: int = SEED
     record_limit: int | None = Field(
         None, ge=3, description="use only the dataset's first N records (in its order), then split them"
     )
@@ -327,7 +336,9 @@ class FinetuneParams(DownstreamCommon):
     weight_decay: float | None = Field(
         None, ge=0, le=1.0, description="AdamW weight decay; default: finetune the recipe's, others 0.01"
     )
-    warmup_epochs: float | None = Field(None, ge=0, description="default: finetune the recipe's, others 1")
+    warmup_epochs: float | None = Field(
+        None, ge=0, le=10_000, description="default: finetune the recipe's, others 1"
+    )
     layer_decay: float | None = Field(
         None,
         gt=0,

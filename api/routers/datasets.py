@@ -1,19 +1,42 @@
 """Datasets: register (validated, summarised), list, inspect."""
 
+import re
+
 from fastapi import APIRouter, Depends, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
 from api.schemas import DatasetList, DatasetOut
+from services.config import get_settings
 from services.dataset_registry import DatasetRequest, get_dataset, register_dataset
+from services.datasets import relative_to_root
 from services.db.models import Dataset
+from services.errors import ClientError
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
+MAX_ID = 2**31 - 1  # the datasets.id column (a 32-bit integer)
+
 
 def dataset_out(row: Dataset) -> DatasetOut:
-    return DatasetOut.model_validate(row, from_attributes=True)
+    """The row as the API shows it: its path relative to the data root (no server path is disclosed)."""
+    out = DatasetOut.model_validate(row, from_attributes=True)
+    out.path = relative_to_root(get_settings().data_root, row.path)
+    return out
+
+
+def dataset_ref(text: str) -> int | str:
+    """An id (ASCII digits, 1 to MAX_ID) or else a name; ids out of that range are a 422."""
+    if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit(): '²' is a digit but no integer
+        return text
+    if len(text) > len(str(MAX_ID)) or not 1 <= int(text) <= MAX_ID:
+        shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} digits)"
+        raise ClientError(
+            f"dataset id {shown} is out of range: ids are whole numbers from 1 to {MAX_ID} "
+            "(or give the dataset's name; GET /datasets lists them)"
+        )
+    return int(text)
 
 
 @router.post(
@@ -36,4 +59,4 @@ def list_datasets(session: Session = Depends(db_session)) -> DatasetList:
 
 @router.get("/{dataset_id}", response_model=DatasetOut, summary="One dataset, by id or name")
 def read_dataset(dataset_id: str, session: Session = Depends(db_session)) -> DatasetOut:
-    return dataset_out(get_dataset(session, int(dataset_id) if dataset_id.isdigit() else dataset_id))
+    return dataset_out(get_dataset(session, dataset_ref(dataset_id)))
