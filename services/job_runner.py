@@ -7,18 +7,22 @@
   duplicate delivery and is skipped; a job cancelled while queued ends as cancelled without running;
 - otherwise the job is marked running on this worker and ``body(params, reporter)`` runs; its return
   value (a JSON-able dict, or None) is stored as the job's ``result``;
-- the outcome is always recorded: succeeded, cancelled (``Cancelled`` from the loop), failed with the
-  message of a client error (bad parameters, unusable data) or with the traceback of anything else.
+- the outcome is always recorded: succeeded, cancelled (``Cancelled`` from the loop), or failed with a
+  one-line message (``public_error``: a client error's message, the invalid parameters, or the type and
+  message of anything else), which the API shows; the traceback goes to the worker log only, and no
+  server path is shown (paths under the data root are shown relative to it).
 """
 
 import logging
+import re
 import time
-import traceback
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from pydantic import ValidationError
 
+from services.config import get_settings
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, utcnow
 from services.db.session import session_scope
 from services.errors import ClientError
@@ -90,6 +94,28 @@ class JobReporter:
 
 JobBody = Callable[[dict, JobReporter], dict | None]
 
+MAX_ERROR_CHARS = 500
+# the folders of an absolute path (not preceded by a word character: 'mV/s' and 'a/b' are left alone)
+_ABSOLUTE_DIRS = re.compile(r"(?<![\w.~>-])/(?:[^\s'\"/]+/)+")
+
+
+def public_error(exc: BaseException) -> str:
+    """What a failed job shows through the API: one line, no traceback, no server path (paths under the data
+    root relative to it, the artifact folder as '<artifacts>', any other absolute path as its file name)."""
+    if isinstance(exc, ValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors()]
+        text = f"invalid job parameters: {'; '.join(problems)}"
+    elif isinstance(exc, ClientError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc} (the worker log has the traceback)"
+    settings = get_settings()
+    for folder, shown in ((settings.artifact_dir, "<artifacts>"), (settings.data_root, "")):
+        for form in {str(Path(folder)), str(Path(folder).resolve())}:
+            text = text.replace(form + "/", f"{shown}/" if shown else "").replace(form, shown or ".")
+    text = " ".join(_ABSOLUTE_DIRS.sub("", text).split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
 
 def run_job(job_id: uuid.UUID, worker: str, body: JobBody) -> str:
     """Run one job to its end and record the outcome; returns the final status (or 'missing', 'duplicate')."""
@@ -123,11 +149,11 @@ def run_job(job_id: uuid.UUID, worker: str, body: JobBody) -> str:
     except Cancelled as exc:
         status, error, phase = JobStatus.cancelled, None, str(exc)
     except (ClientError, ValidationError) as exc:
-        status, error, phase = JobStatus.failed, str(exc), "failed"
-    except Exception as exc:  # any failure is recorded on the job, never lost
+        log.warning("job %s refused: %s", job_id, exc)
+        status, error, phase = JobStatus.failed, public_error(exc), "failed"
+    except Exception as exc:  # any failure is recorded on the job, never lost; the traceback in the log
         log.exception("job %s failed", job_id)
-        status, phase = JobStatus.failed, "failed"
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        status, error, phase = JobStatus.failed, public_error(exc), "failed"
     reporter.update(
         status=status,
         error=error,

@@ -7,11 +7,13 @@ traceback stays in the worker log). The upload cases (a WFDB header's fs, /embed
 record) are in tests/test_bad_input.py.
 """
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
 from services.config import get_settings
 
@@ -276,3 +278,70 @@ def test_dataset_paths_are_shown_relative_to_the_data_root(api: TestClient) -> N
     )
     root = str(Path(get_settings().data_root).resolve())
     assert root not in api.get("/datasets").text
+
+
+def _failing_job(body) -> tuple[str, str]:  # noqa: ANN001
+    """Run a queued job whose body is ``body``; (its stored error, the job's id)."""
+    from services.db.models import Job
+    from services.db.session import session_scope
+    from services.job_runner import run_job
+
+    class Nothing(BaseModel):
+        pass
+
+    with session_scope() as s:
+        from services.jobs import create_job
+
+        job_id = create_job(s, "pretrain", Nothing(), epochs=1).id
+    assert run_job(job_id, "test-worker", body) == "failed"
+    with session_scope() as s:
+        return s.get(Job, job_id).error, str(job_id)
+
+
+def test_a_crashed_job_shows_a_one_line_error_and_logs_the_traceback(
+    api: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = Path(get_settings().data_root).resolve()
+
+    def body(params: dict, reporter: object) -> None:
+        (root / "ptbxl-500" / "no-such-file.npy").open()
+
+    with caplog.at_level(logging.ERROR, logger="services.job_runner"):
+        error, job_id = _failing_job(body)
+    assert "\n" not in error and "Traceback" not in error, error
+    assert str(root) not in error and "/work" not in error, error
+    assert error.startswith("FileNotFoundError: ") and "ptbxl-500/no-such-file.npy" in error, error
+    assert "worker log" in error
+    logged = "\n".join(r.getMessage() + (r.exc_text or "") for r in caplog.records)
+    assert job_id in logged and "Traceback" in logged and str(root) in logged  # the full story, in the log
+
+    shown = api.get(f"/jobs/{job_id}").json()["error"]
+    assert shown == error
+
+
+def test_a_job_refused_by_the_worker_shows_a_one_line_error(api: TestClient) -> None:
+    from services.pretraining import PretrainParams
+
+    def body(params: dict, reporter: object) -> None:
+        PretrainParams.model_validate({"dataset": "x", "epochs": 0, "seed": -1})
+
+    error, _ = _failing_job(body)
+    assert "\n" not in error, error
+    assert "epochs" in error and "seed" in error and "greater than or equal to" in error, error
+
+
+def test_a_job_error_never_carries_an_absolute_path() -> None:
+    from services.job_runner import public_error
+
+    settings = get_settings()
+    artifacts = Path(settings.artifact_dir).resolve()
+    exc = OSError(f"cannot write {artifacts}/jobs/abc/x.pt (see /usr/lib/python3/site.py): disk full")
+    assert public_error(exc) == (
+        "OSError: cannot write <artifacts>/jobs/abc/x.pt (see site.py): disk full "
+        "(the worker log has the traceback)"
+    )
+    assert (
+        public_error(RuntimeError("two\nlines"))
+        == "RuntimeError: two lines (the worker log has the traceback)"
+    )
+    assert len(public_error(RuntimeError("x" * 5000))) == 500
