@@ -111,8 +111,12 @@ def public_error(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc} (the worker log has the traceback)"
     settings = get_settings()
     for folder, shown in ((settings.artifact_dir, "<artifacts>"), (settings.data_root, "")):
-        for form in {str(Path(folder)), str(Path(folder).resolve())}:
-            text = text.replace(form + "/", f"{shown}/" if shown else "").replace(form, shown or ".")
+        for form in {str(Path(folder)), str(Path(folder).resolve())}:  # (not '/data' inside '/database')
+            text = re.sub(
+                re.escape(form) + r"(/|(?![\w.-]))",
+                lambda m, shown=shown: (f"{shown}/" if shown else "") if m[1] else shown or ".",
+                text,
+            )
     text = " ".join(_ABSOLUTE_DIRS.sub("", text).split())
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 

@@ -345,3 +345,7 @@ def test_a_job_error_never_carries_an_absolute_path() -> None:
         == "RuntimeError: two lines (the worker log has the traceback)"
     )
     assert len(public_error(RuntimeError("x" * 5000))) == 500
+    root = Path(settings.data_root).resolve()
+    assert public_error(RuntimeError(f"{root} or {root}/a/b.npy, not {root}x/c.npy")) == (
+        "RuntimeError: . or a/b.npy, not c.npy (the worker log has the traceback)"
+    )
