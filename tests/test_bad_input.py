@@ -173,6 +173,16 @@ def _lie_in_header(f: dict[str, bytes]) -> dict[str, bytes]:
     return {**f, hea: f[hea].replace(b" 500 5000", b" 500 9000", 1)}
 
 
+def _header_fs(written: str) -> Callable[[dict[str, bytes]], dict[str, bytes]]:
+    """The WFDB files with the record line's sampling frequency (500) written as ``written``."""
+
+    def change(f: dict[str, bytes]) -> dict[str, bytes]:
+        hea = f"{MARK}.hea"
+        return {**f, hea: f[hea].replace(b" 500 5000", f" {written} 5000".encode(), 1)}
+
+    return change
+
+
 def _csv_with_gap(s: Source) -> bytes:
     lines = as_csv(s.rec).decode().splitlines()
     cells = lines[5].split(",")
@@ -307,6 +317,15 @@ BAD: dict[str, Bad] = {
     "json of the wrong structure": Bad(lambda s: {f"{MARK}.json": b"[[0.1, 0.2]]"}, "expected a JSON object"),
     "edf without an ECG channel": Bad(lambda s: {f"{MARK}.edf": _edf_without_ecg(s)}, "no ECG channel"),
     "corrupt edf": Bad(lambda s: {f"{MARK}.edf": b"0       " + os.urandom(2000)}, "not a readable EDF"),
+    # wfdb's grammar reads '-1' as a counter frequency and 'nan' as no field: the record was read at 250 Hz
+    "wfdb header with fs = -1": Bad(
+        lambda s: _header_fs("-1")(s.wfdb()), "the header's sampling frequency is '-1': expected a positive"
+    ),
+    "wfdb header with fs = 0": Bad(lambda s: _header_fs("0")(s.wfdb()), "sampling frequency is '0'"),
+    "wfdb header with fs = nan": Bad(lambda s: _header_fs("nan")(s.wfdb()), "sampling frequency is 'nan'"),
+    "zip: wfdb header with fs = -inf": Bad(
+        lambda s: _zip_wfdb(s, _header_fs("-inf")), "sampling frequency is '-inf'"
+    ),
     "signal file without its header": Bad(lambda s: {f"{MARK}.dat": s.wfdb()[f"{MARK}.dat"]}, ".hea header"),
 }
 
@@ -326,6 +345,33 @@ def test_bad_uploads_get_4xx_naming_the_problem(
         left = uploads_in_tmp() - before
     assert not left, f"upload directories left behind: {left}"
     assert client.get("/models").status_code == 200
+
+
+def test_embed_batch_with_no_readable_record_is_a_4xx_giving_each_reason(
+    client: TestClient, tiny_model: str, source: Source
+) -> None:
+    """Every record unreadable: the request is refused (not a 200 of failures), each record's reason given."""
+    upload = {
+        f"{MARK}.zip": os.urandom(1000),
+        f"{MARK}-b.csv": b"I,II\n0.1,0.2\n0.1,n/a\n",
+        **_header_fs("-1")(source.wfdb()),
+    }
+    response = client.post(
+        "/embed/batch",
+        params={"model": tiny_model, "precision": "fp32"},
+        files=files(upload),
+        data={"fs": "500"},
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("no record of the upload could be read and embedded (3 record(s)): "), detail
+    assert f"{MARK}.zip (422): " in detail and "not a valid .zip" in detail
+    assert "line 3, column 'II'" in detail
+    assert "sampling frequency is '-1'" in detail and "expected a WFDB record" in detail
+    good = client.post(
+        "/embed/batch", params={"model": tiny_model}, files=files({**source.wfdb(f"{MARK}-good"), **upload})
+    )
+    assert good.status_code == 200 and [r["ok"] for r in good.json()["records"]].count(True) == 1, good.text
 
 
 def test_zip_expanding_over_the_size_limit_is_413(

@@ -116,7 +116,10 @@ def embed(
     response: Response,
     files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
     fs: float | None = Form(
-        None, gt=0, description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one",
     ),
     leads: str | None = Form(
         None, description="comma-separated lead names of the rows/columns (.npy, .npz, .csv, .json)"
@@ -160,6 +163,19 @@ def embed(
     )
 
 
+def no_record_embedded(results: list[RecordResult]) -> ClientError:
+    """The request's 4xx when none of its records could be read and embedded: each record's reason; the
+    status the records share (e.g. 413 for all too large), else 422."""
+    reasons = "; ".join(f"[{r.index}] {r.source} ({r.status_code}): {r.error}" for r in results)
+    error = ClientError(
+        f"no record of the upload could be read and embedded ({len(results)} record(s)): {reasons}; "
+        f"expected {ACCEPTED_UPLOADS}"
+    )
+    codes = {r.status_code for r in results}
+    error.status_code = codes.pop() if len(codes) == 1 else 422
+    return error
+
+
 @router.post(
     "/embed/batch",
     response_model=EmbedBatchResponse,
@@ -170,15 +186,18 @@ def embed(
         "one or more .zip archives holding one or more records each, and/or single-file records (.edf, "
         ".bdf, .npy, .npz, .csv, .json; `fs` and `leads` apply to all of them). The answer has one entry per "
         "record in upload order: its embedding, or `ok: false` with the 4xx status and message that record "
-        "alone would get from POST /embed. The request itself fails (4xx) only when it cannot be read at "
-        "all: unknown model, over the size limit, no record, more than ECGSSL_SERVE_MAX_RECORDS records."
+        "alone would get from POST /embed. The request itself fails (4xx) only when it cannot be served at "
+        "all: unknown model, over the size limit, no record, more than ECGSSL_SERVE_MAX_RECORDS records, or "
+        "no record that could be read and embedded (the message gives each record's reason)."
     ),
 )
 def embed_batch(
     request: Request,
     response: Response,
     files: list[UploadFile] = File(..., description="the records' files (see above)"),
-    fs: float | None = Form(None, gt=0, description="sampling rate in Hz for records that do not carry one"),
+    fs: float | None = Form(
+        None, gt=0, allow_inf_nan=False, description="sampling rate in Hz for records that do not carry one"
+    ),
     leads: str | None = Form(None, description="comma-separated lead names for .npy/.npz/.csv/.json records"),
     model: str | None = Query(None, description=MODEL_DESCRIPTION),
     precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
@@ -243,6 +262,8 @@ def embed_batch(
                     error=str(result),
                 )
             )
+    if not any(r.ok for r in out):
+        raise no_record_embedded(out)
     server_timing(response, timing, started)
     return EmbedBatchResponse(
         model=served.name,

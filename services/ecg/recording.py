@@ -107,6 +107,33 @@ def _check_signal_files(header_path: Path, header: wfdb.Record, file_names: list
             )
 
 
+def check_declared_fs(header_path: Path) -> None:
+    """Refuse a record line whose sampling frequency is written but is no positive finite number.
+
+    wfdb's grammar reads a '-1' there as a counter frequency (and 'nan' or 'inf' as no field at all), so
+    ``wfdb.rdheader`` would fall back to WFDB's default of 250 Hz: the record would be read at a rate its
+    header never gave. A record line without the field (WFDB's default of 250 Hz) is left to wfdb.
+    """
+    try:
+        lines, _ = parse_header_content(Path(header_path).read_text(encoding="ascii", errors="replace"))
+        fields = lines[0].split()
+    except (OSError, ValueError, IndexError):
+        return  # not a readable header: wfdb's own error says so
+    if len(fields) < 3:
+        return
+    written = fields[2].split("/")[0]  # fs[/counter_freq[(base_counter)]]
+    try:
+        fs = float(written)
+    except ValueError:
+        fs = math.nan
+    if not math.isfinite(fs) or fs <= 0:
+        raise EcgInputError(
+            f"{Path(header_path).name}: the header's sampling frequency is '{written[:40]}': expected a "
+            f"positive number of Hz, the third field of the record line (e.g. '{fields[0][:40]} "
+            f"{fields[1][:10]} 500 5000' for 500 Hz)"
+        )
+
+
 def read_header_fields(header_path: Path) -> SimpleNamespace | None:
     """The fields of a plain single-segment ``.hea`` that ``read_wfdb`` checks before reading the signal
     (n_sig, fs, sig_len, and per signal file_name, fmt, samps_per_frame, byte_offset, sig_name), as
@@ -181,6 +208,7 @@ def read_wfdb(header_path: Path) -> Recording:
     """
     header_path = Path(header_path)
     record_name = str(header_path.with_suffix(""))
+    check_declared_fs(header_path)
     try:
         header = read_header_fields(header_path) or wfdb.rdheader(record_name)  # rdrecord reads it again
     except Exception as exc:  # wfdb raises many types for a malformed header
