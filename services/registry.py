@@ -31,6 +31,7 @@ ALIAS_PATTERN = r"[a-z][a-z0-9_\-]{0,63}"
 RESERVED_ALIASES = frozenset({"latest"})  # would read as "the newest version", which a bare name already is
 _REF = re.compile(rf"^(?P<name>{NAME_PATTERN})(?:@(?P<selector>.*))?$")
 _ALIAS = re.compile(rf"^{ALIAS_PATTERN}$")
+_NAME = re.compile(rf"{NAME_PATTERN}\Z")
 _VERSION = re.compile(r"[0-9]{1,64}\Z")  # as long as an alias may be; int() of it is cheap
 
 
@@ -90,7 +91,8 @@ def register_model_version(
 
 
 def get_model(session: Session, name: str) -> Model:
-    model = session.scalar(select(Model).where(Model.name == name))
+    # a name that cannot be registered is not looked up (PostgreSQL refuses a NUL in a query: a 500)
+    model = session.scalar(select(Model).where(Model.name == name)) if _NAME.match(name) else None
     if model is None:
         raise NotFoundError(f"model '{name}' is not registered (GET /models lists the models)")
     return model

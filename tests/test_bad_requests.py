@@ -98,6 +98,9 @@ CASES: dict[str, tuple[str, str, dict, int, list[str]]] = {
         404,
         ["'²' is not registered"],
     ),
+    "NUL in GET /datasets/{name}": ("GET", "/datasets/a%00b", {}, 422, ["dataset name", "U+0000"]),
+    "NUL in GET /models/{name}": ("GET", "/models/a%00b", {}, 404, ["is not registered"]),
+    "NUL in GET /models/{name}/aliases": ("GET", "/models/x@%00/aliases", {}, 404, ["is not registered"]),
     "GET /datasets/ with 5000 nines": (
         "GET",
         "/datasets/" + "9" * 5000,

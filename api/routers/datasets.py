@@ -10,7 +10,7 @@ from api.deps import db_session, require_api_key
 from api.schemas import DatasetList, DatasetOut
 from services.config import get_settings
 from services.dataset_registry import DatasetRequest, get_dataset, register_dataset
-from services.datasets import relative_to_root
+from services.datasets import path_text_problem, relative_to_root
 from services.db.models import Dataset
 from services.errors import ClientError
 
@@ -29,6 +29,11 @@ def dataset_out(row: Dataset) -> DatasetOut:
 def dataset_ref(text: str) -> int | str:
     """An id (ASCII digits, 1 to MAX_ID) or else a name; ids out of that range are a 422."""
     if not re.fullmatch(r"[0-9]+", text):  # not str.isdigit(): '²' is a digit but no integer
+        problem = path_text_problem(text)  # a name is a path under the data root, or a plain name
+        if problem is not None:  # (PostgreSQL refuses a NUL in a query: a 500)
+            raise ClientError(
+                f"dataset name {text[:100]!r} {problem.replace('a path under', 'a name or a path under')}"
+            )
         return text
     if len(text) > len(str(MAX_ID)) or not 1 <= int(text) <= MAX_ID:
         shown = text if len(text) <= 30 else f"{text[:20]}... ({len(text)} digits)"
