@@ -204,7 +204,7 @@ def clinical_line(fold: int, args: argparse.Namespace) -> dict:
 
 # The service's best default diagnosis recipe, chosen on the validation folds: a fine-tuning job with these
 # fields (the family's default recipe for the rest); reports/default_model.py trains the shipped model by it.
-BEST = {"family": "resnet1d", "model_size": "base", "method": "finetune"}
+BEST = {"family": "resnet1d", "model_size": "tiny", "method": "finetune", "ensemble": 3}
 
 
 def lines() -> dict[str, tuple[str, Callable]]:
