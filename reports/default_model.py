@@ -34,7 +34,7 @@ def card(manifest: dict, benchmark: str | None) -> str:
     return f"""# Model card: {NAME}
 
 **What it is.** A multi-label classifier of the 5 PTB-XL diagnostic superclasses (NORM, MI, STTC, CD, HYP)
-from a 12-lead ECG, with a 256-per-member embedding. {manifest["description"]}
+from a 12-lead ECG; its embedding is its members' embeddings side by side. {manifest["description"]}
 
 **Input.** 12 standard leads, any rate and length of at least 2.5 s (resampled to 100 Hz, band-passed
 0.67-40 Hz; each 2.5-s window is standardised per lead inside the model, so millivolt records and records

@@ -328,6 +328,7 @@ def test_torch_pin_is_the_same_everywhere(pyproject: dict, dockerfile_instructio
 def test_dockerfile_installs_gpu_extra_from_pyproject(dockerfile_instructions) -> None:
     copied = " ".join(args for instr, args in dockerfile_instructions if instr == "COPY")
     assert "pyproject.toml" in copied, "Dockerfile.gpu must COPY pyproject.toml"
+    assert "models/" in copied, "Dockerfile.gpu must COPY models/ (the shipped diagnosis model)"
     targets = [t for run in _run_commands(dockerfile_instructions) for t in _pip_install_targets(run)]
     project = [t for t in targets if t.startswith(".")]
     assert project, f"Dockerfile.gpu must `pip install '.[gpu]'`; it installs {targets}"

@@ -44,13 +44,11 @@ def test_the_first_start_registers_the_shipped_model_and_serves_predict_at_once(
     from api.main import create_app
 
     with TestClient(create_app()) as client:  # start-up registers it
-        models = client.get("/models").json()
+        models = client.get("/models").json()["models"]
         assert [m["name"] for m in models] == ["ecg-diagnosis"], models
+        assert models[0]["aliases"] == {"production": 1}
         version = client.get("/models/ecg-diagnosis/versions/1").json()
-        assert version["aliases"] == ["production"] and version["variants"]["int8"]["status"] in (
-            "passed",
-            "failed",
-        )  # checked on this machine, at registration
+        assert version["variants"]["int8"]["status"] in ("passed", "failed")  # checked here, at registration
         # no model named: the shipped one serves
         mv = client.post("/predict", files=wfdb_files(data_dir / RECORD, ".hea", ".dat"))
         assert mv.status_code == 200, mv.text
