@@ -245,6 +245,10 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{method} {size} pretrained, fine-tuned (default recipe)",
             finetune_line(model=method, method="finetune"),
         )
+    table["simclr-finetune-lr1e-3"] = (
+        "simclr tiny pretrained, fine-tuned at lr 1e-3 (recipe search)",
+        finetune_line(model="simclr", method="finetune", learning_rate=1e-3),
+    )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", finetune_line(**BEST))
     return table
