@@ -145,11 +145,15 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
         }
         params = FinetuneParams(dataset=LABELLED, test_fold=fold, seed=args.seed, **given)
         out = shared_job(params, args.work)  # e.g. a probe line and its kNN line read one job
-        scores = out["result"][fields.get("read", "test")]
+        read = fields.get("read", "test")
+        scores = out["result"][read]
         return {
             "macro_auroc": scores["macro_auroc"],
             "per_class": scores["auroc_per_class"],
-            "val_macro_auroc": out["result"].get("test", {}).get("val_macro_auroc"),
+            # the validation figure of the head the job trained (a kNN line has none of its own)
+            "val_macro_auroc": None
+            if read == "knn"
+            else out["result"].get("test", {}).get("val_macro_auroc"),
             "seconds": out["seconds"],
             "recipe": out["result"].get("recipe"),
         }
