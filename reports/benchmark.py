@@ -276,7 +276,7 @@ def summary(name: str, description: str, runs: list[dict]) -> dict:
 
 def table_markdown(rows: list[dict]) -> str:
     head = "| line | folds | test macro AUROC (mean ± sd) | val mean | " + " | ".join(CLASSES) + " | min |"
-    out = [head, "|" + "---|" * (6 + len(CLASSES))]
+    out = [head, "|" + "---|" * (5 + len(CLASSES))]
     for r in rows:
         val = "" if r["val_mean"] is None else f"{r['val_mean']:.3f}"
         out.append(
@@ -333,7 +333,8 @@ def main() -> None:
     for r in rows:
         print(
             f"{r['line']:<18} {r['mean']:.3f} ± {r['std']:.3f} ({r['folds']} folds, "
-            f"val {r['val_mean'] or 0:.3f}) " + " ".join(f"{c} {r['per_class'][c]:.3f}" for c in CLASSES),
+            f"val {'n/a' if r['val_mean'] is None else format(r['val_mean'], '.3f')}) "
+            + " ".join(f"{c} {r['per_class'][c]:.3f}" for c in CLASSES),
             flush=True,
         )
 
