@@ -11,9 +11,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from services.config import get_settings
 
 
-@lru_cache(maxsize=4)
 def get_engine(url: str | None = None) -> Engine:
-    url = url or get_settings().database_url
+    """The engine of ``url``, default the settings' database (one engine per URL, so that a changed
+    setting reaches a new database)."""
+    return _engine(url or get_settings().database_url)
+
+
+@lru_cache(maxsize=4)
+def _engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -33,14 +38,14 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 @lru_cache(maxsize=4)
-def _session_factory(url: str | None) -> sessionmaker[Session]:
+def _session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(url), expire_on_commit=False)
 
 
 @contextmanager
 def session_scope(url: str | None = None) -> Iterator[Session]:
     """A session committed on success and rolled back on error."""
-    session = _session_factory(url)()
+    session = _session_factory(url or get_settings().database_url)()
     try:
         yield session
         session.commit()
