@@ -151,13 +151,36 @@ def client() -> Iterator["TestClient"]:
         yield test_client
 
 
+class SettingsEnv:
+    """A monkeypatch whose setenv/delenv also drop the cached settings, so that the next ``get_settings()``
+    reads them, whatever read the settings before (a database session reads them too)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self._monkeypatch = monkeypatch
+
+    def setenv(self, name: str, value: str, prepend: str | None = None) -> None:
+        from services.config import get_settings
+
+        self._monkeypatch.setenv(name, value, prepend)
+        get_settings.cache_clear()
+
+    def delenv(self, name: str, raising: bool = True) -> None:
+        from services.config import get_settings
+
+        self._monkeypatch.delenv(name, raising)
+        get_settings.cache_clear()
+
+    def __getattr__(self, name: str):  # noqa: ANN204  (setattr, undo, ...)
+        return getattr(self._monkeypatch, name)
+
+
 @pytest.fixture
-def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """Change ECGSSL_* settings for one test; the cached settings are rebuilt before and after."""
+def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[SettingsEnv]:
+    """Change ECGSSL_* settings for one test; the cached settings are rebuilt on every change and after."""
     from services.config import get_settings
 
     get_settings.cache_clear()
-    yield monkeypatch
+    yield SettingsEnv(monkeypatch)
     monkeypatch.undo()
     get_settings.cache_clear()
 
