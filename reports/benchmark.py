@@ -253,6 +253,10 @@ def lines() -> dict[str, tuple[str, Callable]]:
         "simclr tiny pretrained, fine-tuned at lr 1e-3 (recipe search)",
         finetune_line(model="simclr", method="finetune", learning_rate=1e-3),
     )
+    table["simclr-ensemble"] = (
+        "3 x simclr tiny pretrained, fine-tuned, averaged (recipe search)",
+        finetune_line(model="simclr", method="finetune", ensemble=3),
+    )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", finetune_line(**BEST))
     return table
