@@ -212,14 +212,6 @@ class PretrainParams(Params):
         return [DatasetEntry(dataset=self.dataset, folds=self.folds, record_limit=self.record_limit)]
 
     @property
-    def peak_lr(self) -> float:
-        return self.learning_rate
-
-    @property
-    def decay(self) -> float:
-        return self.weight_decay
-
-    @property
     def registry_name(self) -> str:
         return self.model_name or f"{self.method}-{self.model_size}"
 

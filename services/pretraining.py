@@ -248,8 +248,8 @@ def _fit(
         TrainConfig(
             epochs=params.epochs,
             batch_size=params.batch_size,
-            learning_rate=params.peak_lr,
-            weight_decay=params.decay,
+            learning_rate=params.learning_rate,
+            weight_decay=params.weight_decay,
             warmup_epochs=params.warmup_epochs,
             seed=params.seed,
             checkpoint_every=params.checkpoint_every,

@@ -14,8 +14,18 @@ from torch import nn
 from services.ecg.preprocess import InputSpec
 
 
+class _LinearLrScaling:
+    """A recipe's peak lr is given at its ``batch_size`` and scaled linearly with the batch."""
+
+    learning_rate: float
+    batch_size: int
+
+    def lr_for(self, batch_size: int) -> float:
+        return self.learning_rate * batch_size / self.batch_size
+
+
 @dataclass(frozen=True)
-class PretrainRecipe:
+class PretrainRecipe(_LinearLrScaling):
     """Pretraining defaults of one size: the peak lr is given at ``batch_size`` and scaled linearly."""
 
     learning_rate: float
@@ -25,12 +35,9 @@ class PretrainRecipe:
     warmup_epochs: float
     evidence: str  # where it was shown to learn (a reports/ command or the paper)
 
-    def lr_for(self, batch_size: int) -> float:
-        return self.learning_rate * batch_size / self.batch_size
-
 
 @dataclass(frozen=True)
-class FinetuneRecipe:
+class FinetuneRecipe(_LinearLrScaling):
     """Fine-tuning defaults (encoder + linear head, all trained) of one size; lr scaled like pretraining.
 
     ``layer_decay``: layer-wise lr decay for transformers (block i of n trains at lr * decay ** (n - i));
@@ -45,12 +52,7 @@ class FinetuneRecipe:
     layer_decay: float
     augment: bool
     evidence: str
-    ensemble: int = (
-        1  # members trained with seeds seed.. seed + K - 1, served as the mean of their probabilities
-    )
-
-    def lr_for(self, batch_size: int) -> float:
-        return self.learning_rate * batch_size / self.batch_size
+    ensemble: int = 1  # members (seeds seed, seed + 1, ...) served as the mean of their probabilities
 
 
 @dataclass(frozen=True)
