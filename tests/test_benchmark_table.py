@@ -1,0 +1,31 @@
+"""The benchmark's table grows over runs: a run's rows replace the same lines' rows, others are kept."""
+
+from reports.benchmark import CLASSES, merged_table, table_markdown
+
+
+def row(line: str, mean: float) -> dict:
+    return {
+        "line": line,
+        "description": f"the {line} line",
+        "folds": 10,
+        "mean": mean,
+        "std": 0.04,
+        "val_mean": mean + 0.02,
+        "per_class": dict.fromkeys(CLASSES, mean),
+        "minutes": 1.0,
+    }
+
+
+def test_a_run_replaces_its_lines_and_keeps_the_others_in_order() -> None:
+    first = "Command: `run one`\n\n" + table_markdown([row("a", 0.80), row("b", 0.81), row("c", 0.82)])
+    text = merged_table(first, "Command: `run two`", [row("b", 0.90), row("d", 0.70)])
+    lines = text.splitlines()
+    commands = [line for line in lines if line.startswith("Command: ")]
+    assert commands == ["Command: `run one`", "Command: `run two`"]
+    body = [line for line in lines if line.startswith("| the ")]
+    assert [line.split("(`")[1].split("`)")[0] for line in body] == ["a", "b", "c", "d"]
+    assert "0.900 ± 0.040" in body[1] and "0.810" not in body[1]
+    assert "0.800 ± 0.040" in body[0] and "0.700 ± 0.040" in body[3]
+    # merging again keeps both commands and adds the third
+    again = merged_table(text, "Command: `run three`", [row("a", 0.85)])
+    assert sum(line.startswith("Command: ") for line in again.splitlines()) == 3
