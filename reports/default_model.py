@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from reports.benchmark import BEST, LABELLED, environment, pretrained, run_job  # noqa: E402
+from reports.benchmark import BEST, LABELLED, SSL, environment, pretrained, run_job  # noqa: E402
 
 NAME = "ecg-diagnosis"
 
@@ -96,6 +96,7 @@ def main() -> None:
 
     from services.db.session import session_scope
     from services.jobs import FinetuneParams
+    from services.models.families import family as family_named
     from services.registry import resolve_model_version
     from services.shipped import export_version
 
@@ -112,12 +113,15 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     result = out["result"]
+    family = family_named(BEST.get("family") or BEST["model"]).name
+    size = BEST.get("model_size") or SSL[BEST["model"]]
+    pretrained_by = f"pretrained by {BEST['model']} and " if "model" in BEST else ""
     provenance = {
         "command": "reports/default_model.py " + " ".join(sys.argv[1:]),
         "params": params.model_dump(mode="json", exclude_defaults=True),
         "recipe": result["recipe"],
-        "description": f"{BEST.get('family', BEST.get('model'))} fine-tuned with its family's default recipe "
-        f"({result['recipe'].get('ensemble', 1)} member(s)).",
+        "description": f"{result['recipe'].get('ensemble', 1)} {family} {size} encoder(s) {pretrained_by}"
+        "fine-tuned with the family's default recipe, their probabilities averaged.",
         "pretraining": pretraining,
         "data": "ptbxl-500: folds 1-8 train, 9 validation, 10 test",
         "records": result["records"],
