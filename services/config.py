@@ -27,7 +27,13 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="when set, mutating endpoints need 'Bearer <key>'")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device; auto = CUDA if any")
 
-    upload_max_bytes: int = Field(50 * 1024 * 1024, description="largest accepted upload, all files together")
+    upload_max_bytes: int = Field(
+        50 * 1024 * 1024,
+        ge=1,
+        description="largest accepted request body (an upload's files and form fields together), in bytes: "
+        "a larger Content-Length is refused with 413 before anything is read, a chunked body as soon as "
+        "it passes the limit",
+    )
     worker_heartbeat_s: float = Field(5.0, description="how often a worker writes its heartbeat")
     worker_stale_s: float = Field(30.0, description="a worker silent for longer counts as gone")
     visibility_timeout_s: int = Field(

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
@@ -20,35 +20,22 @@ from services.inference.uploads import split_records
 router = APIRouter(tags=["inference"])
 
 
-class UploadTooLarge(ClientError):
-    status_code = 413
-
-
-def read_files(request: Request, files: list[UploadFile]) -> dict[str, bytes]:
-    """File name -> content, refusing uploads over the configured size."""
-    limit = get_settings().upload_max_bytes
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > limit:
-        raise UploadTooLarge(f"upload of {declared} bytes is over the limit of {limit} bytes")
+def read_files(files: list[UploadFile]) -> dict[str, bytes]:
+    """File name -> content. The body's size was bounded before it was read (``api.guard``)."""
     contents: dict[str, bytes] = {}
-    total = 0
     for upload in files:
         name = Path(upload.filename or "").name
         if not name:
             raise ClientError("an uploaded file has no file name")
         if name in contents:
             raise ClientError(f"file '{name}' was uploaded twice")
-        data = upload.file.read(limit - total + 1)
-        total += len(data)
-        if total > limit:
-            raise UploadTooLarge(f"upload is over the limit of {limit} bytes")
-        contents[name] = data
+        contents[name] = upload.file.read()
     return contents
 
 
-def one_record_upload(request: Request, files: list[UploadFile], refusal: str) -> dict[str, bytes]:
+def one_record_upload(files: list[UploadFile], refusal: str) -> dict[str, bytes]:
     """The uploaded files of one record; several WFDB headers are refused with ``refusal`` appended."""
-    contents = read_files(request, files)
+    contents = read_files(files)
     headers = [name for name in contents if name.lower().endswith(".hea")]
     if len(headers) > 1:
         raise ClientError(f"several WFDB headers uploaded ({', '.join(headers)}): {refusal}")
@@ -112,7 +99,6 @@ PRECISION_DESCRIPTION = (
     "Several records in one request: POST /embed/batch. The `Server-Timing` header gives the session time.",
 )
 def embed(
-    request: Request,
     response: Response,
     files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
     fs: float | None = Form(
@@ -140,7 +126,6 @@ def embed(
     with timing.step("resolve"):
         served = served_model(session, model)
     contents = one_record_upload(
-        request,
         files,
         "POST /embed takes one record; POST /embed/batch takes several and answers one result per record",
     )
@@ -192,7 +177,6 @@ def no_record_embedded(results: list[RecordResult]) -> ClientError:
     ),
 )
 def embed_batch(
-    request: Request,
     response: Response,
     files: list[UploadFile] = File(..., description="the records' files (see above)"),
     fs: float | None = Form(
@@ -210,7 +194,7 @@ def embed_batch(
     timing = Timing()
     with timing.step("resolve"):
         served = served_model(session, model)
-    contents = read_files(request, files)
+    contents = read_files(files)
     given_leads = lead_names(leads)
     limit = get_settings().serve_max_records
     with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
