@@ -21,6 +21,7 @@ from services.ecg.recording import ACCEPTED_UPLOADS
 from services.errors import ClientError
 from services.inference.predict import PredictMethod, PredictWindowing, classifier, predict_recordings
 from services.inference.sessions import SESSIONS, Precision, Timing
+from services.inference.uploads import request_limits
 
 router = APIRouter(tags=["inference"])
 
@@ -73,7 +74,7 @@ def predict(
     how = classifier(served, method)  # 409 before reading the upload when the model cannot predict
     contents = one_record_upload(files, "POST /predict takes one record")
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        recording = read_recording(contents, fs, leads, timing)
+        recording = read_recording(contents, fs, leads, request_limits(served.spec, windowing), timing)
         (result,) = predict_recordings(
             loaded,
             [recording],
