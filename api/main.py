@@ -10,6 +10,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.guard import RequestGuard
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.errors import ClientError
 from services.shipped import register_on_first_start
@@ -43,6 +44,8 @@ def create_app() -> FastAPI:
             "get embeddings of uploaded ECGs from the exported ONNX encoders."
         ),
     )
+
+    app.add_middleware(RequestGuard)  # the API key and the body-size limit, before the body is read
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:

@@ -27,7 +27,19 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="when set, mutating endpoints need 'Bearer <key>'")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device; auto = CUDA if any")
 
-    upload_max_bytes: int = Field(50 * 1024 * 1024, description="largest accepted upload, all files together")
+    upload_max_bytes: int = Field(
+        50 * 1024 * 1024,
+        ge=1,
+        description="largest accepted request body (an upload's files and form fields together), in bytes: "
+        "a larger Content-Length is refused with 413 before anything is read, a chunked body as soon as "
+        "it passes the limit",
+    )
+    upload_max_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="longest record an upload may hold, in seconds: checked from the file's header or array "
+        "shape before its samples are decoded; a longer record is refused with 413",
+    )
     worker_heartbeat_s: float = Field(5.0, description="how often a worker writes its heartbeat")
     worker_stale_s: float = Field(30.0, description="a worker silent for longer counts as gone")
     visibility_timeout_s: int = Field(
@@ -70,7 +82,21 @@ class Settings(BaseSettings):
         "but on a small or shared CPU they take the cores request handling needs",
     )
     serve_cache_size: int = Field(8, ge=1, le=64, description="ONNX Runtime sessions kept loaded per process")
-    serve_max_records: int = Field(64, ge=1, le=10_000, description="records one POST /embed/batch may carry")
+    serve_max_records: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="records one POST /embed/batch may carry (records, not files: a WFDB record's files "
+        "count once, each record in a .zip counts); more is refused with 413",
+    )
+    serve_max_windows: int = Field(
+        2048,
+        ge=1,
+        description="model windows one request may cut from its records together (POST /embed, /predict, "
+        "/embed/batch), counted from each record's header before it is decoded; more is refused with 413. "
+        "The default takes one record of ECGSSL_UPLOAD_MAX_SECONDS through /predict (1080 windows for an "
+        "hour at 250 Hz) and bounds the windows a request holds to about 220 MB (12 x 2250 float32 each)",
+    )
     export_variants: str = Field(
         "auto",
         description="variants made when a version is registered: auto = int8, plus fp16 where ONNX Runtime "

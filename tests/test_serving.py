@@ -1029,7 +1029,8 @@ def test_embed_batch_limits_and_single_embed_points_to_it(
     files = [f for r in RECORDS[:3] for f in wfdb_files(data_dir / r)]
     settings_env.setenv("ECGSSL_SERVE_MAX_RECORDS", "2")
     refused = client.post("/embed/batch", params=params, files=files)
-    assert refused.status_code == 422 and "3 records" in refused.json()["detail"]
+    assert refused.status_code == 413 and "3 records" in refused.json()["detail"]
+    assert "ECGSSL_SERVE_MAX_RECORDS" in refused.json()["detail"]
     several = client.post("/embed", params=params, files=files)
     assert several.status_code == 422 and "POST /embed/batch" in several.json()["detail"]
     unknown = client.post("/embed/batch", params={"model": "no-such-model"}, files=files)

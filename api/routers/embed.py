@@ -5,50 +5,36 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
 from api.schemas import EmbedBatchResponse, EmbedResponse, RecordInfo, RecordResult
-from services.config import get_settings
-from services.ecg.recording import ACCEPTED_UPLOADS, Recording, read_upload
+from services.ecg.recording import ACCEPTED_UPLOADS, ReadLimits, Recording, read_upload
 from services.errors import ClientError
 from services.inference.embed import SESSIONS, Embedded, ServedModel, Timing, embed_recordings, resolve_served
 from services.inference.sessions import Precision
-from services.inference.uploads import split_records
+from services.inference.uploads import batch_records, read_records, request_limits
 
 router = APIRouter(tags=["inference"])
 
 
-class UploadTooLarge(ClientError):
-    status_code = 413
-
-
-def read_files(request: Request, files: list[UploadFile]) -> dict[str, bytes]:
-    """File name -> content, refusing uploads over the configured size."""
-    limit = get_settings().upload_max_bytes
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > limit:
-        raise UploadTooLarge(f"upload of {declared} bytes is over the limit of {limit} bytes")
+def read_files(files: list[UploadFile]) -> dict[str, bytes]:
+    """File name -> content. The body's size was bounded before it was read (``api.guard``)."""
     contents: dict[str, bytes] = {}
-    total = 0
     for upload in files:
         name = Path(upload.filename or "").name
         if not name:
             raise ClientError("an uploaded file has no file name")
         if name in contents:
             raise ClientError(f"file '{name}' was uploaded twice")
-        data = upload.file.read(limit - total + 1)
-        total += len(data)
-        if total > limit:
-            raise UploadTooLarge(f"upload is over the limit of {limit} bytes")
-        contents[name] = data
+        contents[name] = upload.file.read()
     return contents
 
 
-def one_record_upload(request: Request, files: list[UploadFile], refusal: str) -> dict[str, bytes]:
+def one_record_upload(files: list[UploadFile], refusal: str) -> dict[str, bytes]:
     """The uploaded files of one record; several WFDB headers are refused with ``refusal`` appended."""
-    contents = read_files(request, files)
+    contents = read_files(files)
     headers = [name for name in contents if name.lower().endswith(".hea")]
     if len(headers) > 1:
         raise ClientError(f"several WFDB headers uploaded ({', '.join(headers)}): {refusal}")
@@ -61,11 +47,12 @@ def lead_names(leads: str | None) -> list[str] | None:
 
 
 def read_recording(
-    contents: dict[str, bytes], fs: float | None, leads: str | None, timing: Timing
+    contents: dict[str, bytes], fs: float | None, leads: str | None, limits: ReadLimits, timing: Timing
 ) -> Recording:
-    """The one record of an upload, read in mV; ``leads`` is the comma-separated form field."""
+    """The one record of an upload, read in mV under the request's ``limits`` (``request_limits``);
+    ``leads`` is the comma-separated form field."""
     with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-        return read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names(leads))
+        return read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names(leads), limits=limits)
 
 
 def served_model(session: Session, ref: str | None) -> ServedModel:
@@ -109,10 +96,11 @@ PRECISION_DESCRIPTION = (
     dependencies=[Depends(require_api_key)],
     summary="Embed one ECG: WFDB (.hea + .dat/.mat, or zipped), EDF/BDF, .npy, .npz, CSV or JSON",
     description=f"Upload {ACCEPTED_UPLOADS}. Signals are read in mV (units in the file are converted). "
-    "Several records in one request: POST /embed/batch. The `Server-Timing` header gives the session time.",
+    "Several records in one request: POST /embed/batch. The `Server-Timing` header gives the session time. "
+    "413 for a body over ECGSSL_UPLOAD_MAX_BYTES, a record longer than ECGSSL_UPLOAD_MAX_SECONDS or more "
+    "model windows than ECGSSL_SERVE_MAX_WINDOWS (checked from the header, before the samples are read).",
 )
 def embed(
-    request: Request,
     response: Response,
     files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
     fs: float | None = Form(
@@ -140,12 +128,11 @@ def embed(
     with timing.step("resolve"):
         served = served_model(session, model)
     contents = one_record_upload(
-        request,
         files,
         "POST /embed takes one record; POST /embed/batch takes several and answers one result per record",
     )
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        recording = read_recording(contents, fs, leads, timing)
+        recording = read_recording(contents, fs, leads, request_limits(served.spec, windowing), timing)
         (result,) = embed_recordings(
             loaded, [recording], windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
         )
@@ -186,13 +173,15 @@ def no_record_embedded(results: list[RecordResult]) -> ClientError:
         "one or more .zip archives holding one or more records each, and/or single-file records (.edf, "
         ".bdf, .npy, .npz, .csv, .json; `fs` and `leads` apply to all of them). The answer has one entry per "
         "record in upload order: its embedding, or `ok: false` with the 4xx status and message that record "
-        "alone would get from POST /embed. The request itself fails (4xx) only when it cannot be served at "
-        "all: unknown model, over the size limit, no record, more than ECGSSL_SERVE_MAX_RECORDS records, or "
-        "no record that could be read and embedded (the message gives each record's reason)."
+        "alone would get from POST /embed (e.g. 413 for a record longer than ECGSSL_UPLOAD_MAX_SECONDS). The "
+        "request itself fails (4xx) only when it cannot be served at all: unknown model, no record, no "
+        "record that could be read and embedded (the message gives each record's reason), or over a limit "
+        "of the request (413): a body over ECGSSL_UPLOAD_MAX_BYTES, more than ECGSSL_SERVE_MAX_RECORDS "
+        "records (each record in a .zip counts), records giving more than ECGSSL_SERVE_MAX_WINDOWS model "
+        "windows together (counted from their headers, before their samples are read)."
     ),
 )
 def embed_batch(
-    request: Request,
     response: Response,
     files: list[UploadFile] = File(..., description="the records' files (see above)"),
     fs: float | None = Form(
@@ -210,30 +199,11 @@ def embed_batch(
     timing = Timing()
     with timing.step("resolve"):
         served = served_model(session, model)
-    contents = read_files(request, files)
-    given_leads = lead_names(leads)
-    limit = get_settings().serve_max_records
+    contents = read_files(files)
     with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-        groups = split_records(contents, Path(workdir))
-        if not groups:
-            names = ", ".join(contents)
-            raise ClientError(f"no ECG record in the upload ({names}): expected {ACCEPTED_UPLOADS}")
-        if len(groups) > limit:
-            raise ClientError(
-                f"the upload holds {len(groups)} records; at most {limit} are taken a request "
-                "(ECGSSL_SERVE_MAX_RECORDS)"
-            )
-        recordings: list[Recording | ClientError] = []
-        for index, group in enumerate(groups):
-            if group.error is not None:
-                recordings.append(group.error)
-                continue
-            folder = Path(workdir) / f"record{index}"
-            folder.mkdir()
-            try:
-                recordings.append(read_upload(group.files, folder, fs=fs, lead_names=given_leads))
-            except ClientError as exc:
-                recordings.append(exc)
+        groups = batch_records(contents, Path(workdir))
+        limits = request_limits(served.spec, windowing)
+        recordings = read_records(groups, Path(workdir), fs, lead_names(leads), limits)
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
         results = embed_recordings(
             loaded, recordings, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing

@@ -2,7 +2,7 @@
 
 import time
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
@@ -21,6 +21,7 @@ from services.ecg.recording import ACCEPTED_UPLOADS
 from services.errors import ClientError
 from services.inference.predict import PredictMethod, PredictWindowing, classifier, predict_recordings
 from services.inference.sessions import SESSIONS, Precision, Timing
+from services.inference.uploads import request_limits
 
 router = APIRouter(tags=["inference"])
 
@@ -41,7 +42,6 @@ router = APIRouter(tags=["inference"])
     "neither gets 409 with what to do.",
 )
 def predict(
-    request: Request,
     response: Response,
     files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
     fs: float | None = Form(
@@ -72,9 +72,9 @@ def predict(
     with timing.step("resolve"):
         served = served_model(session, model)
     how = classifier(served, method)  # 409 before reading the upload when the model cannot predict
-    contents = one_record_upload(request, files, "POST /predict takes one record")
+    contents = one_record_upload(files, "POST /predict takes one record")
     with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        recording = read_recording(contents, fs, leads, timing)
+        recording = read_recording(contents, fs, leads, request_limits(served.spec, windowing), timing)
         (result,) = predict_recordings(
             loaded,
             [recording],

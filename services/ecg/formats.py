@@ -29,9 +29,12 @@ from services.ecg.leads import canonical_lead_name
 from services.ecg.recording import (
     ACCEPTED_UPLOADS,
     ContentTooLargeError,
+    ReadLimits,
     Recording,
+    check_array_shape,
     check_fs,
     load_npy,
+    npy_header,
     read_npy,
     read_wfdb,
     recording_from_array,
@@ -111,14 +114,21 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def read_csv(data: bytes, fs: float | None, lead_names: list[str] | None, source: str) -> Recording:
+def read_csv(
+    data: bytes,
+    fs: float | None,
+    lead_names: list[str] | None,
+    source: str,
+    limits: ReadLimits | None = None,
+) -> Recording:
     """CSV of one column per lead (values in mV) and one row per sample, under a header row of lead names.
 
     The delimiter may be ',', ';' or a tab (with ';' or tab, decimal commas are accepted; Excel's 'sep=;'
     first line is understood); lines starting with '#' are skipped; an empty cell is a missing sample
     (NaN). A column named ``time`` or ``t`` (seconds) gives the sampling rate when the form field ``fs`` is
     absent; a column named ``index`` or with an empty name is ignored. Header names may carry a unit, e.g.
-    ``V1 (uV)``.
+    ``V1 (uV)``. ``limits``: with the form field ``fs``, the record is admitted from its number of rows
+    before the cells are parsed; with a time column, once that column gives the rate.
     """
     text = _decode_text(data, source, "CSV")
     numbered = [(n, line) for n, line in enumerate(text.splitlines(), start=1)]
@@ -130,18 +140,24 @@ def read_csv(data: bytes, fs: float | None, lead_names: list[str] | None, source
     if not numbered:
         raise EcgInputError(f"{source}: the CSV file is empty")
     try:
+        header = [cell.strip() for cell in next(csv.reader([numbered[0][1]], delimiter=delimiter))]
+    except (csv.Error, StopIteration) as exc:
+        raise EcgInputError(f"{source}: not a readable CSV file ({exc})") from None
+    headerless = all(_is_number(cell) for cell in header if cell)
+    if limits is not None and fs is not None:  # the rows are the samples: admitted before parsing them
+        limits.admit(source, len(numbered) - (0 if headerless else 1), fs)
+    try:
         rows = list(csv.reader([line for _, line in numbered], delimiter=delimiter))
     except csv.Error as exc:
         raise EcgInputError(f"{source}: not a readable CSV file ({exc})") from None
     line_numbers = [n for n, _ in numbered]
-    header = [cell.strip() for cell in rows[0]]
     if len(header) > 2 and not _is_number(header[0]) and all(_is_number(c) for c in header[1:] if c):
         raise EcgInputError(
             f"{source}: the first row is '{header[0]}' followed by numbers: this looks like one row per "
             "lead; expected a header row of lead names over one column per lead (rows are samples): "
             "transpose it"
         )
-    if all(_is_number(cell) for cell in header if cell):
+    if headerless:
         if not lead_names:
             raise EcgInputError(
                 f"{source}: the first row must name the leads (e.g. I,II,III,...,V6), found numbers "
@@ -181,6 +197,8 @@ def read_csv(data: bytes, fs: float | None, lead_names: list[str] | None, source
                 f"{source}: the form field fs={fs:g} Hz contradicts the '{header[time_col]}' column, which "
                 f"spaces samples at {derived:g} Hz"
             )
+        if fs is None and limits is not None:
+            limits.admit(source, len(data_rows), derived)
         fs = fs if fs is not None else derived
     names = [lead_label(name) for name in (lead_names or [name for _, name in columns])]
     if len(names) != len(columns):
@@ -241,11 +259,18 @@ def _fs_from_time(t: np.ndarray, lines: list[int], source: str, column: str) -> 
 _JSON_SHAPE = '{"fs": 500, "leads": ["I", ...], "signal": [[...], ...]} (leads x samples)'
 
 
-def read_json(data: bytes, fs: float | None, lead_names: list[str] | None, source: str) -> Recording:
+def read_json(
+    data: bytes,
+    fs: float | None,
+    lead_names: list[str] | None,
+    source: str,
+    limits: ReadLimits | None = None,
+) -> Recording:
     """JSON object ``{"fs", "leads", "signal"}`` with ``signal`` leads x samples (or ``{lead: samples}``).
 
     Optional ``"units"`` ("uV", "mV", "V"; default mV). ``null`` samples are missing (NaN). The form
-    fields ``fs`` and ``leads`` override the file's.
+    fields ``fs`` and ``leads`` override the file's. ``limits``: the record is admitted once the JSON is
+    parsed, before its values are checked and converted.
     """
     text = _decode_text(data, source, "JSON")
     try:
@@ -278,6 +303,9 @@ def read_json(data: bytes, fs: float | None, lead_names: list[str] | None, sourc
             f"({', '.join(str(len(r)) for r in raw[:12])}...): "
             "every lead needs the same number of samples"
         )
+    file_fs = obj.get("fs")
+    if limits is not None:
+        limits.admit(source, lengths.pop(), fs if fs is not None else file_fs)
     for i, row in enumerate(raw):
         for k, value in enumerate(row):
             if value is not None and (type(value) not in (int, float)):
@@ -294,7 +322,6 @@ def read_json(data: bytes, fs: float | None, lead_names: list[str] | None, sourc
     if not isinstance(units, str):
         raise EcgInputError(f'{source}: \'units\' must be a string such as "uV" or "mV"')
     signal *= _voltage_factor(units, source, "the signal")
-    file_fs = obj.get("fs")
     if file_fs is not None and (isinstance(file_fs, bool) or not isinstance(file_fs, int | float)):
         raise EcgInputError(f"{source}: 'fs' must be a number of Hz, got {json.dumps(file_fs)[:40]}")
     names = lead_names or file_leads
@@ -311,9 +338,16 @@ def read_json(data: bytes, fs: float | None, lead_names: list[str] | None, sourc
 # .npz
 
 
-def read_npz(data: bytes, fs: float | None, lead_names: list[str] | None, source: str) -> Recording:
+def read_npz(
+    data: bytes,
+    fs: float | None,
+    lead_names: list[str] | None,
+    source: str,
+    limits: ReadLimits | None = None,
+) -> Recording:
     """A NumPy ``.npz`` with one record: array ``signal`` (or ``signals``) of leads x samples, optional
-    ``fs``, ``leads``/``lead_names`` and ``units``; the form fields override the file's."""
+    ``fs``, ``leads``/``lead_names`` and ``units``; the form fields override the file's. The signal's shape
+    is checked (and admitted to ``limits``) from its array header before it is loaded."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
@@ -328,14 +362,15 @@ def read_npz(data: bytes, fs: float | None, lead_names: list[str] | None, source
             f"{source}: no array named 'signal' (leads x samples) in the .npz; found: "
             f"{', '.join(arrays) or 'nothing'}"
         )
-    signal = load_npy(arrays[key], f"{source}:{key}")
-    if signal.ndim == 3:
-        if signal.shape[0] != 1:
+    shape, dtype = npy_header(arrays[key], f"{source}:{key}")
+    if len(shape) == 3:
+        if shape[0] != 1:
             raise EcgInputError(
-                f"{source}: '{key}' holds {signal.shape[0]} records (shape {signal.shape}); send one record "
+                f"{source}: '{key}' holds {shape[0]} records (shape {shape}); send one record "
                 "(leads x samples) a request"
             )
-        signal = signal[0]
+        shape = shape[1:]
+    check_array_shape(shape, dtype, source)
     file_fs = None
     if "fs" in arrays:
         value = load_npy(arrays["fs"], f"{source}:fs")
@@ -359,6 +394,9 @@ def read_npz(data: bytes, fs: float | None, lead_names: list[str] | None, source
             raise EcgInputError(f"{source}: 'units' must be one string such as 'uV' or 'mV'")
         unit = value.reshape(()).item()
         factor = _voltage_factor(unit.decode() if isinstance(unit, bytes) else unit, source, "the signal")
+    if limits is not None:
+        limits.admit(source, shape[1], fs if fs is not None else file_fs)
+    signal = load_npy(arrays[key], f"{source}:{key}").reshape(shape)
     names = lead_names or file_leads
     recording = recording_from_array(
         signal,
@@ -380,14 +418,15 @@ class EdfSupportMissingError(EcgInputError):
     status_code = 501
 
 
-def read_edf(path: Path, source: str) -> Recording:
+def read_edf(path: Path, source: str, limits: ReadLimits | None = None) -> Recording:
     """EDF, EDF+ or BDF(+) via pyedflib: the ECG channels at their most common sampling rate, in mV.
 
     ECG channels: those labelled like a lead or as ECG/EKG ('I', 'ECG V1', 'EKG') with a voltage unit (uV,
     mV, V) or none (taken as mV); when no channel is labelled so, every channel with a voltage unit. Of
     these, the channels at the most common rate are read (ties: the higher rate); annotation channels,
     other signals (respiration, SpO2, EEG beside labelled ECG, ...) and ECG channels at other rates are
-    ignored and listed in ``comments``. Labels such as 'ECG II' become II.
+    ignored and listed in ``comments``. Labels such as 'ECG II' become II. ``limits``: the record is
+    admitted from the EDF header (samples of the chosen channels) before any of them is read.
     """
     try:
         import pyedflib
@@ -433,6 +472,9 @@ def read_edf(path: Path, source: str) -> Recording:
         best = max(counts, key=lambda r: (counts[r], r))
         chosen = [(i, f) for i, f in ecg if rates[i] == best]
         dropped = [f"{labels[i]} ({rates[i]:g} Hz)" for i, _ in ecg if rates[i] != best]
+        if limits is not None:
+            counts_per_channel = reader.getNSamples()
+            limits.admit(source, int(max(counts_per_channel[i] for i, _ in chosen)), best)
         signals = [reader.readSignal(i) * factor for i, factor in chosen]
     finally:
         reader.close()
@@ -566,7 +608,12 @@ def extract_zip(data: bytes, dest: Path, source: str, limit: int | None = None) 
 
 
 def read_zip(
-    data: bytes, name: str, workdir: Path, fs: float | None, lead_names: list[str] | None
+    data: bytes,
+    name: str,
+    workdir: Path,
+    fs: float | None,
+    lead_names: list[str] | None,
+    limits: ReadLimits | None = None,
 ) -> Recording:
     """One record in a .zip (possibly in a subfolder): a WFDB record, or one file of another format."""
     root = Path(workdir) / "zip"
@@ -587,9 +634,11 @@ def read_zip(
     path = headers[0] if headers else paths[0]
     try:
         if headers:
-            recording = read_wfdb(path)
+            recording = read_wfdb(path, limits)
         else:
-            recording = read_single_file(path.name, path.read_bytes(), path.parent, fs, lead_names, path=path)
+            recording = read_single_file(
+                path.name, path.read_bytes(), path.parent, fs, lead_names, path=path, limits=limits
+            )
     except EcgInputError as exc:  # say which archive the file came from
         raise type(exc)(f"{name}: {exc}") from None
     if recording is None:
@@ -611,20 +660,21 @@ def read_single_file(
     fs: float | None,
     lead_names: list[str] | None,
     path: Path | None = None,
+    limits: ReadLimits | None = None,
 ) -> Recording | None:
     """Read one self-contained file by its extension; None when the extension is not one of them."""
     suffix = Path(name).suffix.lower()
     if suffix == ".npy":
-        return read_npy(data, fs, lead_names, name)
+        return read_npy(data, fs, lead_names, name, limits)
     if suffix == ".npz":
-        return read_npz(data, fs, lead_names, name)
+        return read_npz(data, fs, lead_names, name, limits)
     if suffix in (".csv", ".tsv"):
-        return read_csv(data, fs, lead_names, name)
+        return read_csv(data, fs, lead_names, name, limits)
     if suffix == ".json":
-        return read_json(data, fs, lead_names, name)
+        return read_json(data, fs, lead_names, name, limits)
     if suffix in (".edf", ".bdf"):
         if path is None:
             path = Path(workdir) / name
             path.write_bytes(data)
-        return read_edf(path, name)
+        return read_edf(path, name, limits)
     return None

@@ -65,6 +65,15 @@ def resample(signal: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     return sps.resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1, padtype="line")
 
 
+def resampled_length(samples: int, fs_in: float, fs_out: float) -> int:
+    """The samples ``resample`` gives for ``samples`` at ``fs_in`` (scipy's ``resample_poly`` length, at the
+    same rational approximation of the ratio), without resampling anything."""
+    if fs_in == fs_out:
+        return samples
+    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
+    return -(-samples * ratio.numerator // ratio.denominator)
+
+
 FLAT_STD_MV = 1e-3  # a lead whose standard deviation is below 1 µV carries no ECG
 
 
@@ -205,6 +214,20 @@ def split_segments(x: np.ndarray, segment: int) -> np.ndarray:
     """(C, T) -> (T // segment, C, segment): consecutive non-overlapping segments, the remainder dropped."""
     count = x.shape[-1] // segment
     return np.ascontiguousarray(x[:, : count * segment].reshape(x.shape[0], count, segment).swapaxes(0, 1))
+
+
+def window_count(samples: int, fs: float, spec: InputSpec, windowing: Windowing) -> int:
+    """The windows ``preprocess`` cuts from a record of ``samples`` samples at ``fs`` Hz, from its length
+    alone (before it is read); 1 for a record shorter than the window (padded, or refused without pad)."""
+    length = resampled_length(samples, fs, spec.fs)
+    if length < spec.samples or windowing == "center":
+        return 1
+    if windowing == "three_crop":
+        segment = max(int(round(SEGMENT_S * spec.fs)), spec.samples)
+        if length < segment:
+            return len(three_crop_starts(length, spec.samples))
+        return (length // segment) * len(three_crop_starts(segment, spec.samples))
+    return -(-(length - spec.samples) // spec.samples) + 1  # window_starts' count: no two starts coincide
 
 
 def preprocess(

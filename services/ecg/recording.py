@@ -8,6 +8,7 @@ point for uploads; the other formats (EDF/BDF, ``.npz``, CSV, JSON) and ``.zip``
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ import numpy as np
 import wfdb
 from wfdb.io.header import parse_header_content, rx_record, rx_signal
 
+from services.config import get_settings
 from services.ecg.leads import STANDARD_LEADS, canonical_lead_name
 from services.errors import EcgInputError
 
@@ -50,9 +52,80 @@ class Recording:
 
 
 class ContentTooLargeError(EcgInputError):
-    """The content of an upload (e.g. a .zip once expanded) is over the upload size limit."""
+    """The content of an upload is over one of the service's limits (413): its size (e.g. a .zip once
+    expanded), a record's duration, the records or model windows of one request."""
 
     status_code = 413
+
+
+class RecordTooLongError(ContentTooLargeError):
+    """One record lasts longer than ``ECGSSL_UPLOAD_MAX_SECONDS``: that record is refused."""
+
+
+class TooManyWindowsError(ContentTooLargeError):
+    """The records of one request together give more model windows than ``ECGSSL_SERVE_MAX_WINDOWS``: the
+    request is refused (in a batch as well: the limit is the request's, not one record's)."""
+
+
+def duration_text(seconds: float) -> str:
+    """A duration for messages: '38.4 s', '12.5 min', '10.00 h'."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.2f} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds:.1f} s"
+
+
+WindowCounter = Callable[[int, float], int]  # (samples, fs) -> windows the model cuts from such a record
+
+
+@dataclass
+class ReadLimits:
+    """What the records of one request may hold, checked by ``admit`` from each record's header or array
+    shape, before its samples are decoded: each record at most ``max_seconds`` long, and, where
+    ``count_windows`` says how many model windows a record gives, at most ``max_windows`` windows for all
+    the request's records together. With the upload size limit this bounds a request's memory: decoding
+    is bounded by the bytes, preprocessing by the duration, the model input by the windows."""
+
+    max_seconds: float
+    max_windows: int | None = None
+    count_windows: WindowCounter | None = None
+    windows: int = 0  # windows of the records admitted so far
+    admitted: int = 0  # records admitted so far
+
+    @classmethod
+    def from_settings(cls, count_windows: WindowCounter | None = None) -> "ReadLimits":
+        settings = get_settings()
+        return cls(settings.upload_max_seconds, settings.serve_max_windows, count_windows)
+
+    def admit(self, source: str, samples: int, fs: object) -> None:
+        """Count one record of ``samples`` samples at ``fs`` Hz, or refuse it (413). A rate the readers
+        would refuse (missing, not a number, outside ``MIN_FS_HZ``-``MAX_FS_HZ``) is not counted: the reader
+        says what is wrong with it, and ``read_upload`` admits a record it read without admitting it."""
+        try:
+            rate = float(fs)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        if isinstance(fs, bool) or not MIN_FS_HZ <= rate <= MAX_FS_HZ:
+            return
+        duration = samples / rate
+        if duration > self.max_seconds:
+            raise RecordTooLongError(
+                f"{source}: the record lasts {duration_text(duration)} ({samples} samples at {rate:g} Hz), "
+                f"longer than the {duration_text(self.max_seconds)} accepted per record: send a shorter "
+                "excerpt, or raise the limit with the setting ECGSSL_UPLOAD_MAX_SECONDS "
+                f"(now {self.max_seconds:g} s)"
+            )
+        windows = self.count_windows(samples, rate) if self.count_windows is not None else 0
+        if self.max_windows is not None and self.windows + windows > self.max_windows:
+            total = f", {self.windows + windows} with the records before it" if self.admitted else ""
+            raise TooManyWindowsError(
+                f"{source}: this record gives {windows} model windows ({duration_text(duration)} at "
+                f"{rate:g} Hz){total}, over the limit of {self.max_windows} windows per request: send "
+                "fewer or shorter records, or raise the limit with the setting ECGSSL_SERVE_MAX_WINDOWS"
+            )
+        self.windows += windows
+        self.admitted += 1
 
 
 def check_fs(fs: float | None, source: str, hint: str = "") -> float:
@@ -88,23 +161,48 @@ def _check_signal_files(header_path: Path, header: wfdb.Record, file_names: list
     if not header.sig_len:
         return  # no length in the header: wfdb infers it from the file size
     for name in sorted(set(file_names)):
-        path = header_path.parent / name
-        if not path.is_file():
+        layout = _file_layout(header_path, header, file_names, name)
+        if layout is None:
             continue
-        channels = [i for i, f in enumerate(file_names) if f == name]
-        fmts = [str(header.fmt[i]) for i in channels]
-        if any(fmt not in _WFDB_BYTES_PER_SAMPLE for fmt in fmts):
-            continue
-        spf = [(header.samps_per_frame or [1] * len(file_names))[i] or 1 for i in channels]
-        frame_bytes = sum(_WFDB_BYTES_PER_SAMPLE[fmt] * n for fmt, n in zip(fmts, spf, strict=True))
-        offset = (header.byte_offset or [None] * len(file_names))[channels[0]] or 0
-        available = max(path.stat().st_size - offset, 0)
+        frame_bytes, available = layout
         if available < math.floor(header.sig_len * frame_bytes):
             raise EcgInputError(
                 f"{header_path.name}: the header declares {header.sig_len} samples but signal file '{name}' "
                 f"holds only {int(available // frame_bytes)} (truncated, or the header's sample count "
                 "is wrong)"
             )
+
+
+def _file_layout(
+    header_path: Path, header: wfdb.Record, file_names: list[str], name: str
+) -> tuple[float, int] | None:
+    """(bytes per frame, bytes of samples) of the signal file ``name`` beside the header; None when it is
+    absent or stored in a format whose sample size is not fixed."""
+    path = header_path.parent / name
+    if not path.is_file():
+        return None
+    channels = [i for i, f in enumerate(file_names) if f == name]
+    fmts = [str(header.fmt[i]) for i in channels]
+    if any(fmt not in _WFDB_BYTES_PER_SAMPLE for fmt in fmts):
+        return None
+    spf = [(header.samps_per_frame or [1] * len(file_names))[i] or 1 for i in channels]
+    frame_bytes = sum(_WFDB_BYTES_PER_SAMPLE[fmt] * n for fmt, n in zip(fmts, spf, strict=True))
+    offset = (header.byte_offset or [None] * len(file_names))[channels[0]] or 0
+    return frame_bytes, max(path.stat().st_size - offset, 0)
+
+
+def declared_samples(header_path: Path, header: wfdb.Record, file_names: list[str]) -> int | None:
+    """Samples per signal the record holds, before reading it: the header's length, else (no length in the
+    header: wfdb reads what the files hold) the longest signal file of a fixed-size format; None when
+    neither is known (e.g. FLAC files without a length)."""
+    if header.sig_len:
+        return int(header.sig_len)
+    lengths = [
+        int(layout[1] // layout[0])
+        for name in sorted(set(file_names))
+        if (layout := _file_layout(header_path, header, file_names, name)) is not None and layout[0]
+    ]
+    return max(lengths) if lengths else None
 
 
 def check_declared_fs(header_path: Path) -> None:
@@ -197,14 +295,15 @@ def _read_format16(header_path: Path, header: SimpleNamespace) -> np.ndarray | N
     return physical
 
 
-def read_wfdb(header_path: Path) -> Recording:
+def read_wfdb(header_path: Path, limits: ReadLimits | None = None) -> Recording:
     """Read a WFDB record from its ``.hea`` file; signal files (.dat, .mat, ...) are looked up beside it.
 
     Any storage format wfdb reads works, including the MATLAB ``.mat`` signal files of wfdb2mat and of the
     PhysioNet/CinC challenges (the header gives the byte offset of the matrix). Channels stored in signal
     files that are absent are skipped when none of them is a standard lead (e.g. the Frank leads of PTB's
     ``.xyz`` files); a missing file holding a standard lead, or no signal file at all, is an error naming the
-    file. Signal files must be plain names beside the header (no paths).
+    file. Signal files must be plain names beside the header (no paths). ``limits`` (uploads): the record's
+    length, from the header, is admitted before any sample is read.
     """
     header_path = Path(header_path)
     record_name = str(header_path.with_suffix(""))
@@ -230,6 +329,8 @@ def read_wfdb(header_path: Path) -> Recording:
                 f"{header_path.name} references signal file '{name}' (leads {', '.join(holds)}), "
                 "which was not found: upload it together with the header"
             )
+    if limits is not None and (samples := declared_samples(header_path, header, file_names)) is not None:
+        limits.admit(header_path.name, samples, header.fs)
     fast = _read_format16(header_path, header) if isinstance(header, SimpleNamespace) else None
     if fast is not None:  # the header read once (read_header_fields), the signal straight from the file
         record = SimpleNamespace(p_signal=fast, units=header.units, sig_name=header.sig_name, comments=None)
@@ -265,8 +366,9 @@ def read_wfdb(header_path: Path) -> Recording:
     )
 
 
-def load_npy(data: bytes, source: str) -> np.ndarray:
-    """A ``.npy`` array from bytes; refuses pickles and headers that claim more data than the file holds."""
+def npy_header(data: bytes, source: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a ``.npy`` array from its header alone; refuses headers that claim more data than
+    the file holds."""
     stream = io.BytesIO(data)
     try:
         version = np.lib.format.read_magic(stream)
@@ -282,30 +384,37 @@ def load_npy(data: bytes, source: str) -> np.ndarray:
             f"{source}: the array header declares shape {tuple(shape)} of {dtype} ({needed} bytes) but "
             f"the file holds {len(data) - stream.tell()} bytes of data (truncated?)"
         )
+    return tuple(shape), dtype
+
+
+def load_npy(data: bytes, source: str) -> np.ndarray:
+    """A ``.npy`` array from bytes; refuses pickles and headers that claim more data than the file holds."""
+    npy_header(data, source)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as exc:
         raise EcgInputError(f"{source}: not a NumPy .npy array ({exc})") from exc
 
 
+def check_array_shape(shape: tuple[int, ...], dtype: np.dtype, source: str) -> None:
+    """Refuse what is not a numeric 2-D array of leads x samples (from the array or its .npy header)."""
+    if len(shape) != 2 or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise EcgInputError(
+            f"{source}: expected a numeric 2-D array of leads x samples, got shape {shape} of {dtype}"
+        )
+    if math.prod(shape) == 0:
+        raise EcgInputError(f"{source}: the array holds no samples (shape {shape})")
+    if shape[0] > shape[1]:
+        raise EcgInputError(
+            f"{source}: shape {shape} looks like samples x leads; expected leads x samples (transpose it)"
+        )
+
+
 def recording_from_array(
     array: np.ndarray, fs: float | None, lead_names: list[str] | None, source: str, fs_hint: str = ""
 ) -> Recording:
     """Check a numeric 2-D array of leads x samples (mV) with its rate and names; return the ``Recording``."""
-    if array.ndim != 2 or not (
-        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
-    ):
-        raise EcgInputError(
-            f"{source}: expected a numeric 2-D array of leads x samples, got shape {array.shape} "
-            f"of {array.dtype}"
-        )
-    if array.size == 0:
-        raise EcgInputError(f"{source}: the array holds no samples (shape {array.shape})")
-    if array.shape[0] > array.shape[1]:
-        raise EcgInputError(
-            f"{source}: shape {array.shape} looks like samples x leads; expected leads x samples "
-            "(transpose it)"
-        )
+    check_array_shape(array.shape, array.dtype, source)
     fs = check_fs(fs, source, fs_hint)
     names = lead_names or _default_names(array.shape[0], source)
     if len(names) != array.shape[0]:
@@ -313,10 +422,21 @@ def recording_from_array(
     return Recording(signal=array.astype(np.float32), fs=fs, lead_names=list(names), source=source)
 
 
-def read_npy(data: bytes, fs: float | None, lead_names: list[str] | None, source: str) -> Recording:
-    """A ``.npy`` array of leads x samples (mV); the sampling rate must be given."""
+def read_npy(
+    data: bytes,
+    fs: float | None,
+    lead_names: list[str] | None,
+    source: str,
+    limits: ReadLimits | None = None,
+) -> Recording:
+    """A ``.npy`` array of leads x samples (mV); the sampling rate must be given. Its shape is checked (and
+    admitted to ``limits``) from the array header before the array is loaded."""
     if fs is None or fs <= 0:
         raise EcgInputError(f"{source}: a .npy upload needs its sampling rate: send the form field 'fs' (Hz)")
+    shape, dtype = npy_header(data, source)
+    check_array_shape(shape, dtype, source)
+    if limits is not None:
+        limits.admit(source, shape[1], fs)
     return recording_from_array(load_npy(data, source), fs, lead_names, source)
 
 
@@ -341,15 +461,33 @@ ACCEPTED_UPLOADS = (
 
 
 def read_upload(
-    files: dict[str, bytes], workdir: Path, fs: float | None = None, lead_names: list[str] | None = None
+    files: dict[str, bytes],
+    workdir: Path,
+    fs: float | None = None,
+    lead_names: list[str] | None = None,
+    limits: ReadLimits | None = None,
 ) -> Recording:
     """Read one ECG sent as files (name -> content); see ``ACCEPTED_UPLOADS`` for what is understood.
 
     ``workdir`` is an empty temporary directory the caller removes afterwards: nothing is written outside
     it. ``fs`` and ``lead_names`` are the client's form fields: required where the file does not carry them
     (.npy, CSV without a time column), they override what a .npz or JSON file says, and are ignored for the
-    self-describing WFDB and EDF formats.
+    self-describing WFDB and EDF formats. ``limits`` (default: the settings' duration limit alone) admits
+    the record before its samples are decoded: from the WFDB or EDF header, the .npy/.npz array header, the
+    rows of a CSV with ``fs``; a record whose length shows only once read (JSON aside, which is checked
+    once parsed, before conversion; a CSV whose rate comes from its time column) is admitted then.
     """
+    limits = limits if limits is not None else ReadLimits.from_settings()
+    admitted = limits.admitted
+    recording = _read_upload(files, Path(workdir), fs, lead_names, limits)
+    if limits.admitted == admitted:
+        limits.admit(recording.source, recording.signal.shape[1], recording.fs)
+    return recording
+
+
+def _read_upload(
+    files: dict[str, bytes], workdir: Path, fs: float | None, lead_names: list[str] | None, limits: ReadLimits
+) -> Recording:
     from services.ecg import formats  # formats imports this module
 
     if not files:
@@ -357,14 +495,13 @@ def read_upload(
     for name in files:
         if not _SAFE_NAME.match(name) or name.startswith("."):
             raise EcgInputError(f"file name '{name}' is not allowed: use letters, digits, '.', '_' and '-'")
-    workdir = Path(workdir)
     zips = [name for name in files if name.lower().endswith(".zip")]
     if zips:
         if len(files) > 1:
             raise EcgInputError(
                 f"a .zip must be uploaded alone (got {', '.join(files)}): put the whole record in the .zip"
             )
-        return formats.read_zip(files[zips[0]], zips[0], workdir, fs, lead_names)
+        return formats.read_zip(files[zips[0]], zips[0], workdir, fs, lead_names, limits)
     headers = [name for name in files if name.lower().endswith(".hea")]
     if len(headers) > 1:
         raise EcgInputError(
@@ -373,10 +510,10 @@ def read_upload(
     if headers:
         for name, content in files.items():
             (workdir / name).write_bytes(content)
-        return read_wfdb(workdir / headers[0])
+        return read_wfdb(workdir / headers[0], limits)
     if len(files) == 1:
         name, content = next(iter(files.items()))
-        recording = formats.read_single_file(name, content, workdir, fs, lead_names)
+        recording = formats.read_single_file(name, content, workdir, fs, lead_names, limits=limits)
         if recording is not None:
             return recording
     names = ", ".join(files)

@@ -7,12 +7,27 @@
 Records come out in upload order (a WFDB record where its header is). Whatever cannot become a record (a
 signal file no header names, an unreadable archive) comes out as an entry carrying the error, so that it is
 reported in its place without failing the others.
+
+What one inference request may carry (``request_limits``, ``batch_records``): at most
+``ECGSSL_SERVE_MAX_RECORDS`` records (records, not files), each at most ``ECGSSL_UPLOAD_MAX_SECONDS`` long,
+and at most ``ECGSSL_SERVE_MAX_WINDOWS`` model windows together, each checked before a sample is decoded.
 """
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
 
+from services.config import get_settings
 from services.ecg.formats import extract_zip
+from services.ecg.preprocess import InputSpec, Windowing, window_count
+from services.ecg.recording import (
+    ACCEPTED_UPLOADS,
+    ContentTooLargeError,
+    ReadLimits,
+    Recording,
+    TooManyWindowsError,
+    read_upload,
+)
 from services.errors import ClientError, EcgInputError
 
 SINGLE_FILE_SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".json", ".edf", ".bdf")
@@ -114,3 +129,51 @@ def split_records(files: dict[str, bytes], workdir: Path) -> list[RecordFiles]:
             placed.append((position, 0, RecordFiles(name, {}, exc)))
     placed.sort(key=lambda entry: (entry[0], entry[1]))
     return [record for _, _, record in placed]
+
+
+def request_limits(spec: InputSpec, windowing: Windowing) -> ReadLimits:
+    """The limits of one inference request, from the settings: each record's duration, and the model
+    windows of all its records together, counted as ``preprocess`` cuts them for ``spec`` and
+    ``windowing``."""
+    return ReadLimits.from_settings(partial(window_count, spec=spec, windowing=windowing))
+
+
+def batch_records(files: dict[str, bytes], workdir: Path) -> list[RecordFiles]:
+    """``split_records``, refusing an upload without any record (422) or with more records than
+    ``ECGSSL_SERVE_MAX_RECORDS`` (413; records, not files: each record in a .zip counts)."""
+    groups = split_records(files, workdir)
+    if not groups:
+        raise ClientError(f"no ECG record in the upload ({', '.join(files)}): expected {ACCEPTED_UPLOADS}")
+    limit = get_settings().serve_max_records
+    if len(groups) > limit:
+        raise ContentTooLargeError(
+            f"the upload holds {len(groups)} records; at most {limit} are taken a request: send them in "
+            "several requests, or raise the limit with the setting ECGSSL_SERVE_MAX_RECORDS"
+        )
+    return groups
+
+
+def read_records(
+    groups: list[RecordFiles],
+    workdir: Path,
+    fs: float | None,
+    lead_names: list[str] | None,
+    limits: ReadLimits,
+) -> list[Recording | ClientError]:
+    """Each record of ``groups`` read in turn under the request's ``limits`` (each in its own folder under
+    ``workdir``): the recording, or its error in its place. Records over the request's windows end the
+    request (``TooManyWindowsError``): that limit is the request's, not one record's."""
+    recordings: list[Recording | ClientError] = []
+    for index, group in enumerate(groups):
+        if group.error is not None:
+            recordings.append(group.error)
+            continue
+        folder = Path(workdir) / f"record{index}"
+        folder.mkdir()
+        try:
+            recordings.append(read_upload(group.files, folder, fs=fs, lead_names=lead_names, limits=limits))
+        except TooManyWindowsError:
+            raise
+        except ClientError as exc:
+            recordings.append(exc)
+    return recordings
