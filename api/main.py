@@ -10,6 +10,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from api.responses import install_openapi
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.errors import ClientError
 from services.shipped import register_on_first_start
@@ -63,6 +64,7 @@ def create_app() -> FastAPI:
         health.router,
     ):
         app.include_router(router)
+    install_openapi(app)  # the OpenAPI document: the API key optional when none is configured
     return app
 
 
