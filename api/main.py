@@ -10,7 +10,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api.responses import install_openapi
+from api.responses import install_responses
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.errors import ClientError
 from services.shipped import register_on_first_start
@@ -64,7 +64,7 @@ def create_app() -> FastAPI:
         health.router,
     ):
         app.include_router(router)
-    install_openapi(app)  # the OpenAPI document: the API key optional when none is configured
+    install_responses(app)  # the OpenAPI document's API key as configured; a 405 lists all allowed methods
     return app
 
 

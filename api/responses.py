@@ -3,16 +3,20 @@
 Every refusal has a JSON body ``{"detail": ...}``: a string (``ErrorOut``: a ``ClientError`` or an
 ``HTTPException`` of the service), or, for a request that does not fit the schema, the list of what is wrong
 (``ValidationErrorOut``; ``api.main`` writes it). ``errors(...)`` declares, per route, the statuses it can
-answer with those bodies; ``install_openapi`` makes the document say that the API key is optional when the
-service has none.
+answer with those bodies. ``install_responses`` makes the document say that the API key is optional when the
+service has none, and a 405's ``Allow`` list every method of the path (Starlette names only one route's).
 """
 
 import copy
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from services.config import get_settings
 
@@ -54,7 +58,7 @@ class ValidationErrorOut(BaseModel):
 
 # what each status means, unless a route says more precisely
 DESCRIPTIONS: dict[int, str] = {
-    400: "the multipart body cannot be parsed",
+    400: "the body cannot be parsed (JSON that is not UTF-8, a malformed multipart body)",
     401: "the API key is missing or wrong (only when the service has one: ECGSSL_API_KEY)",
     404: "what the request names does not exist",
     409: "the request conflicts with the current state",
@@ -94,6 +98,32 @@ def errors(*statuses: int | tuple[int, str]) -> dict[int | str, dict[str, Any]]:
             }
         responses[status] = response
     return responses
+
+
+def install_responses(app: FastAPI) -> None:
+    """The OpenAPI document's security as the settings have it (``install_openapi``), and a 405's ``Allow``
+    header with every method the path takes."""
+    install_openapi(app)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(app, request))}
+        return await http_exception_handler(request, exc)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods some route takes on the request's path (Starlette's 405 names only the first route's)."""
+    routes = app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 def install_openapi(app: FastAPI) -> None:

@@ -72,7 +72,7 @@ def dataset_ref(text: str) -> int | str:
     status_code=status.HTTP_201_CREATED,
     response_model=DatasetOut,
     dependencies=[Depends(require_api_key)],
-    responses=errors(401, (409, "a dataset of that name is already registered"), 422),
+    responses=errors(400, 401, (409, "a dataset of that name is already registered"), 422),
     summary="Register a dataset: validates it and returns its summary (records, rates, leads, labels, folds)",
 )
 def create_dataset(body: DatasetRequest, session: Session = Depends(db_session)) -> DatasetOut:

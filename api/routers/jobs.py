@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from starlette.convertors import UUIDConvertor
 
 from api.deps import db_session, require_api_key
 from api.responses import errors
@@ -28,9 +29,15 @@ from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-QUEUE_ERRORS = (401, 422, (503, "the broker is unavailable: the job is recorded as failed; retry later"))
+QUEUE_ERRORS = (400, 401, 422, (503, "the broker is unavailable: the job is recorded as failed; retry later"))
 MODEL_NOT_FOUND = (404, "the model the job names is not registered, or has no such version")
 JOB_NOT_FOUND = (404, "no job has that id")
+# '/jobs/{job_id:uuid}': only a UUID names a job, so '/jobs/pretrain' is no job (GET on it: 405, not a 422)
+JobId = PathParam(
+    ...,
+    description="the job's id (another text: 404)",
+    json_schema_extra={"pattern": f"^{UUIDConvertor.regex}$"},
+)
 
 
 def job_out(job: Job) -> JobOut:
@@ -157,28 +164,28 @@ def list_jobs(
 
 
 @router.get(
-    "/{job_id}",
+    "/{job_id:uuid}",
     response_model=JobOut,
     responses=errors(JOB_NOT_FOUND, 422),
     summary="A job's status, progress, metrics per epoch",
 )
-def get_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> JobOut:
+def get_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
     return job_out(jobs.get_job(session, job_id))
 
 
 @router.post(
-    "/{job_id}/cancel",
+    "/{job_id:uuid}/cancel",
     response_model=JobOut,
     dependencies=[Depends(require_api_key)],
     responses=errors(401, JOB_NOT_FOUND, (409, "the job has already finished"), 422),
     summary="Cancel a queued or running job",
 )
-def cancel_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> JobOut:
+def cancel_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
     return job_out(jobs.request_cancel(session, job_id))
 
 
 @router.get(
-    "/{job_id}/artifacts/{name}",
+    "/{job_id:uuid}/artifacts/{name}",
     response_class=FileResponse,
     responses={
         200: {"content": {"image/png": {}}, "description": "the PNG file"},
@@ -187,7 +194,7 @@ def cancel_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> Job
     summary="One of a job's PNG artifacts (plots), by the name GET /jobs/{id} lists",
 )
 def get_artifact(
-    job_id: uuid.UUID,
+    job_id: uuid.UUID = JobId,
     name: str = PathParam(
         ...,
         description="a name from the job's 'artifacts' list (another name: 404)",

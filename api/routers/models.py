@@ -157,7 +157,7 @@ def get_alias(
     "/{name}/aliases/{alias}",
     response_model=AliasOut,
     dependencies=[Depends(require_api_key)],
-    responses=errors(401, MODEL_NOT_FOUND, (422, "not a valid alias, no such version, or a bad body")),
+    responses=errors(400, 401, MODEL_NOT_FOUND, (422, "not a valid alias, no such version, or a bad body")),
     summary="Point an alias at a version (promote): requests naming it are served by that version at once",
     description=(
         "Creates the alias or moves it. `?model=name@alias` (and `?model=name` for `production`) then "
@@ -213,7 +213,7 @@ def delete_alias(
     response_model=ModelVersionOut,
     status_code=status.HTTP_201_CREATED,
     dependencies=[Depends(require_api_key)],
-    responses=errors(401, (409, "a model of that name is registered with another method"), 422),
+    responses=errors(400, 401, (409, "a model of that name is registered with another method"), 422),
     summary="Import a published encoder checkpoint (under the data root) as a new model version",
     description=(
         "Loads the checkpoint with strict key matching (format 'st_mem': the official ST-MEM encoder file, "
