@@ -76,7 +76,9 @@ def dataset_ref(text: str) -> int | str:
     summary="Register a dataset: validates it and returns its summary (records, rates, leads, labels, folds)",
 )
 def create_dataset(body: DatasetRequest, session: Session = Depends(db_session)) -> DatasetOut:
-    return dataset_out(register_dataset(session, body))
+    row = register_dataset(session, body)
+    session.commit()  # before the answer: the session's own commit comes after it is sent
+    return dataset_out(row)
 
 
 @router.get("", response_model=DatasetList, summary="Registered datasets")

@@ -181,7 +181,9 @@ def get_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -
     summary="Cancel a queued or running job",
 )
 def cancel_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
-    return job_out(jobs.request_cancel(session, job_id))
+    job = jobs.request_cancel(session, job_id)
+    session.commit()  # before the answer: the session's own commit comes after it is sent
+    return job_out(job)
 
 
 @router.get(

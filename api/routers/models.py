@@ -225,4 +225,6 @@ def delete_alias(
     ),
 )
 def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:
-    return version_out(import_checkpoint(session, body.format, body.path, body.name))
+    version = import_checkpoint(session, body.format, body.path, body.name)
+    session.commit()  # before the answer: the session's own commit comes after it is sent
+    return version_out(version)
