@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.guard import RequestGuard
+from api.responses import install_responses
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.errors import ClientError
 from services.shipped import register_on_first_start
@@ -66,6 +67,7 @@ def create_app() -> FastAPI:
         health.router,
     ):
         app.include_router(router)
+    install_responses(app)  # the OpenAPI document's API key as configured; a 405 lists all allowed methods
     return app
 
 

@@ -191,7 +191,9 @@ class AliasSet(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(..., ge=1, description="the version number the alias should name", examples=[2])
+    version: int = Field(
+        ..., ge=1, le=2**31 - 1, description="the version number the alias should name", examples=[2]
+    )
 
 
 class AliasOut(BaseModel):

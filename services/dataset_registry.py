@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
@@ -58,8 +59,9 @@ def dataset_path(path: str) -> Path:
 
 def register_dataset(session: Session, request: DatasetRequest) -> Dataset:
     """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken."""
+    taken = ConflictError(f"a dataset named '{request.name}' is already registered")
     if session.scalar(select(Dataset).where(Dataset.name == request.name)) is not None:
-        raise ConflictError(f"a dataset named '{request.name}' is already registered")
+        raise taken
     path = _resolve(request.kind, request.path)
     dataset = open_dataset(request.kind, path, request.options)
     row = Dataset(
@@ -70,7 +72,13 @@ def register_dataset(session: Session, request: DatasetRequest) -> Dataset:
         summary=dataset.summary(),
     )
     session.add(row)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError as exc:  # registered meanwhile by another request (committed after our check)
+        session.rollback()  # (the request fails: nothing of its transaction is kept)
+        if session.scalar(select(Dataset.id).where(Dataset.name == request.name)) is None:
+            raise
+        raise taken from exc
     return row
 
 

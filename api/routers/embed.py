@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
+from api.responses import UPLOAD_ERRORS, errors
 from api.schemas import EmbedBatchResponse, EmbedResponse, RecordInfo, RecordResult
 from services.ecg.recording import ACCEPTED_UPLOADS, ReadLimits, Recording, read_upload
 from services.errors import ClientError
@@ -94,6 +95,7 @@ PRECISION_DESCRIPTION = (
     "/embed",
     response_model=EmbedResponse,
     dependencies=[Depends(require_api_key)],
+    responses=errors(*UPLOAD_ERRORS),
     summary="Embed one ECG: WFDB (.hea + .dat/.mat, or zipped), EDF/BDF, .npy, .npz, CSV or JSON",
     description=f"Upload {ACCEPTED_UPLOADS}. Signals are read in mV (units in the file are converted). "
     "Several records in one request: POST /embed/batch. The `Server-Timing` header gives the session time. "
@@ -167,6 +169,7 @@ def no_record_embedded(results: list[RecordResult]) -> ClientError:
     "/embed/batch",
     response_model=EmbedBatchResponse,
     dependencies=[Depends(require_api_key)],
+    responses=errors(*UPLOAD_ERRORS),
     summary="Embed several ECGs in one request: one result per record, in order, with per-record errors",
     description=(
         "Upload several records: WFDB files (each .hea with the signal files it names; grouped by record), "

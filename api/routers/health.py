@@ -21,7 +21,17 @@ def _broker_status() -> str:
         return f"unreachable: {exc}"
 
 
-@router.get("/health", response_model=HealthOut, summary="Database, broker and workers")
+@router.get(
+    "/health",
+    response_model=HealthOut,
+    responses={
+        503: {
+            "model": HealthOut,
+            "description": "degraded: the database or the broker is unreachable, or no worker is live",
+        }
+    },
+    summary="Database, broker and workers",
+)
 def health(response: Response) -> HealthOut:
     try:
         with session_scope() as s:

@@ -6,8 +6,10 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from starlette.convertors import UUIDConvertor
 
 from api.deps import db_session, require_api_key
+from api.responses import errors
 from api.schemas import (
     DatasetUse,
     EpochMetrics,
@@ -22,9 +24,20 @@ from api.schemas import (
 from services import jobs
 from services.dataset_registry import dataset_for_job
 from services.db.models import Job, JobStatus
+from services.jobs import ARTIFACT_NAME
 from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+QUEUE_ERRORS = (400, 401, 422, (503, "the broker is unavailable: the job is recorded as failed; retry later"))
+MODEL_NOT_FOUND = (404, "the model the job names is not registered, or has no such version")
+JOB_NOT_FOUND = (404, "no job has that id")
+# '/jobs/{job_id:uuid}': only a UUID names a job, so '/jobs/pretrain' is no job (GET on it: 405, not a 422)
+JobId = PathParam(
+    ...,
+    description="the job's id (another text: 404)",
+    json_schema_extra={"pattern": f"^{UUIDConvertor.regex}$"},
+)
 
 
 def job_out(job: Job) -> JobOut:
@@ -76,6 +89,7 @@ def _datasets(job: Job) -> list[DatasetUse] | None:
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobCreated,
     dependencies=[Depends(require_api_key)],
+    responses=errors(*QUEUE_ERRORS),
     summary="Queue a self-supervised pretraining job",
 )
 def submit_pretrain(
@@ -91,6 +105,7 @@ def submit_pretrain(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobCreated,
     dependencies=[Depends(require_api_key)],
+    responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
     summary="Queue a fine-tuning job: linear probe, full fine-tune, triplet head or VQ-VAE head",
 )
 def submit_finetune(
@@ -110,6 +125,7 @@ def submit_finetune(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobCreated,
     dependencies=[Depends(require_api_key)],
+    responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
     summary="Queue an evaluation job: kNN, linear probe and clustering of a version's embeddings",
 )
 def submit_evaluate(
@@ -138,7 +154,7 @@ def _enqueue(session: Session, job: Job, request: Request) -> JobCreated:
     return JobCreated(job_id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
 
 
-@router.get("", response_model=JobList, summary="List jobs, newest first")
+@router.get("", response_model=JobList, responses=errors(422), summary="List jobs, newest first")
 def list_jobs(
     status_filter: JobStatus | None = Query(None, alias="status"),
     limit: int = Query(50, ge=1, le=500),
@@ -147,31 +163,45 @@ def list_jobs(
     return JobList(jobs=[job_out(j) for j in jobs.list_jobs(session, status_filter, limit)])
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="A job's status, progress, metrics per epoch")
-def get_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> JobOut:
+@router.get(
+    "/{job_id:uuid}",
+    response_model=JobOut,
+    responses=errors(JOB_NOT_FOUND, 422),
+    summary="A job's status, progress, metrics per epoch",
+)
+def get_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
     return job_out(jobs.get_job(session, job_id))
 
 
 @router.post(
-    "/{job_id}/cancel",
+    "/{job_id:uuid}/cancel",
     response_model=JobOut,
     dependencies=[Depends(require_api_key)],
+    responses=errors(401, JOB_NOT_FOUND, (409, "the job has already finished"), 422),
     summary="Cancel a queued or running job",
 )
-def cancel_job(job_id: uuid.UUID, session: Session = Depends(db_session)) -> JobOut:
-    return job_out(jobs.request_cancel(session, job_id))
+def cancel_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
+    job = jobs.request_cancel(session, job_id)
+    session.commit()  # before the answer: the session's own commit comes after it is sent
+    return job_out(job)
 
 
 @router.get(
-    "/{job_id}/artifacts/{name}",
+    "/{job_id:uuid}/artifacts/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "the PNG file"}},
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG file"},
+        **errors((404, "no job has that id, or it has no artifact of that name"), 422),
+    },
     summary="One of a job's PNG artifacts (plots), by the name GET /jobs/{id} lists",
 )
 def get_artifact(
-    job_id: uuid.UUID,
+    job_id: uuid.UUID = JobId,
     name: str = PathParam(
-        ..., description="a name from the job's 'artifacts' list", examples=["roc_knn.png"]
+        ...,
+        description="a name from the job's 'artifacts' list (another name: 404)",
+        examples=["roc_knn.png"],
+        json_schema_extra={"pattern": ARTIFACT_NAME.pattern, "maxLength": 125},
     ),
     session: Session = Depends(db_session),
 ) -> FileResponse:

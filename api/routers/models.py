@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
+from api.responses import errors
 from api.schemas import (
     AliasList,
     AliasOut,
@@ -27,8 +28,23 @@ from services.model_import import import_checkpoint
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
 
-NamePath = Path(..., description="registry name of the model", examples=["st_mem-tiny"])
-AliasPath = Path(..., description="alias: lower-case letters, digits, '_' or '-'", examples=["production"])
+MAX_VERSION = 2**31 - 1  # the model_versions.version column (a 32-bit integer)
+# The rules are checked by the registry (a name that cannot be registered: 404 'not registered'; an alias that
+# cannot be set: 422 naming the rule), so the schema states them without FastAPI checking them first.
+NamePath = Path(
+    ...,
+    description="registry name of the model: 1-100 letters, digits, '.', '_' or '-'",
+    examples=["st_mem-tiny"],
+    json_schema_extra={"pattern": f"^{registry.NAME_PATTERN}$"},
+)
+AliasPath = Path(
+    ...,
+    description="alias: 1-64 lower-case letters, digits, '_' or '-', starting with a letter; not 'latest'",
+    examples=["production"],
+    json_schema_extra={"pattern": f"^{registry.ALIAS_PATTERN}$"},
+)
+MODEL_NOT_FOUND = (404, "the model is not registered")
+ALIAS_NOT_FOUND = (404, "the model is not registered, or has no such alias")
 
 
 def version_out(v: ModelVersion, serving: bool = False) -> ModelVersionOut:
@@ -90,7 +106,12 @@ def list_models(session: Session = Depends(db_session)) -> ModelList:
     return ModelList(models=[model_out(m) for m in session.scalars(select(Model).order_by(Model.name))])
 
 
-@router.get("/{name}", response_model=ModelOut, summary="One model: its versions and aliases")
+@router.get(
+    "/{name}",
+    response_model=ModelOut,
+    responses=errors(MODEL_NOT_FOUND, 422),
+    summary="One model: its versions and aliases",
+)
 def get_model(name: str = NamePath, session: Session = Depends(db_session)) -> ModelOut:
     return model_out(registry.get_model(session, name))
 
@@ -98,23 +119,34 @@ def get_model(name: str = NamePath, session: Session = Depends(db_session)) -> M
 @router.get(
     "/{name}/versions/{version}",
     response_model=ModelVersionOut,
+    responses=errors((404, "the model is not registered, or has no such version"), 422),
     summary="One version: input spec, metrics, parity, file hashes, variants, source job, what serves",
 )
 def get_version(
     name: str = NamePath,
-    version: int = Path(..., ge=1, description="version number"),
+    version: int = Path(..., ge=1, le=MAX_VERSION, description="version number"),
     session: Session = Depends(db_session),
 ) -> ModelVersionOut:
     return version_out(registry.get_version(session, name, version), serving=True)
 
 
-@router.get("/{name}/aliases", response_model=AliasList, summary="The aliases of a model")
+@router.get(
+    "/{name}/aliases",
+    response_model=AliasList,
+    responses=errors(MODEL_NOT_FOUND, 422),
+    summary="The aliases of a model",
+)
 def list_aliases(name: str = NamePath, session: Session = Depends(db_session)) -> AliasList:
     model = registry.get_model(session, name)
     return AliasList(model=model.name, aliases=[alias_out(a) for a in model.aliases])
 
 
-@router.get("/{name}/aliases/{alias}", response_model=AliasOut, summary="The version an alias names")
+@router.get(
+    "/{name}/aliases/{alias}",
+    response_model=AliasOut,
+    responses=errors(ALIAS_NOT_FOUND, 422),
+    summary="The version an alias names",
+)
 def get_alias(
     name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
 ) -> AliasOut:
@@ -125,6 +157,7 @@ def get_alias(
     "/{name}/aliases/{alias}",
     response_model=AliasOut,
     dependencies=[Depends(require_api_key)],
+    responses=errors(400, 401, MODEL_NOT_FOUND, (422, "not a valid alias, no such version, or a bad body")),
     summary="Point an alias at a version (promote): requests naming it are served by that version at once",
     description=(
         "Creates the alias or moves it. `?model=name@alias` (and `?model=name` for `production`) then "
@@ -161,6 +194,7 @@ def put_alias(
     "/{name}/aliases/{alias}",
     status_code=status.HTTP_204_NO_CONTENT,
     dependencies=[Depends(require_api_key)],
+    responses=errors(401, ALIAS_NOT_FOUND, 422),
     summary="Remove an alias (its version stays registered)",
 )
 def delete_alias(
@@ -179,6 +213,7 @@ def delete_alias(
     response_model=ModelVersionOut,
     status_code=status.HTTP_201_CREATED,
     dependencies=[Depends(require_api_key)],
+    responses=errors(400, 401, (409, "a model of that name is registered with another method"), 422),
     summary="Import a published encoder checkpoint (under the data root) as a new model version",
     description=(
         "Loads the checkpoint with strict key matching (format 'st_mem': the official ST-MEM encoder file, "
@@ -190,4 +225,6 @@ def delete_alias(
     ),
 )
 def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:
-    return version_out(import_checkpoint(session, body.format, body.path, body.name))
+    version = import_checkpoint(session, body.format, body.path, body.name)
+    session.commit()  # before the answer: the session's own commit comes after it is sent
+    return version_out(version)

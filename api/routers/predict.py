@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from sqlalchemy.orm import Session
 
 from api.deps import db_session, require_api_key
+from api.responses import UPLOAD_ERRORS, errors
 from api.routers.embed import (
     FILES_DESCRIPTION,
     MODEL_DESCRIPTION,
@@ -30,6 +31,9 @@ router = APIRouter(tags=["inference"])
     "/predict",
     response_model=PredictResponse,
     dependencies=[Depends(require_api_key)],
+    responses=errors(
+        *UPLOAD_ERRORS, (409, "the model can do neither method asked (no head, no kNN reference set)")
+    ),
     summary="Diagnosis probabilities of one ECG (PTB-XL superclasses for models fine-tuned on PTB-XL)",
     description=f"Upload {ACCEPTED_UPLOADS}, as for POST /embed. `method=head` (the default for diagnosis "
     "models, made by POST /jobs/finetune with method linear_probe or finetune): the model's own head, "
