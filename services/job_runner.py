@@ -47,7 +47,8 @@ _MEMBER_PREFIX = re.compile(r"member\d+_")
 
 
 class JobReporter:
-    """Writes a job's progress into the database (throttled) and answers 'was a cancel requested?'."""
+    """Writes a job's progress and epoch metrics into the database, answers 'was a cancel requested?', and
+    registers the job's model version unless it was (every database access retried on transient errors)."""
 
     def __init__(self, job_id: uuid.UUID, cancel_poll_s: float = 0.5, writes: bool = True):
         self.job_id = job_id
