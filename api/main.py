@@ -1,5 +1,6 @@
 """The FastAPI gateway: HTTP only; it queues work and serves ONNX models, it never trains."""
 
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,12 +10,18 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 
 from api.guard import RequestGuard
 from api.responses import install_responses
 from api.routers import datasets, embed, health, jobs, methods, models, predict
+from services.db.session import error_text, is_transient
 from services.errors import ClientError
 from services.shipped import register_on_first_start
+
+log = logging.getLogger(__name__)
+
+DATABASE_BUSY_RETRY_AFTER_S = 5  # the Retry-After of a 503 for a database that is busy or briefly away
 
 
 def json_safe(value: object) -> object:
@@ -51,6 +58,22 @@ def create_app() -> FastAPI:
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+
+    @app.exception_handler(DBAPIError)
+    async def database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
+        """A transient database error (its lock held past the busy timeout, a dropped connection) is a 503
+        with a Retry-After; any other stays a server error."""
+        if not is_transient(exc):
+            raise exc
+        log.warning("answering 503: the database is busy or away: %s", error_text(exc))
+        return JSONResponse(
+            status_code=503,
+            headers={"Retry-After": str(DATABASE_BUSY_RETRY_AFTER_S)},
+            content={
+                "detail": "the database is busy (another writer holds its lock, or its connection dropped): "
+                f"retry in {DATABASE_BUSY_RETRY_AFTER_S} s"
+            },
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -144,6 +144,8 @@ def install_openapi(app: FastAPI) -> None:
                         operation["security"] = [{}, *operation["security"]]
             for operation in _operations(document, MUTATING):  # api/guard.py refuses any oversize body
                 operation["responses"].setdefault("413", BODY_TOO_LARGE)
+            for operation in _operations(document):  # api/main.py's handler of a busy database
+                operation["responses"].setdefault("503", DATABASE_BUSY)
             built[keyed] = document
         app.openapi_schema = built[keyed]
         return built[keyed]
@@ -156,6 +158,12 @@ MUTATING = frozenset({"post", "put", "patch", "delete"})
 BODY_TOO_LARGE = {
     "description": "the request body is over ECGSSL_UPLOAD_MAX_BYTES (refused before it is read)",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+}
+
+DATABASE_BUSY = {
+    "description": "the database is busy or unreachable for now (Retry-After says when to try again)",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}},
+    "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
 }
 
 

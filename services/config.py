@@ -27,6 +27,17 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="when set, mutating endpoints need 'Bearer <key>'")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="training device; auto = CUDA if any")
 
+    sqlite_busy_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="SQLite: how long a write waits for another's lock before 'database is locked'",
+    )
+    db_retry_s: float = Field(
+        300.0,
+        ge=0,
+        description="how long a job retries a database write that failed transiently (a lock held past the "
+        "busy timeout, a dropped connection), with backoff, before the job fails",
+    )
     upload_max_bytes: int = Field(
         50 * 1024 * 1024,
         ge=1,

@@ -9,17 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.dataset_registry import dataset_for_job, open_registered
 from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
-from services.db.models import Job
+from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
 from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
+from services.inference.variants import discard_exported, make_variants
 from services.job_runner import JobReporter, run_job
 from services.jobs import PretrainParams
 from services.models.checkpoints import ENCODER_FILE, save_encoder
@@ -184,7 +186,7 @@ def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> T
             spec,
             Path(settings.artifact_dir) / "cache",
             indices=indices,
-            on_progress=lambda done, total, what=what: reporter.phase(
+            on_progress=lambda done, total, what=what: reporter.cancellable_phase(
                 f"preprocessing {what}: {done}/{total}"
             ),
         )
@@ -261,6 +263,7 @@ def _fit(
         on_progress=reporter.progress,
         on_epoch=reporter.epoch_metrics,
         should_cancel=reporter.should_cancel,
+        on_resume=reporter.resumed_from,
     )
     return model, result
 
@@ -302,42 +305,63 @@ def _export_and_register(
     resumed_from: int,
     reporter: JobReporter,
 ) -> None:
-    reporter.phase("exporting the encoder to ONNX")
-    encoder = encoder.to("cpu").float().eval()
-    windows = plan.check_windows()  # real records, centre crops
+    """Export the encoder, check it, make its variants and register it, with a cancel check between the
+    steps and one atomic with the registration; a cancelled job's ONNX files are removed. A job that had
+    registered before its worker died keeps that version (its files are not written again)."""
+    registered = reporter.registered_version()
+    if registered is not None:
+        reporter.phase(f"registered as {registered.ref} before the task was delivered again")
+        return
     onnx_path = plan.job_dir / "encoder.onnx"
-    parity = export_checked(encoder, windows, onnx_path)
-    save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
-    embedding_dim = int(encoder(torch.from_numpy(windows[:1])).shape[-1])
-    normaliser = None
-    if params.clinical_features:
-        normaliser = _fit_clinical_normaliser(plan, reporter)
-        embedding_dim += 2 * len(CLINICAL_FEATURES)
+    try:
+        reporter.check_cancel("before export")
+        reporter.phase("exporting the encoder to ONNX")
+        encoder = encoder.to("cpu").float().eval()
+        windows = plan.check_windows()  # real records, centre crops
+        parity = export_checked(encoder, windows, onnx_path)
+        save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
+        embedding_dim = int(encoder(torch.from_numpy(windows[:1])).shape[-1])
+        reporter.check_cancel("after export")
+        normaliser = None
+        if params.clinical_features:
+            normaliser = _fit_clinical_normaliser(plan, reporter)
+            embedding_dim += 2 * len(CLINICAL_FEATURES)
+            reporter.check_cancel("after the clinical measurements")
+        reporter.phase("making and checking the ONNX variants")
+        sha256 = sha256_file(onnx_path)
+        variants = make_variants(onnx_path, plan.spec, sha256=sha256)
+        reporter.check_cancel("after the ONNX variants")
 
-    with session_scope() as s:
-        history = s.get(Job, job_id).metrics
-        final = {m.name: m.value for m in history if m.epoch == params.epochs}
-        register_model_version(
-            s,
-            name=params.registry_name,
-            method=params.method,
-            source_job_id=job_id,
-            onnx_path=str(onnx_path.resolve()),
-            sha256=sha256_file(onnx_path),
-            input_spec=plan.spec.to_dict(),
-            embedding_dim=embedding_dim,
-            clinical_normaliser=normaliser,
-            parity_max_abs_diff=parity,
-            metrics={
-                **final,
-                "records": sum(len(p.cache.record_ids) for p in plan.parts),
-                "train_segments": plan.train_segments,
-                "skipped_records": sum(len(p.cache.meta["skipped"]) for p in plan.parts),
-                "datasets": [p.used() for p in plan.parts],
-                "resumed_from_epoch": resumed_from,
-                "model_size": params.model_size,
-            },
-        )
+        def register(s: Session) -> ModelVersion:
+            history = s.get(Job, job_id).metrics
+            final = {m.name: m.value for m in history if m.epoch == params.epochs}
+            return register_model_version(
+                s,
+                name=params.registry_name,
+                method=params.method,
+                source_job_id=job_id,
+                onnx_path=str(onnx_path.resolve()),
+                sha256=sha256,
+                input_spec=plan.spec.to_dict(),
+                embedding_dim=embedding_dim,
+                clinical_normaliser=normaliser,
+                parity_max_abs_diff=parity,
+                variants=variants,
+                metrics={
+                    **final,
+                    "records": sum(len(p.cache.record_ids) for p in plan.parts),
+                    "train_segments": plan.train_segments,
+                    "skipped_records": sum(len(p.cache.meta["skipped"]) for p in plan.parts),
+                    "datasets": [p.used() for p in plan.parts],
+                    "resumed_from_epoch": resumed_from,
+                    "model_size": params.model_size,
+                },
+            )
+
+        reporter.register_unless_cancelled(register)
+    except Cancelled:
+        discard_exported(onnx_path)
+        raise
 
 
 def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
@@ -353,7 +377,7 @@ def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
                 records,
                 cache_dir=Path(get_settings().artifact_dir) / "cache",
                 identity=p.identity,
-                on_progress=lambda done, total, what=what: reporter.phase(
+                on_progress=lambda done, total, what=what: reporter.cancellable_phase(
                     f"clinical measurements{what}: {done}/{total} records"
                 ),
             )

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import create_engine, text
 
+from services.export.onnx import sha256_file
 from tests.conftest import DATA, ROOT, fresh_postgres_url, fresh_redis_url, needs_servers
 
 pytestmark = pytest.mark.e2e
@@ -55,6 +57,7 @@ class Service:
     processes: list[subprocess.Popen]
     logs: list[Path]
     env: dict[str, str] | None = None
+    embedded: bool = False  # SQLite + Celery's SQLAlchemy transport
 
     def client(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
@@ -66,7 +69,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(env: dict[str, str], commands: list[list[str]], tmp: Path) -> Service:
+def start_service(
+    env: dict[str, str],
+    commands: list[list[str]],
+    tmp: Path,
+    ready: Callable[[httpx.Response], bool] = lambda health: health.status_code == 200,
+) -> Service:
+    """Start ``commands`` (the api first) and wait until ``ready(GET /health)``: by default healthy
+    (database, broker and a worker heartbeat)."""
     port = free_port()
     logs, processes = [], []
     for i, command in enumerate(commands):
@@ -94,7 +104,7 @@ def start_service(env: dict[str, str], commands: list[list[str]], tmp: Path) -> 
                     stop_service(service)
                     pytest.fail(f"a service process exited early:\n{dump_logs(service)}")
             try:
-                if client.get("/health").status_code == 200:  # database, broker and a worker heartbeat
+                if ready(client.get("/health")):
                     return service
             except httpx.TransportError:
                 pass
@@ -108,11 +118,18 @@ def stop_service(service: Service) -> None:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGTERM)
     for p in service.processes:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        stop_process(p)
+
+
+def stop_process(p: subprocess.Popen) -> None:
+    """SIGTERM to its process group (a warm shutdown), SIGKILL after 30 s."""
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def dump_logs(service: Service) -> str:
@@ -133,14 +150,21 @@ def base_env(tmp: Path, database_url: str, broker_url: str) -> dict[str, str]:
     return env
 
 
+def migrated(env: dict[str, str]) -> dict[str, str]:
+    """``env`` once its database is migrated (alembic upgrade head, as the compose 'migrate' service)."""
+    migrate = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, capture_output=True
+    )
+    assert migrate.returncode == 0, migrate.stderr.decode()
+    return env
+
+
 @pytest.fixture(scope="module")
 def production_service(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Service]:
     """api (uvicorn) + a prefork Celery worker on the machine's PostgreSQL and Redis."""
     tmp = tmp_path_factory.mktemp("prod")
-    env = base_env(tmp, fresh_postgres_url(), fresh_redis_url())
+    env = migrated(base_env(tmp, fresh_postgres_url(), fresh_redis_url()))
     py = sys.executable
-    migrate = subprocess.run([py, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, capture_output=True)
-    assert migrate.returncode == 0, migrate.stderr.decode()
     service = start_service(
         env,
         [[py, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"], WORKER_COMMAND],
@@ -359,3 +383,132 @@ def test_pretrain_and_embed_on_the_embedded_default(embedded_service: Service, p
         assert registered.status_code == 201, registered.text
     job = {"dataset": "synthetic-64", "epochs": 2, "batch_size": 8, "learning_rate": 1e-3}
     pretrain_then_embed(embedded_service, ptb_record, job)
+
+
+# --------------------------------------------------------------------------------------------------
+# drills: a worker dies at a chosen point of a job (tests/kill_switch.py); another takes the job over
+
+DRILL_JOB = {**TINY_JOB, "epochs": 4, "checkpoint_every": 2}
+# KILL_AT -> the epoch whose checkpoint the job resumes from (None: it had registered, nothing runs again)
+KILL_POINTS = {
+    "epoch:3": 2,  # between checkpoints: after epoch 3's metrics were written
+    "checkpoint:4": 2,  # while the last checkpoint was written (not renamed yet)
+    "export": 4,  # while exporting: trained, the ONNX file written, not registered
+    "registered": None,  # registered, the outcome not written yet
+}
+
+
+def worker_command(app: str, embedded: bool) -> list[str]:
+    """WORKER_COMMAND of the Celery app ``app``; on the embedded default with the solo pool, as
+    ``python -m api --with-worker`` starts it."""
+    command = [app if part == "worker.celery_app" else part for part in WORKER_COMMAND]
+    return command + ["-P", "solo"] if embedded else command
+
+
+def start_worker(service: Service, log: Path, command: list[str], **env: str) -> subprocess.Popen:
+    service.logs.append(log)
+    worker = subprocess.Popen(
+        command, cwd=ROOT, env={**service.env, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    service.processes.append(worker)
+    return worker
+
+
+def metric_rows(service: Service, job_id: str) -> list[tuple]:
+    """(epoch, name, created_at) of the job's metric rows, read from the database itself."""
+    engine = create_engine(service.database_url)
+    sqlite = service.database_url.startswith("sqlite")
+    try:
+        with engine.connect() as conn:
+            return [
+                tuple(row)
+                for row in conn.execute(
+                    text("SELECT epoch, name, created_at FROM job_metrics WHERE job_id = :id ORDER BY epoch"),
+                    {"id": job_id.replace("-", "") if sqlite else job_id},
+                )
+            ]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module", params=[pytest.param("postgresql", marks=needs_servers), "embedded"])
+def drill_service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, data_dir: Path
+) -> Iterator[Service]:
+    """The api alone (each drill starts its workers): on PostgreSQL + Redis, or on the embedded default
+    (SQLite + Celery's SQLAlchemy transport)."""
+    tmp = tmp_path_factory.mktemp(f"drills-{request.param}")
+    embedded = request.param == "embedded"
+    if embedded:
+        env = base_env(tmp, f"sqlite:///{tmp / 'ecgssl.db'}", f"sqla+sqlite:///{tmp / 'broker.db'}")
+        api = [sys.executable, "-m", "api", "--port", "{port}"]
+    else:
+        env = migrated(base_env(tmp, fresh_postgres_url(), fresh_redis_url()))
+        api = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"]
+    service = start_service(env, [api], tmp, ready=lambda health: health.json()["database"] == "ok")
+    service.embedded = embedded
+    yield service
+    stop_service(service)
+
+
+@pytest.mark.parametrize("kill_at", list(KILL_POINTS))
+def test_a_job_whose_worker_dies_at_any_point_resumes_and_finishes_once(
+    drill_service: Service, kill_at: str, tmp_path: Path
+) -> None:
+    """The job resumes from its last checkpoint on another worker and succeeds: each epoch's metrics once
+    (those written after the checkpoint, before the death, written again), one version registered, whose
+    ONNX file is the one on disk."""
+    service = drill_service
+    embedded = service.embedded
+    name = f"drill-{kill_at.replace(':', '')}"
+    dying = start_worker(
+        service, tmp_path / "dying-worker.log", worker_command("tests.kill_switch", embedded), KILL_AT=kill_at
+    )
+    with service.client() as client:
+        created = client.post("/jobs/pretrain", json={**DRILL_JOB, "model_name": name})
+        assert created.status_code == 202, created.text
+        job_id = created.json()["job_id"]
+        try:
+            dying.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not die at {kill_at}:\n{dump_logs(service)}")
+        died = datetime.now(UTC)
+        at_death = client.get(f"/jobs/{job_id}").json()
+        assert at_death["status"] == "running", at_death
+
+        replacement = start_worker(
+            service, tmp_path / "replacement-worker.log", worker_command("worker.celery_app", embedded)
+        )
+        try:
+            job = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "cancelled"), 300)
+        finally:
+            stop_process(replacement)
+        assert job["status"] == "succeeded", f"{job}\n{dump_logs(service)}"
+
+        rows = metric_rows(service, job_id)
+        assert len(rows) == len({(epoch, metric) for epoch, metric, _ in rows}), "a metric recorded twice"
+        assert [m["epoch"] for m in job["metrics"]] == [1, 2, 3, 4]
+        assert all({"train_loss", "val_loss", "lr"} <= set(m["values"]) for m in job["metrics"])
+        versions = client.get(f"/models/{name}").json()["versions"]
+        assert [f"{name}@{v['version']}" for v in versions] == [job["model_version"]]  # exactly one
+        version = versions[0]
+
+    resumed = KILL_POINTS[kill_at]
+    assert version["metrics"]["resumed_from_epoch"] == (0 if resumed is None else resumed)
+    if resumed is not None:  # the epochs after the checkpoint ran again: their rows are the new run's
+        rewritten = {epoch for epoch, _, created_at in rows if _utc(created_at) > died}
+        assert rewritten == set(range(resumed + 1, 5)), (rewritten, resumed)
+    onnx_path = Path(service.env["ECGSSL_ARTIFACT_DIR"]) / "jobs" / job_id / "encoder.onnx"
+    assert version["sha256"] == sha256_file(onnx_path)  # the registered file is the one on disk
+    print(
+        f"\n[{'embedded' if embedded else 'postgresql'}] KILL_AT={kill_at}: died at epoch "
+        f"{at_death['progress']['epoch']} ({at_death['progress']['phase']}), resumed from "
+        f"{version['metrics']['resumed_from_epoch']}, {len(rows)} metric rows, version {job['model_version']}"
+    )
+
+
+def _utc(value: datetime | str) -> datetime:
+    """A created_at as the database hands it back (SQLite: a naive string in UTC)."""
+    value = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -1,10 +1,10 @@
-"""Liveness of the service's parts."""
+"""Liveness of the service's parts: the database (reachable, and taking writes), the broker, the workers."""
 
 from fastapi import APIRouter, Response, status
 from sqlalchemy import text
 
 from api.schemas import HealthOut
-from services.db.session import session_scope
+from services.db.session import check_writable, error_text, session_scope
 from services.workers import live_workers
 
 router = APIRouter(tags=["health"])
@@ -21,25 +21,36 @@ def _broker_status() -> str:
         return f"unreachable: {exc}"
 
 
+def _database_status() -> tuple[str, list[str]]:
+    """The database: 'ok', 'unreachable: ...' (no answer to a read) or 'not writable: ...' (read-only,
+    or locked for longer than the write probe waits); and the live workers it lists."""
+    try:
+        with session_scope() as s:
+            s.execute(text("SELECT 1"))
+        workers = [f"{w.hostname} ({w.device})" for w in live_workers()]
+    except Exception as exc:
+        return f"unreachable: {exc}", []
+    try:
+        check_writable()
+    except Exception as exc:
+        return f"not writable: {error_text(exc)}", workers
+    return "ok", workers
+
+
 @router.get(
     "/health",
     response_model=HealthOut,
     responses={
         503: {
             "model": HealthOut,
-            "description": "degraded: the database or the broker is unreachable, or no worker is live",
+            "description": "degraded: the database is unreachable or takes no writes, the broker is "
+            "unreachable, or no worker is live",
         }
     },
-    summary="Database, broker and workers",
+    summary="Database (reads and writes), broker and workers",
 )
 def health(response: Response) -> HealthOut:
-    try:
-        with session_scope() as s:
-            s.execute(text("SELECT 1"))
-        database = "ok"
-        workers = [f"{w.hostname} ({w.device})" for w in live_workers()]
-    except Exception as exc:
-        database, workers = f"unreachable: {exc}", []
+    database, workers = _database_status()
     broker = _broker_status()
     healthy = database == "ok" and broker == "ok" and bool(workers)
     if not healthy:

@@ -46,6 +46,11 @@ class EpochLog:
         if self.reporter is not None:
             self.reporter.epoch_metrics(epoch, metrics)
 
+    def resumed(self, epoch: int) -> None:
+        """The loop's ``on_resume``: the job's rows of the epochs after ``epoch`` go (they run again), and
+        the history restarts from the rows kept (none without a reporter)."""
+        self.history = self.reporter.resumed_from(epoch) if self.reporter is not None else []
+
 
 class BestEpoch:
     """Keeps the weights of the epoch with the best ``metric`` (higher is better) in a file beside the job's
@@ -157,6 +162,7 @@ def fit_linear_head(
         on_progress=reporter.progress if reporter else None,
         on_epoch=log,
         should_cancel=reporter.should_cancel if reporter else None,
+        on_resume=log.resumed,
     )
     return head.cpu().eval(), log.history
 

@@ -62,7 +62,9 @@ class LabelledData:
             self.source_index,
             cache_dir=Path(get_settings().artifact_dir) / "cache",
             identity=self.identity,
-            on_progress=lambda done, total: reporter.phase(f"clinical measurements: {done}/{total} records"),
+            on_progress=lambda done, total: reporter.cancellable_phase(
+                f"clinical measurements: {done}/{total} records"
+            ),
         )
         stacked = FeatureNormaliser.from_dict(normaliser).transform_stacked(features)  # (R, 2F)
         return {split: stacked[self.records[split]] for split in SPLITS}
@@ -99,7 +101,7 @@ def open_labelled(
         spec,
         Path(get_settings().artifact_dir) / "cache",
         indices=order,
-        on_progress=lambda done, total: reporter.phase(f"preprocessing records: {done}/{total}"),
+        on_progress=lambda done, total: reporter.cancellable_phase(f"preprocessing records: {done}/{total}"),
     )
     position = {rid: i for i, rid in enumerate(cache.record_ids.tolist())}
     source = {dataset.record_id(int(i)): int(i) for i in order}

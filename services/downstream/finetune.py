@@ -68,8 +68,8 @@ from services.export.onnx import (
     export_checked,
     sha256_file,
 )
-from services.inference.variants import CUDA, make_variants
-from services.job_runner import JobReporter, run_job
+from services.inference.variants import CUDA, discard_exported, make_variants
+from services.job_runner import JobReporter, member_prefix, run_job
 from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
 from services.models.families import FAMILIES, size_of
@@ -78,7 +78,7 @@ from services.models.triplet import LabelledRecords, PKBatches, TripletModel
 from services.models.vqvae import VqConfig, VqVae
 from services.registry import register_model_version, resolve_model_version
 from services.training.augment import Augmented, RandAugment
-from services.training.loop import CropDataset, TrainConfig, pick_device, train
+from services.training.loop import Cancelled, CropDataset, TrainConfig, pick_device, train
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,9 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
     reporter.phase("evaluating on the test split")
     result, head, embeddings = _evaluate(trained, data, params, device, folder)
     result["recipe"] = recipe
-    reporter.check_cancel("before export")
-    reporter.phase("exporting to ONNX and checking parity")
-    return _export_and_register(job_id, params, base, family, data, trained, result, head, embeddings)
+    return _export_and_register(
+        job_id, params, base, family, data, trained, result, head, embeddings, reporter
+    )
 
 
 def _base(session, params: FinetuneParams) -> Base:  # noqa: ANN001  (a SQLAlchemy session)
@@ -260,7 +260,7 @@ def _finetune(
             encoder = copy.deepcopy(encoder)
             encoder.load_state_dict(initial)
         suffix = "" if i == 0 else f"-{i + 1}"
-        member_reporter = reporter if i == 0 else MemberReporter(reporter, f"member{i + 1}_")
+        member_reporter = reporter if i == 0 else MemberReporter(reporter, member_prefix(i + 1))
         model, history, kept = _finetune_one(
             encoder, family, data, params, recipe, device, checkpoint.with_name(f"checkpoint{suffix}.pt"),
             member_reporter, seed=params.seed + i,
@@ -283,6 +283,9 @@ class MemberReporter:
 
     def epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
         self.reporter.epoch_metrics(epoch, metrics, prefix=self.prefix)
+
+    def resumed_from(self, epoch: int) -> list[dict[str, float]]:
+        return self.reporter.resumed_from(epoch, prefix=self.prefix)
 
     def __getattr__(self, name: str):  # noqa: ANN204  (progress, should_cancel, ...)
         return getattr(self.reporter, name)
@@ -315,7 +318,7 @@ def _finetune_one(
 
     config = replace(_config(params, recipe), seed=seed)
     _train(objective, _labelled(data, "train", windows), config, device, checkpoint,
-           _labelled(data, "val", _crops(data, "val", False, seed)), on_epoch, reporter)  # fmt: skip
+           _labelled(data, "val", _crops(data, "val", False, seed)), log, reporter, on_epoch)  # fmt: skip
     kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch"}
     if params.keep_best and best.restore(model):
         kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
@@ -394,12 +397,16 @@ def _train(
     device: torch.device,
     checkpoint: Path,
     val_set: torch.utils.data.Dataset | None,
-    log: Callable[[int, dict[str, float]], None],
+    log: EpochLog,
     reporter: JobReporter,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> None:
+    """Train through the loop; ``log`` records the epochs (``on_epoch``, when given, instead: it calls
+    ``log`` itself) and restarts its history when training resumes from a checkpoint."""
     train(
         model, train_set, cfg, device, checkpoint_path=checkpoint, val_set=val_set,
-        on_progress=reporter.progress, on_epoch=log, should_cancel=reporter.should_cancel,
+        on_progress=reporter.progress, on_epoch=on_epoch or log, should_cancel=reporter.should_cancel,
+        on_resume=log.resumed,
     )  # fmt: skip
 
 
@@ -471,11 +478,61 @@ def _export_and_register(
     result: dict,
     head: dict | None,
     embeddings: dict[str, np.ndarray],
+    reporter: JobReporter,
 ) -> dict:
+    """Export, check parity, save the kNN reference, make and check the variants, register; with a cancel
+    check between the steps and one atomic with the registration (a cancelled job's ONNX files are
+    removed). A job that had registered before its worker died keeps that version (nothing written again).
+    Returns the job's result."""
     work = job_dir(job_id)
+    onnx_path = work / "model.onnx"
+    registered = reporter.registered_version()
+    if registered is not None:
+        reporter.phase(f"registered as {registered.ref} before the task was delivered again")
+        ref, parity = registered.ref, registered.parity_max_abs_diff
+    else:
+        try:
+            ref, parity = _export_and_register_new(
+                job_id, params, base, family, data, trained, result, head, embeddings, reporter, onnx_path
+            )
+        except Cancelled:
+            discard_exported(onnx_path)
+            raise
+    result.update(
+        method=params.method,
+        base_model=base.ref,
+        model_version=ref,
+        dataset=data.name,
+        records=data.counts(),
+        class_names=list(data.class_names),
+        parity_max_abs_diff=parity,
+        clinical_features_used=False,  # a hybrid base's measurements are not part of the fine-tuned model
+        base_is_hybrid=base.hybrid,
+        **trained.extra,
+    )
+    result["artifacts"] = list_artifacts(job_id)
+    return result
+
+
+def _export_and_register_new(
+    job_id: uuid.UUID,
+    params: FinetuneParams,
+    base: Base,
+    family: str,
+    data: LabelledData,
+    trained: Trained,
+    result: dict,
+    head: dict | None,
+    embeddings: dict[str, np.ndarray],
+    reporter: JobReporter,
+    onnx_path: Path,
+) -> tuple[str, float]:
+    """The steps of ``_export_and_register`` for a job not registered yet: ('name@version', parity)."""
+    work = onnx_path.parent
+    reporter.check_cancel("before export")
+    reporter.phase("exporting to ONNX and checking parity")
     check = _crops(data, "val", random=False, seed=params.seed)
     windows = np.stack([check[i].numpy() for i in range(min(8, len(check)))])  # real records, centre crops
-    onnx_path = work / "model.onnx"
     exported = trained.exported.cpu().float().eval()
     parity = export_checked(exported, windows, onnx_path, trained.outputs)
     save_encoder(trained.encoder, work / ENCODER_FILE)  # what a further fine-tuning starts from
@@ -501,17 +558,21 @@ def _export_and_register(
     }
     if head is not None:
         summary.update(test_macro_auroc=head["test_macro_auroc"], test_macro_f1=head["test_macro_f1"])
-    variants = make_variants(onnx_path, base.spec)
+    reporter.check_cancel("after export")
+    reporter.phase("making and checking the ONNX variants")
+    sha256 = sha256_file(onnx_path)
+    variants = make_variants(onnx_path, base.spec, sha256=sha256)
     if head is not None:
         check_head_variants(variants, onnx_path, windows)
-    with session_scope() as s:
-        version = register_model_version(
+    reporter.check_cancel("after the ONNX variants")
+    ref = reporter.register_unless_cancelled(
+        lambda s: register_model_version(
             s,
             name=params.registry_name(base.name),
             method=params.method,
             source_job_id=job_id,
             onnx_path=str(onnx_path.resolve()),
-            sha256=sha256_file(onnx_path),
+            sha256=sha256,
             input_spec=base.spec.to_dict(),
             embedding_dim=embedding_dim,
             parity_max_abs_diff=parity,
@@ -527,21 +588,8 @@ def _export_and_register(
             knn_reference=reference,
             variants=variants,
         )
-        ref = version.ref
-    result.update(
-        method=params.method,
-        base_model=base.ref,
-        model_version=ref,
-        dataset=data.name,
-        records=data.counts(),
-        class_names=list(data.class_names),
-        parity_max_abs_diff=parity,
-        clinical_features_used=False,  # a hybrid base's measurements are not part of the fine-tuned model
-        base_is_hybrid=base.hybrid,
-        **trained.extra,
     )
-    result["artifacts"] = list_artifacts(job_id)
-    return result
+    return ref, parity
 
 
 def check_head_variants(variants: dict, onnx_path: Path, windows: np.ndarray) -> None:

@@ -40,6 +40,22 @@ _PTBXL_PATTERNS = ("*/records500/*/*_hr.hea", "*/records100/*/*_lr.hea")
 CUDA = "CUDAExecutionProvider"
 
 
+VARIANT_NAMES = ("int8", "fp16")
+
+
+def variant_path(onnx_path: Path, name: str) -> Path:
+    """Where the ``name`` variant of the fp32 file ``onnx_path`` is written (beside it)."""
+    return onnx_path.with_name(f"{onnx_path.stem}.{name}.onnx")
+
+
+def discard_exported(onnx_path: Path) -> None:
+    """Remove the fp32 file ``onnx_path``, its variants and their partial files (an export that will not
+    be registered, e.g. of a cancelled job)."""
+    for written in [onnx_path, *(variant_path(onnx_path, name) for name in VARIANT_NAMES)]:
+        written.unlink(missing_ok=True)
+        written.with_suffix(".tmp").unlink(missing_ok=True)  # (written as .tmp, then renamed)
+
+
 def variants_to_make(setting: str | None = None) -> list[str]:
     """Reduced-precision variants to make under ``ECGSSL_EXPORT_VARIANTS`` (auto: int8, + fp16 on CUDA)."""
     setting = setting or get_settings().export_variants
@@ -148,7 +164,7 @@ def make_variants(
         if providers is None:  # fp16: checked on CUDA where there is one
             providers = [CUDA, "CPUExecutionProvider"] if CUDA in ort.get_available_providers() else None
             providers = providers or ["CPUExecutionProvider"]
-        path = onnx_path.with_name(f"{onnx_path.stem}.{name}.onnx")
+        path = variant_path(onnx_path, name)
         started = time.perf_counter()
         entry: dict = {"file": str(path), "threshold": MIN_COSINE}
         try:

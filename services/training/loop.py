@@ -271,17 +271,20 @@ def train(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     progress_interval_s: float = 1.0,
+    on_resume: Callable[[int], object] | None = None,
 ) -> TrainResult:
     """Train ``model`` (``model(batch) -> scalar loss``) and return the per-epoch history.
 
-    Under torchrun every process calls this with the same arguments; only rank 0 calls ``on_progress``,
-    ``on_epoch`` and ``should_cancel`` and writes the checkpoint (see ``services.training.distributed``).
+    ``on_resume(epoch)`` is called when training resumes from the checkpoint of ``epoch`` (before the
+    epochs after it run again). Under torchrun every process calls this with the same arguments; only
+    rank 0 calls ``on_progress``, ``on_epoch``, ``on_resume`` and ``should_cancel`` and writes the
+    checkpoint (see ``services.training.distributed``).
     """
     ctx, device = distributed.setup(device)
     try:
         return _train(
             model, train_set, cfg, device, ctx, checkpoint_path, val_set, on_progress, on_epoch,
-            should_cancel, progress_interval_s,
+            should_cancel, progress_interval_s, on_resume,
         )  # fmt: skip
     finally:
         ctx.close(model)
@@ -299,6 +302,7 @@ def _train(
     on_epoch: Callable[[int, dict[str, float]], None] | None,
     should_cancel: Callable[[], bool] | None,
     progress_interval_s: float,
+    on_resume: Callable[[int], object] | None,
 ) -> TrainResult:
     torch.manual_seed(cfg.seed)  # the same on every rank: model-internal noise is drawn in step
     model.to(device)
@@ -329,6 +333,8 @@ def _train(
         result.history = state["history"]
         start_epoch = state["epoch"] + 1
         result.resumed_from_epoch = state["epoch"]
+        if on_resume is not None and ctx.is_main:
+            on_resume(result.resumed_from_epoch)
 
     step = (start_epoch - 1) * steps_per_epoch
     after_step = getattr(model, "after_step", None)  # see the module docstring
