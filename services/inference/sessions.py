@@ -284,6 +284,13 @@ class PendingRun:
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
 
+def session_key(model: ServedModel, plan: SessionPlan) -> tuple[int, str, str, str]:
+    """What a cached session is found by: the version's row id, its variant and provider, and the fp32
+    file's sha256 (row ids restart with a new database: a process serving another one, as tests do, or a
+    registry rebuilt under a running API, never gets another model's session)."""
+    return (model.version_id, plan.variant, plan.device, model.sha256)
+
+
 class LoadedModel:
     """One ONNX Runtime session (a variant of a version on a provider) and its micro-batchers."""
 
@@ -293,7 +300,7 @@ class LoadedModel:
         self.session = session
         self.variant = plan.variant
         self.provider = session.get_providers()[0]
-        self.key = (model.version_id, plan.variant, plan.device)
+        self.key = session_key(model, plan)
         self.output_names = tuple(o.name for o in session.get_outputs())
         self.refs = 0
         self.retired = False
@@ -384,7 +391,7 @@ def _load(model: ServedModel, plan: SessionPlan) -> ort.InferenceSession:
 
 
 class SessionCache:
-    """Reference-counted LRU of loaded sessions keyed by (version id, variant, device) (thread-safe)."""
+    """Reference-counted LRU of loaded sessions keyed by ``session_key`` (thread-safe)."""
 
     def __init__(self, capacity: int | None = None):
         self._capacity = capacity
@@ -415,7 +422,7 @@ class SessionCache:
         ``model.looked_up`` (a promotion between the request's look-up and its lease): then it serves this
         lease alone and is closed when released."""
         plan = plan_session(model, precision, strict=strict)
-        key = (model.version_id, plan.variant, plan.device)
+        key = session_key(model, plan)
         with self._lock:
             loaded = self._lease_locked(key)
         if loaded is not None:
@@ -423,7 +430,7 @@ class SessionCache:
         with self._load_lock:  # one load at a time; a concurrent request for the same key waits for it
             if plan.device == "cuda" and not cuda_available():  # CUDA failed to start while we waited
                 plan = plan_session(model, precision, strict=strict)
-                key = (model.version_id, plan.variant, plan.device)
+                key = session_key(model, plan)
             with self._lock:
                 loaded = self._lease_locked(key)
             if loaded is not None:
@@ -441,7 +448,7 @@ class SessionCache:
             if plan.device == "cuda" and (session is None or CUDA not in session.get_providers()):
                 why = cuda_error or f"session providers: {', '.join(session.get_providers())}"
                 plan = plan_session(model, precision, device="cpu")
-                key = (model.version_id, plan.variant, plan.device)
+                key = session_key(model, plan)
                 with self._lock:
                     loaded = self._lease_locked(key)
                 if loaded is None:
