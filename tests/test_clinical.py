@@ -21,7 +21,8 @@ from services.ecg.clinical import (
 )
 from services.ecg.leads import STANDARD_LEADS
 from services.ecg.preprocess import InputSpec, prepare_signal, resample
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 
 F = {name: i for i, name in enumerate(CLINICAL_FEATURES)}
 RECORDS = (1, 2, 9)  # PTB-XL ecg_ids: 64, 48 and 61 bpm

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from services.config import get_settings
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
 from services.inference import sessions as sessions_module
