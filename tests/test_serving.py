@@ -34,7 +34,6 @@ from services.inference.sessions import (
     SESSIONS,
     LoadedModel,
     ServedModel,
-    infer,
     plan_session,
     resolve_served,
 )
@@ -701,13 +700,17 @@ def test_variant_that_failed_or_was_not_checked_is_not_served(
 def test_infer_is_the_api_for_other_outputs_and_refuses_unknown_ones(two_versions: TwoVersions) -> None:
     served = _served(two_versions)
     windows = np.random.default_rng(1).standard_normal((3, 12, SPEC.samples)).astype(np.float32)
-    (out,) = infer(served, windows, (OUTPUT_NAME,), precision="fp32")
+    with SESSIONS.lease(served, "fp32") as loaded:
+        (out,) = loaded.infer(windows, (OUTPUT_NAME,))
     with torch.no_grad():
         np.testing.assert_allclose(
             out, two_versions.encoders[0](torch.from_numpy(windows)).numpy(), atol=1e-4
         )
-    with pytest.raises(ClientError, match="has no output probabilities"):
-        infer(served, windows, ("probabilities",), precision="fp32")
+    with (
+        SESSIONS.lease(served, "fp32") as loaded,
+        pytest.raises(ClientError, match="has no output probabilities"),
+    ):
+        loaded.infer(windows, ("probabilities",))
 
 
 # --------------------------------------------------------------------------------------------------
