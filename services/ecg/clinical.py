@@ -15,11 +15,8 @@ like one repeated waveform (``beat_consistency``): pure noise, a flat line or a 
 
 Waves: P onset and T offset come from NeuroKit2's ``prominence`` delineation of lead II (Emrich et al.
 2023). QRS onset and offset are global, from the spatial velocity of the 8 independent leads (I, II,
-V1-V6): NeuroKit2's own QRS bounds were unusable on PTB-XL (``dwt`` put the QRS onset before the end of the
-P wave: median PR 76 ms, QRS 176 ms on NORM records; ``prominence`` returns the base of the R wave, so a
-QRS with Q and S waves measured 42 ms on the PTB MI record). On the first 60 PTB-XL NORM records (500 Hz)
-the global bounds give QRS 88 ms median (range 70-102), PR 147 ms, QTc 429 ms; resampled to 250 Hz the
-values move by 1-2 ms (median), on PTB-XL's own 100 Hz files by 4 ms (PR), 10 ms (QRS), 5 ms (QTc).
+V1-V6; ``QRS_LEADS``), where it falls below ``QRS_VELOCITY_FRACTION`` of its rise: NeuroKit2's own QRS bounds
+misplace the onset or stop at the base of the R wave (the measurements are in ``reports/design_notes.md``).
 A record with fewer than 3 of those leads falls back to NeuroKit2's ``prominence`` QRS bounds.
 """
 
