@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.datasets.cache import preprocessed  # noqa: E402
 from services.datasets.ptbxl import PtbxlDataset  # noqa: E402
 from services.ecg.preprocess import InputSpec, _bandpass_sos, prepare_signal, standardise  # noqa: E402
-from services.ecg.recording import read_wfdb  # noqa: E402
+from services.ecg.readers import read_wfdb  # noqa: E402
 from services.training.loop import CropDataset  # noqa: E402
 
 

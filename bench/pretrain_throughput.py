@@ -64,7 +64,7 @@ def real_batches(spec: InputSpec, batch: int, n_batches: int) -> torch.Tensor:
         print(f"(no PTB-XL at {DATA}: standard-normal batches instead)")
         return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     from services.ecg.preprocess import preprocess
-    from services.ecg.recording import read_wfdb
+    from services.ecg.readers import read_wfdb
 
     windows = [preprocess(read_wfdb(h), spec, "center")[0] for h in headers]
     return torch.from_numpy(np.stack(windows)).reshape(shape)

@@ -340,7 +340,7 @@ def main() -> None:
 
     from services.db.session import session_scope
     from services.ecg.preprocess import InputSpec, preprocess
-    from services.ecg.recording import read_wfdb
+    from services.ecg.readers import read_wfdb
     from services.export.onnx import INPUT_NAME, OUTPUT_NAME, export_checked, sha256_file
     from services.inference.sessions import ServedModel, SessionPlan, _load
     from services.inference.variants import make_variants

@@ -26,7 +26,7 @@ from services.config import get_settings
 from services.datasets import resolve_data_path
 from services.db.models import Model, ModelVersion
 from services.ecg.preprocess import InputSpec, preprocess, standardise
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import ClientError, ConflictError, DatasetError, EcgInputError
 from services.export.onnx import export_checked, sha256_file
 from services.models.checkpoints import ENCODER_FILE, FORMATS, load_encoder, save_encoder

@@ -192,7 +192,7 @@ def registered_tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Pa
 
     from services.db.session import session_scope
     from services.ecg.preprocess import InputSpec, preprocess
-    from services.ecg.recording import read_wfdb
+    from services.ecg.readers import read_wfdb
     from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
     from services.models.st_mem import SIZES, StMemEncoder
     from services.registry import register_model_version

@@ -22,7 +22,7 @@ from services.config import get_settings
 from services.db.models import Dataset
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.models.st_mem import SIZES, StMemEncoder
 from services.workers import beat, forget
 

@@ -22,7 +22,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.config import get_settings
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 from tests.conftest import ROOT
 from tests.test_readers import (
     as_cinc_mat,

@@ -58,7 +58,7 @@ def test_long_records_become_several_segments_and_bad_ones_are_listed(
     tmp_path: Path, ptb_record: Path
 ) -> None:
     from services.datasets.base import EcgDataset
-    from services.ecg.recording import read_wfdb
+    from services.ecg.readers import read_wfdb
 
     ptb = read_wfdb(ptb_record)  # 38.4 s -> three 10-s segments
 

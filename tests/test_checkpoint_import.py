@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from services.config import get_settings
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import sha256_file
 from services.model_import import import_checkpoint

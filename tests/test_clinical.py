@@ -12,16 +12,15 @@ from services.datasets.ptbxl import PtbxlDataset
 from services.ecg import clinical
 from services.ecg.clinical import (
     CLINICAL_FEATURES,
-    FEATURE_CHANNELS,
     FeatureNormaliser,
     clinical_features,
     clinical_features_for,
-    feature_channels,
     find_beats,
 )
 from services.ecg.leads import STANDARD_LEADS
-from services.ecg.preprocess import InputSpec, prepare_signal, resample
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.preprocess import InputSpec, resample
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 
 F = {name: i for i, name in enumerate(CLINICAL_FEATURES)}
 RECORDS = (1, 2, 9)  # PTB-XL ecg_ids: 64, 48 and 61 bpm
@@ -113,8 +112,6 @@ def test_ptb_diagnostic_1000_hz_15_channels(ptb_record: Path) -> None:
     at_250 = clinical_features(_at(recording, 250.0))
     assert at_250[F["heart_rate_bpm"]] == pytest.approx(features[F["heart_rate_bpm"]], abs=1.0)
     assert at_250[F["qrs_ms"]] == pytest.approx(features[F["qrs_ms"]], abs=10)
-    channels = feature_channels(prepare_signal(recording, InputSpec()), 250.0)
-    assert channels.shape == (11, int(38.4 * 250)) and np.isfinite(channels).all()
 
 
 def _twelve(signal: np.ndarray, fs: float) -> Recording:
@@ -138,9 +135,6 @@ def test_flat_noise_and_broken_signals_give_nan_not_exceptions(seed: int) -> Non
         features = clinical_features(_twelve(signal, 500.0))
         assert features.shape == (len(CLINICAL_FEATURES),)
         assert np.isnan(features).all(), name
-        channels = feature_channels(signal, 500.0)
-        assert channels.shape == (11, signal.shape[1]) and np.isfinite(channels).all(), name
-        assert channels[0].sum() == 0, name  # no R peaks claimed in noise
     normaliser = FeatureNormaliser.fit(np.array([[60, 40, 30, 160, 90, 400, 420, 0, 0.1, 0, 45.0]]))
     values, missing = normaliser.transform(clinical_features(_twelve(cases["white noise"], 500.0))[None])
     assert (missing == 1).all() and np.isfinite(values).all()
@@ -212,34 +206,6 @@ def test_normaliser_with_a_feature_never_measured_in_training() -> None:
     assert (values[:, F["pr_ms"]] == 0).all() and (missing[:, F["pr_ms"]] == 1).all()
     with pytest.raises(ValueError):
         normaliser.transform(features[:, :5])
-
-
-@pytest.mark.parametrize("ecg_id", RECORDS)
-def test_feature_channels_are_the_prototype_channels_at_the_true_rate(ptbxl_dir: Path, ecg_id: int) -> None:
-    recording = _hr(ptbxl_dir, ecg_id)
-    spec = InputSpec()
-    prepared = prepare_signal(recording, spec)  # (12, 2500) at 250 Hz
-    channels = feature_channels(prepared, spec.fs)
-    assert channels.shape == (len(FEATURE_CHANNELS), prepared.shape[1]) == (11, 2500)
-    assert channels.dtype == np.float32 and np.isfinite(channels).all()
-    features = clinical_features(recording)
-    r_peaks = np.nonzero(channels[0])[0]
-    assert set(np.unique(channels[0])) == {0.0, 1.0}
-    seconds = prepared.shape[1] / spec.fs
-    assert abs(len(r_peaks) - features[F["heart_rate_bpm"]] * seconds / 60) <= 1.5
-    # R peaks sit on the maxima of the prepared lead II within 2 samples (8 ms): aligned with the signal
-    lead_ii = prepared[1]
-    assert all(abs(int(np.argmax(lead_ii[p - 5 : p + 6])) - 5) <= 2 for p in r_peaks if p >= 5)
-    assert channels[1, 0] == pytest.approx(features[F["heart_rate_bpm"]], abs=1.0)
-    assert np.ptp(channels[1]) == 0 and np.ptp(channels[4]) == 0  # constant channels
-    assert np.ptp(channels[2]) > 0 and channels[2].min() > 30 and channels[2].max() < 150  # rolling HR
-    assert channels[5, 0] == pytest.approx(features[F["rr_sdnn_ms"]], abs=10)
-    assert (channels[3] != 0).mean() > 0.05  # ST windows of every beat
-    assert all(channels[k].std() > 1e-3 for k in range(7, 11))  # no dead wavelet channel
-    # the same channels at the record's own 500 Hz: same rhythm values
-    at_500 = feature_channels(recording.signal[:, :], recording.fs)
-    assert at_500.shape == (11, recording.signal.shape[1])
-    assert at_500[1, 0] == pytest.approx(channels[1, 0], abs=1.0)
 
 
 def test_features_for_a_dataset_are_cached(ptbxl_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -316,7 +282,7 @@ def test_a_hybrid_job_registers_its_normaliser_and_embed_appends_the_measurement
     # the version keeps its PyTorch encoder beside the ONNX file (fine-tuning starts from it): same embedding
     import torch
 
-    from services.ecg.preprocess import InputSpec, preprocess
+    from services.ecg.preprocess import preprocess
     from services.models.checkpoints import ENCODER_FILE, load_saved_encoder
 
     with session_scope() as s:

@@ -23,7 +23,7 @@ from services.datasets.npz import NpzDataset
 from services.datasets.ptbxl import BENCHMARK_SPLIT, SUPERCLASSES, PtbxlDataset
 from services.datasets.wfdb_folder import WfdbFolderDataset, read_header_info
 from services.ecg.leads import STANDARD_LEADS
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import DatasetError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from services.db.session import session_scope
 from services.downstream.common import fit_linear_head, head_scores
 from services.downstream.data import crops, features_of, open_labelled, three_crop, torch_fn
 from services.ecg.preprocess import InputSpec, prepare_signal, preprocess, three_crop_starts
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.evaluation.metrics import tune_thresholds
 from services.inference.embed import SESSIONS, ServedModel, embed_recordings
 from services.job_runner import JobReporter

@@ -13,7 +13,9 @@ from services.datasets.kinds import open_dataset
 from services.datasets.ptbxl import SUPERCLASSES, PtbxlDataset
 from services.ecg.leads import STANDARD_LEADS, select_leads
 from services.ecg.preprocess import InputSpec, prepare_signal, preprocess, resample
-from services.ecg.recording import Recording, read_npy, read_upload, read_wfdb
+from services.ecg.readers import read_npy, read_wfdb
+from services.ecg.recording import Recording
+from services.ecg.upload import read_upload
 from services.errors import DatasetError, EcgInputError
 
 SPEC = InputSpec()

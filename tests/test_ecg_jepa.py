@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 
 from services.ecg.preprocess import prepare_signal, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import INPUT_NAME, OUTPUT_NAME, export_checked
 from services.models import ecg_jepa

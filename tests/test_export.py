@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.export.onnx import INPUT_NAME, OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
 from services.models.st_mem import SIZES, StMemMae
 

@@ -164,7 +164,7 @@ def test_a_resnet1d_trained_from_scratch_by_a_finetune_job_is_served_by_predict(
     assert mv.status_code == 200, mv.text
     assert mv.json()["record"]["windows"] == 3  # 3 crops of 2.5 s from the 10-s record
     # the same record as public preprocessed sets ship it: z-scored per lead, no mV
-    from services.ecg.recording import read_wfdb
+    from services.ecg.readers import read_wfdb
 
     signal = read_wfdb(record.with_suffix(".hea")).signal
     z = (signal - signal.mean(1, keepdims=True)) / signal.std(1, keepdims=True)

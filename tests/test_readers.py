@@ -19,17 +19,13 @@ import scipy.io
 import scipy.signal as sps
 import wfdb
 
-from services.ecg.formats import (
-    MAX_ZIP_MEMBERS,
-    extract_zip,
-    lead_label,
-    read_csv,
-    read_edf,
-    read_json,
-    read_npz,
-)
+from services.ecg.leads import lead_label
 from services.ecg.preprocess import InputSpec, check_signal, interpolate_gaps, prepare_signal, preprocess
-from services.ecg.recording import ContentTooLargeError, Recording, read_header_fields, read_upload, read_wfdb
+from services.ecg.readers import extract_zip, read_csv, read_edf, read_json, read_npz, read_wfdb
+from services.ecg.readers.archive import MAX_ZIP_MEMBERS
+from services.ecg.readers.wfdb_record import read_header_fields
+from services.ecg.recording import ContentTooLargeError, Recording
+from services.ecg.upload import read_upload
 from services.errors import EcgInputError
 
 SPEC = InputSpec()

@@ -31,7 +31,8 @@ from api.guard import MUTATING_METHODS
 from api.main import create_app
 from services.ecg.leads import STANDARD_LEADS
 from services.ecg.preprocess import InputSpec, preprocess, window_count
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 from services.models.ecg_jepa import INPUT_SPEC as JEPA_SPEC
 from services.models.resnet1d import INPUT_SPEC as RESNET_SPEC
 from tests.conftest import ROOT

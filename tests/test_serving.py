@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from services.config import get_settings
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
 from services.inference import sessions as sessions_module
@@ -34,7 +34,6 @@ from services.inference.sessions import (
     SESSIONS,
     LoadedModel,
     ServedModel,
-    infer,
     plan_session,
     resolve_served,
 )
@@ -701,13 +700,17 @@ def test_variant_that_failed_or_was_not_checked_is_not_served(
 def test_infer_is_the_api_for_other_outputs_and_refuses_unknown_ones(two_versions: TwoVersions) -> None:
     served = _served(two_versions)
     windows = np.random.default_rng(1).standard_normal((3, 12, SPEC.samples)).astype(np.float32)
-    (out,) = infer(served, windows, (OUTPUT_NAME,), precision="fp32")
+    with SESSIONS.lease(served, "fp32") as loaded:
+        (out,) = loaded.infer(windows, (OUTPUT_NAME,))
     with torch.no_grad():
         np.testing.assert_allclose(
             out, two_versions.encoders[0](torch.from_numpy(windows)).numpy(), atol=1e-4
         )
-    with pytest.raises(ClientError, match="has no output probabilities"):
-        infer(served, windows, ("probabilities",), precision="fp32")
+    with (
+        SESSIONS.lease(served, "fp32") as loaded,
+        pytest.raises(ClientError, match="has no output probabilities"),
+    ):
+        loaded.infer(windows, ("probabilities",))
 
 
 # --------------------------------------------------------------------------------------------------

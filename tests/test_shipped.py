@@ -54,7 +54,7 @@ def test_the_first_start_registers_the_shipped_model_and_serves_predict_at_once(
         assert mv.status_code == 200, mv.text
         assert mv.json()["model"] == "ecg-diagnosis" and mv.json()["version"] == 1
         # the same record as public preprocessed sets ship it: band-passed, z-scored per lead, no mV
-        from services.ecg.recording import read_wfdb
+        from services.ecg.readers import read_wfdb
 
         signal = read_wfdb((data_dir / RECORD).with_suffix(".hea")).signal
         z = (signal - signal.mean(1, keepdims=True)) / signal.std(1, keepdims=True)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.models.st_mem import SIZES, StMemEncoder, StMemMae, attention, sincos_table
 
 from .conftest import checkpoint_key_sections

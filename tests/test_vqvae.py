@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from services.datasets.cache import preprocessed
 from services.datasets.ptbxl import PtbxlDataset
@@ -14,8 +15,7 @@ from services.ecg.preprocess import InputSpec
 from services.models.st_mem import SIZES, StMemEncoder
 from services.models.vqvae import (
     CosineCodebook,
-    OriginalEmaQuantizer,
-    OriginalVqVae,
+    UsageMeter,
     VqConfig,
     VqVae,
     code_usage,
@@ -23,6 +23,99 @@ from services.models.vqvae import (
 from services.training.loop import CropDataset, TrainConfig, train
 
 CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# The prototype's configuration (methods.md section 3.2, bugs #13-#14), replicated to show its collapse:
+# One code per ECG from the pooled embedding; a squared-L2 codebook that is a trainable parameter
+# (init 0.1 N(0, 1), gets the codebook-loss gradient and weight decay) and is ALSO overwritten every training
+# step by EMA statistics that start at zero, so every code unused in the first step becomes the zero vector;
+# an MLP decoder of the whole (C, L) signal.
+
+
+class OriginalEmaQuantizer(UsageMeter):
+    """The prototype's ``VectorQuantizer``: squared-L2 nearest code, straight-through, and an EMA update
+    (decay 0.99, eps 1e-5, Laplace smoothing) whose statistics start at ZERO and overwrite the codebook
+    parameter every training step (the bug: unused codes become 0)."""
+
+    def __init__(self, num_codes: int, dim: int, commitment: float, decay: float = 0.99, eps: float = 1e-5):
+        super().__init__(num_codes)
+        self.commitment, self.decay, self.eps = commitment, decay, eps
+        self.codebook = nn.Parameter(0.1 * torch.randn(num_codes, dim))
+        self.register_buffer("ema_count", torch.zeros(num_codes))
+        self.register_buffer("ema_w", torch.zeros(num_codes, dim))
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z (M, D) -> (straight-through z_q (M, D), codebook + commitment loss, codes (M,))."""
+        z = z.float()
+        codes = torch.cdist(z, self.codebook.float()).argmin(dim=1)  # (M,) squared L2 has the same argmin
+        quantised = self.codebook[codes]
+        if self.training:
+            self.ema_update(z.detach(), codes)
+        loss = F.mse_loss(quantised, z.detach()) + self.commitment * F.mse_loss(z, quantised.detach())
+        return z + (quantised - z).detach(), loss, codes
+
+    @torch.no_grad()
+    def ema_update(self, z: torch.Tensor, codes: torch.Tensor) -> None:
+        one_hot = F.one_hot(codes, len(self.ema_count)).float()  # (M, K)
+        self.ema_count.mul_(self.decay).add_(one_hot.sum(0), alpha=1 - self.decay)
+        n = self.ema_count.sum()
+        self.ema_count.copy_((self.ema_count + self.eps) / (n + len(self.ema_count) * self.eps) * n)
+        self.ema_w.mul_(self.decay).add_(one_hot.T @ z, alpha=1 - self.decay)
+        self.codebook.data.copy_(self.ema_w / self.ema_count[:, None])
+        self.count(codes)
+
+
+class OriginalVqVae(nn.Module):
+    """``EncoderVQVAE`` of the prototype: pooled embedding (B, D_enc) -> Linear -> ONE code per ECG ->
+    Linear -> ReLU -> Linear to the whole (C, L) signal; loss = MSE(signal) + codebook + beta * commitment.
+    Defaults: ``encoder_vqvae_big.yaml``, the configuration of the prototype's VQ run (latent 512, 1024
+    codes, beta 0.05; it trained with AdamW lr 5e-3 constant, weight decay 0.05 on everything).
+    ``encoder_vqvae.yaml``: latent 128, 64 codes, beta 0.1, lr 5e-4."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        encoder_dim: int,
+        signal_shape: tuple[int, int] = (12, 2250),
+        latent_dim: int = 512,
+        num_codes: int = 1024,
+        commitment: float = 0.05,
+    ):
+        super().__init__()
+        self.signal_shape = signal_shape
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.to_latent = nn.Linear(encoder_dim, latent_dim)
+        self.quantizer = OriginalEmaQuantizer(num_codes, latent_dim, commitment)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, encoder_dim),
+            nn.ReLU(),
+            nn.Linear(encoder_dim, signal_shape[0] * signal_shape[1]),
+        )
+
+    def train(self, mode: bool = True) -> "OriginalVqVae":
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def latent(self, signals: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.encoder(signals)  # (B, D_enc)
+        return self.to_latent(h.float())  # (B, latent)
+
+    def forward(self, signals: torch.Tensor) -> torch.Tensor:
+        z_q, vq_loss, _ = self.quantizer(self.latent(signals))
+        reconstruction = self.decoder(z_q).float().view(-1, *self.signal_shape)  # (B, C, L)
+        return F.mse_loss(reconstruction, signals.float()) + vq_loss
+
+    @torch.no_grad()
+    def codes(self, signals: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) -> (B,) one code per ECG."""
+        z = self.latent(signals).float()
+        return torch.cdist(z, self.quantizer.codebook.float()).argmin(dim=1)
+
+    def pop_usage(self) -> dict[str, float]:
+        return self.quantizer.pop_usage()
 
 
 def _clusters(n_clusters: int, per_cluster: int, dim: int, spread: float, seed: int) -> tuple:

@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session
 from api.deps import db_session, require_api_key
 from api.responses import UPLOAD_ERRORS, errors
 from api.schemas import EmbedBatchResponse, EmbedResponse, RecordInfo, RecordResult
-from services.ecg.recording import ACCEPTED_UPLOADS, ReadLimits, Recording, read_upload
+from services.ecg.recording import ReadLimits, Recording
+from services.ecg.upload import ACCEPTED_UPLOADS, read_upload
 from services.errors import ClientError
 from services.inference.embed import SESSIONS, Embedded, ServedModel, Timing, embed_recordings, resolve_served
 from services.inference.sessions import Precision

@@ -18,7 +18,7 @@ from api.routers.embed import (
     server_timing,
 )
 from api.schemas import KnnInfo, PredictResponse
-from services.ecg.recording import ACCEPTED_UPLOADS
+from services.ecg.upload import ACCEPTED_UPLOADS
 from services.errors import ClientError
 from services.inference.predict import PredictMethod, PredictWindowing, classifier, predict_recordings
 from services.inference.sessions import SESSIONS, Precision, Timing

@@ -15,7 +15,8 @@ from services.datasets.wfdb_folder import (
     read_header_info,
     scan_folder,
 )
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 from services.errors import DatasetError
 
 _DX = re.compile(r"^\s*Dx\s*:\s*(.*)$", re.IGNORECASE)

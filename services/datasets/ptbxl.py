@@ -9,7 +9,8 @@ import pandas as pd
 
 from services.datasets.base import EcgDataset
 from services.datasets.wfdb_folder import HeaderInfo, header_summary, read_header_info
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 from services.errors import DatasetError
 
 SUPERCLASSES: tuple[str, ...] = ("NORM", "MI", "STTC", "CD", "HYP")

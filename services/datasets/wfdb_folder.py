@@ -15,7 +15,8 @@ import wfdb
 from wfdb.io.header import parse_header_content, rx_record, rx_signal
 
 from services.datasets.base import EcgDataset
-from services.ecg.recording import Recording, read_wfdb
+from services.ecg.readers import read_wfdb
+from services.ecg.recording import Recording
 from services.errors import DatasetError
 
 _WFDB_DEFAULT_FS = 250.0  # what the WFDB format assumes when the record line omits the frequency

@@ -1,15 +1,10 @@
 """Clinical measurements per record (NeuroKit2, at the record's own sampling rate) and their normaliser.
 
-Two products, both for the "hybrid input" work (methods.md §3.4 and §6.2):
-
-- ``clinical_features(recording)``: one vector of ``CLINICAL_FEATURES`` per record (heart rate, RR
-  variability, PR / QRS / QT / QTc, ST deviation, QRS axis), NaN where a value cannot be measured.
-  ``FeatureNormaliser`` fitted on the training split turns them into finite, standardised values plus one
-  missing indicator per feature (late fusion, or one token per feature).
-- ``feature_channels(signal, fs)``: the prototype's 11 per-sample channels (R-peak indicator, HR, rolling
-  HR, ST deviation, QRS amplitude, SDNN, RMSSD, 4 stationary-wavelet bands), aligned with a prepared
-  signal, for the prototype's early fusion ("11 extra input channels of the tokeniser"); computed at the
-  signal's true rate (the prototype passed 500 Hz for 250 Hz data) and without its other bugs.
+For the "hybrid input" models (methods.md §3.4 and §6.2): ``clinical_features(recording)`` gives one
+vector of ``CLINICAL_FEATURES`` per record (heart rate, RR variability, PR / QRS / QT / QTc, ST deviation,
+QRS axis), NaN where a value cannot be measured; ``FeatureNormaliser``, fitted on the training split, turns
+them into finite, standardised values plus one missing indicator per feature (late fusion, or one token per
+feature). ``clinical_features_for`` computes them for a dataset, cached on disk.
 
 Every measurement is taken at the rate the samples were recorded at: NeuroKit2 gets ``recording.fs`` and
 every window is given in seconds, so the 100 Hz and 500 Hz versions of one record agree.
@@ -20,11 +15,8 @@ like one repeated waveform (``beat_consistency``): pure noise, a flat line or a 
 
 Waves: P onset and T offset come from NeuroKit2's ``prominence`` delineation of lead II (Emrich et al.
 2023). QRS onset and offset are global, from the spatial velocity of the 8 independent leads (I, II,
-V1-V6): NeuroKit2's own QRS bounds were unusable on PTB-XL (``dwt`` put the QRS onset before the end of the
-P wave: median PR 76 ms, QRS 176 ms on NORM records; ``prominence`` returns the base of the R wave, so a
-QRS with Q and S waves measured 42 ms on the PTB MI record). On the first 60 PTB-XL NORM records (500 Hz)
-the global bounds give QRS 88 ms median (range 70-102), PR 147 ms, QTc 429 ms; resampled to 250 Hz the
-values move by 1-2 ms (median), on PTB-XL's own 100 Hz files by 4 ms (PR), 10 ms (QRS), 5 ms (QTc).
+V1-V6; ``QRS_LEADS``), where it falls below ``QRS_VELOCITY_FRACTION`` of its rise: NeuroKit2's own QRS bounds
+misplace the onset or stop at the base of the R wave (the measurements are in ``reports/design_notes.md``).
 A record with fewer than 3 of those leads falls back to NeuroKit2's ``prominence`` QRS bounds.
 """
 
@@ -43,8 +35,7 @@ from pathlib import Path
 
 import neurokit2 as nk
 import numpy as np
-import pywt
-from scipy.ndimage import gaussian_filter1d, uniform_filter1d
+from scipy.ndimage import uniform_filter1d
 
 from services.ecg.leads import select_leads
 from services.ecg.preprocess import FLAT_STD_MV, interpolate_gaps
@@ -78,20 +69,6 @@ _INTERVAL_BOUNDS_MS = {"pr": (60.0, 400.0), "qrs": (40.0, 250.0), "qt": (200.0, 
 # Global QRS bounds: where the spatial velocity of these leads falls below floor + fraction * (peak - floor).
 QRS_LEADS: tuple[str, ...] = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")
 QRS_VELOCITY_FRACTION = 0.1
-
-FEATURE_CHANNELS: tuple[str, ...] = (
-    "r_peak",  # 1 at each R peak, else 0
-    "heart_rate_bpm",  # constant over the record
-    "rolling_hr_bpm",  # instantaneous rate smoothed over ~1 s (time-varying)
-    "st_deviation_mv",  # signal - pre-QRS baseline on [R+80 ms, R+200 ms) of each beat, else 0
-    "qrs_amplitude_mv",  # median signal value at the R peaks, constant
-    "sdnn_ms",  # constant
-    "rmssd_ms",  # constant
-    "swt_a",  # stationary wavelet (db4) approximation, ~0-8 Hz
-    "swt_d1",  # detail ~8-16 Hz
-    "swt_d2",  # detail ~16-31 Hz
-    "swt_d3",  # detail ~31-62 Hz
-)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -496,62 +473,3 @@ def _log1p_columns(x: np.ndarray, names: tuple[str, ...], log: tuple[str, ...]) 
         with np.errstate(invalid="ignore"):
             x[:, j] = np.log1p(np.maximum(x[:, j], 0.0))
     return x
-
-
-# --------------------------------------------------------------------------------------------------
-# The prototype's per-sample feature channels
-
-
-def _swt_bands(x: np.ndarray, fs: float) -> np.ndarray:
-    """(4, T): db4 stationary wavelet approximation and the three coarsest details, fixed bands in Hz.
-
-    The level follows the rate (4 at 250 Hz, 5 at 500 Hz) so the bands are ~0-8, 8-16, 16-31, 31-62 Hz;
-    the signal is padded symmetrically to a multiple of 2**level (the prototype instead lowered the level
-    to 2 and returned one all-zero channel) and cropped back.
-    """
-    n = len(x)
-    level = max(3, 4 + int(round(math.log2(fs / 250.0))))
-    while level > 1 and n < 2**level:
-        level -= 1
-    pad = (-n) % (2**level)
-    left = pad // 2
-    padded = np.pad(x, (left, pad - left), mode="symmetric")
-    coeffs = pywt.swt(padded, "db4", level=level, trim_approx=True)  # [cA_L, cD_L, cD_L-1, ..., cD_1]
-    bands = np.stack(coeffs[:4]) if len(coeffs) >= 4 else np.zeros((4, len(padded)))
-    return bands[:, left : left + n]
-
-
-def feature_channels(signal: np.ndarray, fs: float, lead: int = 1) -> np.ndarray:
-    """The prototype's 11 per-sample channels (``FEATURE_CHANNELS``), (11, T) float32, all finite.
-
-    ``signal``: a prepared signal (leads, T) at rate ``fs`` (``lead`` 1 = lead II in both the 12-lead and
-    the 8-lead ECG-JEPA order) or one lead (T,). Computed as methods.md §3.4 describes but at the true
-    ``fs``, with NeuroKit2 R peaks (accepted as in ``find_beats``), a time-varying rolling HR (the
-    prototype kept one edge value of its convolution) and four live wavelet bands. Values not measurable
-    (no accepted beats) are 0, as in the prototype; scaling is left to the caller (fit on training data).
-    """
-    x = np.asarray(signal, dtype=np.float64)
-    x = x[lead] if x.ndim == 2 else x
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    n = len(x)
-    out = np.zeros((len(FEATURE_CHANNELS), n))
-    beats = find_beats(x, fs)
-    if beats.accepted:
-        peaks = beats.peaks
-        out[0, peaks] = 1.0
-        hr, sdnn, rmssd = (0.0 if not np.isfinite(v) else v for v in rhythm(beats))
-        out[1], out[5], out[6] = hr, sdnn, rmssd
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            rate = np.asarray(nk.signal_rate(peaks, sampling_rate=fs, desired_length=n), dtype=np.float64)
-        out[2] = gaussian_filter1d(np.nan_to_num(rate, nan=hr), sigma=fs, mode="nearest")
-        pre, start, end = (int(round(s * fs)) for s in (0.2, 0.08, 0.2))
-        for p in peaks:
-            lo, hi = p + start, min(p + end, n)
-            if p - pre < 0 or lo >= n:
-                continue
-            baseline = x[p - pre : p - int(round(0.05 * fs))].mean()
-            out[3, lo:hi] = x[lo:hi] - baseline
-        out[4] = float(np.median(x[peaks]))
-    out[7:11] = _swt_bands(x, fs)
-    return np.nan_to_num(out).astype(np.float32)

@@ -1,5 +1,7 @@
 """Lead names: canonical order, aliases, and derivation of the limb leads from I and II."""
 
+import re
+
 import numpy as np
 
 from services.errors import EcgInputError
@@ -33,6 +35,18 @@ def canonical_lead_name(name: str) -> str | None:
     """Canonical name of a lead (case-insensitive, common aliases), or None for a non-standard channel."""
     key = name.strip().lower()
     return _ALIASES.get(key) or _INVERTED.get(key)
+
+
+_LABEL_PREFIX = re.compile(r"^(?:ecg|ekg)[\s_:\-]*(?:lead[\s_:\-]*)?", re.IGNORECASE)
+
+
+def lead_label(raw: str) -> str:
+    """A channel label as a lead name: 'ECG I', 'EKG-V1', 'ECG lead aVR' become I, V1, aVR; others kept."""
+    name = raw.strip()
+    if canonical_lead_name(name):
+        return name
+    stripped = _LABEL_PREFIX.sub("", name).strip()
+    return stripped if canonical_lead_name(stripped) else name
 
 
 def select_leads(signal: np.ndarray, names: list[str], wanted: tuple[str, ...]) -> np.ndarray:

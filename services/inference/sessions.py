@@ -586,16 +586,3 @@ class SessionCache:
 
 
 SESSIONS = SessionCache()
-
-
-def infer(
-    model: ServedModel,
-    windows: np.ndarray,
-    outputs: Sequence[str] = (OUTPUT_NAME,),
-    *,
-    precision: Precision | None = None,
-    timing: Timing | None = None,
-) -> list[np.ndarray]:
-    """Run ``windows`` (n, leads, samples) through ``model``'s session (leased, micro-batched)."""
-    with SESSIONS.lease(model, precision) as loaded:
-        return loaded.infer(windows, outputs, timing)

@@ -18,16 +18,10 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 
 from services.config import get_settings
-from services.ecg.formats import extract_zip
 from services.ecg.preprocess import InputSpec, Windowing, window_count
-from services.ecg.recording import (
-    ACCEPTED_UPLOADS,
-    ContentTooLargeError,
-    ReadLimits,
-    Recording,
-    TooManyWindowsError,
-    read_upload,
-)
+from services.ecg.readers import extract_zip
+from services.ecg.recording import ContentTooLargeError, ReadLimits, Recording, TooManyWindowsError
+from services.ecg.upload import ACCEPTED_UPLOADS, read_upload
 from services.errors import ClientError, EcgInputError
 
 SINGLE_FILE_SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".json", ".edf", ".bdf")

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from services.config import get_settings
 from services.ecg.preprocess import InputSpec, preprocess
-from services.ecg.recording import read_wfdb
+from services.ecg.readers import read_wfdb
 from services.errors import EcgInputError
 from services.export.onnx import INPUT_NAME, OUTPUT_NAME, sha256_file
 

@@ -9,18 +9,8 @@ The prototype mined random triplets and stacked positives as (N, 1, 9) against (
 works on (N, E) embeddings and an (N, N) distance matrix, and batches are class-balanced: P classes x K
 records each (``PKBatches``), so that every anchor has positives and negatives.
 
-Default mining is batch-all. Measured on the 400 labelled training records of ptbxl-500 with a frozen
-random tiny ST-MEM (the real-records test's setup: P x K = 5 x 8, 20 epochs, kNN k=20 on folds 9-10):
-- batch-hard (4 encoder seeds) collapsed the embeddings (loss stuck at the margin) and lowered the kNN macro
-  AUROC by 0.03 on average;
-- semi-hard (8 seeds, 0-7): its loss fell (0.156 -> 0.135 over the first / last 3 epochs, seed 0), but it
-  changed the AUROC by +0.002 on average (median -0.004, -0.031 to +0.036; below the frozen encoder for 4
-  of 8 seeds);
-- batch-all (the same 8 seeds) raised it by +0.023 on average (+0.003 to +0.053, never below frozen; frozen
-  0.653-0.695, after 0.686-0.721).
-With so few records and weak features the gain is small; batch-hard and semi-hard may suit cleaner labels
-and larger P x K (not measured here). kNN macro F1 at val-tuned thresholds moved by -0.016 (batch-all)
-and +0.004 (semi-hard) on average: noisy on 66 test records.
+Default mining is batch-all: on small labelled sets it was the one of the three that improved a frozen
+encoder's kNN AUROC (batch-hard collapsed the embeddings); the comparison is in ``reports/design_notes.md``.
 
 Batches carry labels: ``LabelledBatch`` (signals, labels) is a named tuple with ``to(device)``, so the loop's
 ``batch.to(device)`` works and the default collate keeps its type. ``PKBatches`` yields one whole P x K

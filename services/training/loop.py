@@ -428,14 +428,6 @@ def _loss_sums(
     return total, count
 
 
-def evaluate_loss(
-    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, seed: int
-) -> float:
-    """Mean objective on a dataset with a fixed RNG state, so epochs are comparable."""
-    total, count = _loss_sums(model, dataset, batch_size, device, seed)
-    return total / count
-
-
 def save_checkpoint(
     path: Path,
     model: nn.Module,
