@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0  # CPU build here; Dockerfile.gpu installs the CUDA build of this pin
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q -e '.[cpu,dev]'  # dev includes train (torch); a gateway alone: '.[cpu]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,9 +6,8 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.datasets import DataPath
-from services.jobs import EvaluateParams, FinetuneParams
-from services.models.checkpoints import ImportFormat
-from services.pretraining import PretrainParams
+from services.jobs import EvaluateParams, FinetuneParams, PretrainParams
+from services.models.catalog import ImportFormat
 
 
 class PretrainRequest(PretrainParams):

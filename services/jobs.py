@@ -23,7 +23,7 @@ from services.dataset_registry import dataset_for_job
 from services.datasets import DataPath
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
-from services.models.families import BY_METHOD, FAMILIES
+from services.models.catalog import BY_METHOD, SPECS
 
 
 class Params(BaseModel):
@@ -62,9 +62,9 @@ class JepaMasking(Params):
         return scale
 
 
-METHOD_SIZES = {f.method: tuple(f.sizes) for f in FAMILIES.values()}
+METHOD_SIZES = {f.method: tuple(f.sizes) for f in SPECS.values()}
 PretrainMethod = Literal[tuple(BY_METHOD)]  # type: ignore[valid-type]
-FamilyName = Literal[tuple(FAMILIES)]  # type: ignore[valid-type]
+FamilyName = Literal[tuple(SPECS)]  # type: ignore[valid-type]
 
 
 class DatasetEntry(Params):
@@ -388,10 +388,10 @@ class FinetuneParams(DownstreamCommon):
                 "version of its own size; leave 'model_size' out"
             )
         family = info.data.get("family")
-        if family is not None and size not in FAMILIES[family].sizes:
+        if family is not None and size not in SPECS[family].sizes:
             raise ValueError(
                 f"model_size '{size}' does not exist for {family}: one of "
-                f"{', '.join(FAMILIES[family].sizes)} (GET /methods lists each family's sizes)"
+                f"{', '.join(SPECS[family].sizes)} (GET /methods lists each family's sizes)"
             )
         return size
 
@@ -415,7 +415,7 @@ class FinetuneParams(DownstreamCommon):
         if self.model is None and self.family is None:
             raise ValueError(
                 "give either 'model' (a registered version to start from, e.g. 'st_mem-tiny@1') or "
-                f"'family' (a new encoder trained from scratch: one of {', '.join(FAMILIES)}): "
+                f"'family' (a new encoder trained from scratch: one of {', '.join(SPECS)}): "
                 "neither was given"
             )
         if self.family is not None:  # (its size was checked by _size_of_the_family)
@@ -426,7 +426,7 @@ class FinetuneParams(DownstreamCommon):
         """The training settings the job runs with: what was given, the rest from the defaults (``finetune``:
         the family's recipe for the size)."""
         if self.method == "finetune":
-            recipes = FAMILIES[family].finetune_recipes
+            recipes = SPECS[family].finetune_recipes
             r = recipes.get(size) or next(iter(recipes.values()))  # a custom size: the first size's
             batch = self.batch_size or r.batch_size
             defaults = {

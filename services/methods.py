@@ -1,22 +1,9 @@
 """What ``GET /methods`` shows: every registered family with its sizes, input, encoder size and recipes,
-read from the one registration table (``services.models.families.FAMILIES``)."""
+read from the torch-free catalogue (``services.models.catalog.SPECS``; the gateway never loads torch)."""
 
 from dataclasses import asdict
-from functools import cache
 
-import torch
-
-from services.models.families import FAMILIES
-
-
-@cache
-def encoder_parameters(family: str, size: str) -> int:
-    """Parameters of a family's encoder of a named size, counted on an encoder built on the meta device
-    (shapes only: no memory, no initialisation); once per process."""
-    f = FAMILIES[family]
-    with torch.device("meta"):
-        encoder = f.encoder_class(f.sizes[size])
-    return sum(p.numel() for p in encoder.parameters())
+from services.models.catalog import SPECS
 
 
 def catalogue() -> list[dict]:
@@ -35,7 +22,7 @@ def catalogue() -> list[dict]:
                         "samples": spec.samples,
                     },
                     "embedding_dim": cfg.width,
-                    "encoder_parameters": encoder_parameters(f.name, size),
+                    "encoder_parameters": f.encoder_parameters[size],
                     "pretrain_recipe": asdict(f.pretrain_recipes[size]),
                     "finetune_recipe": asdict(f.finetune_recipes[size])
                     if size in f.finetune_recipes
@@ -45,5 +32,5 @@ def catalogue() -> list[dict]:
                 for spec in (f.input_spec(cfg),)
             ],
         }
-        for f in FAMILIES.values()
+        for f in SPECS.values()
     ]

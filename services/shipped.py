@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.db.models import Model, ModelVersion
-from services.export.onnx import sha256_file
+from services.export.contract import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -316,8 +316,8 @@ def test_dockerfile_base_is_cuda(dockerfile_instructions) -> None:
 
 
 def test_torch_pin_is_the_same_everywhere(pyproject: dict, dockerfile_instructions) -> None:
-    deps = pyproject["project"]["dependencies"]
-    pyproject_pin = _torch_pin("\n".join(deps), "pyproject.toml [project.dependencies]")
+    deps = pyproject["project"]["optional-dependencies"]["train"]  # torch is the train extra (workers)
+    pyproject_pin = _torch_pin("\n".join(deps), "pyproject.toml [project.optional-dependencies] train")
     makefile_pin = _torch_pin(MAKEFILE_PATH.read_text(), "Makefile")
     docker_pin = _torch_pin("\n".join(_run_commands(dockerfile_instructions)), "Dockerfile.gpu RUN lines")
     assert pyproject_pin == makefile_pin == docker_pin, (
@@ -364,6 +364,57 @@ def test_dockerfile_installs_no_package_by_name_but_torch(dockerfile_instruction
         f"Dockerfile.gpu pip-installs {others} besides torch and '.[extra]': "
         "dependencies belong in pyproject.toml only, so the Makefile and the image cannot drift"
     )
+
+
+def _stages(dockerfile_instructions) -> dict[str, list[tuple[str, str]]]:
+    """Each build stage's instructions (its FROM first), by its name ('FROM image AS name')."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for instr, args in dockerfile_instructions:
+        if instr == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else str(len(stages))
+            current = stages.setdefault(name, [])
+        if current is not None:
+            current.append((instr, args))
+    return stages
+
+
+def _extras(target: str) -> set[str]:
+    return set(re.findall(r"[\w-]+", target.partition("[")[2]))
+
+
+def test_torch_is_a_train_extra_not_a_dependency(pyproject: dict) -> None:
+    names = [
+        re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in pyproject["project"]["dependencies"]
+    ]
+    assert "torch" not in names, "torch must not be a base dependency: a gateway installs without it"
+    extras = pyproject["project"]["optional-dependencies"]
+    assert any(req.startswith("torch==") for req in extras["train"]), extras["train"]
+    assert "ecgssl[train]" in extras["dev"], "the dev extra (make install, the tests) must pull in train"
+
+
+def test_gateway_image_has_no_torch_and_the_worker_image_has_it(
+    services: dict, dockerfile_instructions
+) -> None:
+    stages = _stages(dockerfile_instructions)
+    for name in ("api", "migrate"):
+        assert services[name]["build"].get("target") == "gateway", f"{name} must be built --target gateway"
+    assert services["worker"]["build"].get("target") == "worker", "the worker must be built --target worker"
+    assert list(stages)[-1] == "worker", "the worker stage must be the last (the default target)"
+    assert "gateway" in stages, f"Dockerfile.gpu needs a 'gateway' stage, it has {list(stages)}"
+    assert stages["gateway"][0][1].split()[0].startswith("nvidia/cuda:"), "the gateway serves on CUDA too"
+    gateway = [t for run in _run_commands(stages["gateway"]) for t in _pip_install_targets(run)]
+    assert gateway, "the gateway stage installs nothing"
+    assert not [t for t in gateway if t.startswith("torch")], f"the gateway stage installs torch: {gateway}"
+    assert not [t for t in gateway if _extras(t) & {"train", "dev"}], (
+        f"the gateway stage installs an extra that pulls in torch: {gateway}"
+    )
+    gateway_cmd = json.loads([args for instr, args in stages["gateway"] if instr == "CMD"][-1])
+    assert gateway_cmd[:3] == ["python", "-m", "api"], gateway_cmd
+    worker = [t for run in _run_commands(stages["worker"]) for t in _pip_install_targets(run)]
+    assert any(t.startswith("torch==") for t in worker), worker
+    assert all("train" in _extras(t) for t in worker if t.startswith(".")), worker
 
 
 def test_dockerfile_runs_as_non_root_with_settings(dockerfile_instructions) -> None:

@@ -175,3 +175,24 @@ def test_bad_choices_are_422_on_the_field(
     assert error["loc"] == (["body", field] if field else ["body"])
     for part in says:
         assert part in error["msg"], (part, error["msg"])
+
+
+def test_every_declared_parameter_count_is_that_of_the_real_encoder() -> None:
+    """The catalogue declares the counts (the gateway lists them without torch); each is checked here on
+    the family's encoder built on the meta device (shapes only)."""
+    import torch
+
+    for f in FAMILIES.values():
+        for size, cfg in f.sizes.items():
+            with torch.device("meta"):
+                encoder = f.encoder_class(cfg)
+            assert f.encoder_parameters[size] == sum(p.numel() for p in encoder.parameters()), (f.name, size)
+
+
+def test_the_catalogue_is_the_families_torch_free_part() -> None:
+    from services.models.catalog import SPECS
+
+    assert list(SPECS) == list(FAMILIES)
+    for name, f in FAMILIES.items():
+        assert f.spec == SPECS[name]
+        assert set(f.encoder_parameters) == set(f.sizes) == set(f.pretrain_recipes), name

@@ -2,7 +2,7 @@
 
 import logging
 
-from fastapi import APIRouter, Body, Depends, Path, Response, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,6 @@ from services import registry
 from services.db.models import Model, ModelAlias, ModelVersion
 from services.errors import ClientError
 from services.inference.sessions import SESSIONS, ServedModel, plan_session
-from services.model_import import import_checkpoint
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
@@ -213,7 +212,13 @@ def delete_alias(
     response_model=ModelVersionOut,
     status_code=status.HTTP_201_CREATED,
     dependencies=[Depends(require_api_key)],
-    responses=errors(400, 401, (409, "a model of that name is registered with another method"), 422),
+    responses=errors(
+        400,
+        401,
+        (409, "a model of that name is registered with another method"),
+        422,
+        (501, "this gateway was installed without torch (a serving-only install), which importing needs"),
+    ),
     summary="Import a published encoder checkpoint (under the data root) as a new model version",
     description=(
         "Loads the checkpoint with strict key matching (format 'st_mem': the official ST-MEM encoder file, "
@@ -225,6 +230,16 @@ def delete_alias(
     ),
 )
 def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:
+    try:  # torch (loading the checkpoint, exporting it): loaded on the first import, not with the gateway
+        from services.model_import import import_checkpoint
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise HTTPException(
+            status.HTTP_501_NOT_IMPLEMENTED,
+            "importing a checkpoint needs torch, which this gateway was installed without "
+            "(pip install '.[serve]'); install the training dependencies (the Makefile's install) to import",
+        ) from exc
     version = import_checkpoint(session, body.format, body.path, body.name)
     session.commit()  # before the answer: the session's own commit comes after it is sent
     return version_out(version)

@@ -5,7 +5,6 @@ tuple (embedding (B, D), probabilities (B, K)) and is exported with ``outputs=HE
 has both outputs, so ``/embed`` serves it like any encoder and ``/predict`` reads ``probabilities``.
 """
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-INPUT_NAME = "signal"
-OUTPUT_NAME = "embedding"
-PROBABILITIES_NAME = "probabilities"
-HEAD_OUTPUTS = (OUTPUT_NAME, PROBABILITIES_NAME)
+# the file's names and digest are torch-free (serving reads them); importable from here too
+from services.export.contract import HEAD_OUTPUTS as HEAD_OUTPUTS
+from services.export.contract import INPUT_NAME, OUTPUT_NAME
+from services.export.contract import PROBABILITIES_NAME as PROBABILITIES_NAME
+from services.export.contract import sha256_file as sha256_file
 
 
 def export_encoder(
@@ -71,11 +71,3 @@ def export_checked(
             f"ONNX export disagrees with PyTorch: max abs difference {parity:.2e} > {PARITY_TOLERANCE}"
         )
     return parity
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -30,7 +30,7 @@ from services.ecg.preprocess import model_recording, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError, ConflictError
 from services.evaluation.metrics import knn_scores
-from services.export.onnx import PROBABILITIES_NAME
+from services.export.contract import PROBABILITIES_NAME
 from services.inference.embed import Embedded, embed_recordings
 from services.inference.sessions import LoadedModel, ModelUnavailable, ServedModel, Timing
 

@@ -35,7 +35,7 @@ from services.config import get_settings
 from services.db.models import ModelVersion
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
-from services.export.onnx import INPUT_NAME, OUTPUT_NAME
+from services.export.contract import INPUT_NAME, OUTPUT_NAME
 from services.inference.batching import BatchTiming, MicroBatcher
 from services.inference.variants import CUDA
 from services.registry import resolve_reference

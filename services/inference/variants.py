@@ -30,7 +30,7 @@ from services.config import get_settings
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.readers import read_wfdb
 from services.errors import EcgInputError
-from services.export.onnx import INPUT_NAME, OUTPUT_NAME, sha256_file
+from services.export.contract import INPUT_NAME, OUTPUT_NAME, sha256_file
 
 log = logging.getLogger(__name__)
 

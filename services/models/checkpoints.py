@@ -28,7 +28,6 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -36,12 +35,11 @@ from torch import nn
 from services.ecg.leads import STANDARD_LEADS
 from services.errors import ClientError
 from services.models import ecg_jepa
+from services.models.catalog import FORMATS as FORMATS  # the formats load_encoder reads (torch-free there)
+from services.models.catalog import ImportFormat as ImportFormat
 from services.models.ecg_jepa import EcgJepaConfig, EcgJepaEncoder
 from services.models.families import family, family_of
 from services.models.st_mem import SIZES, StMemConfig, StMemEncoder, StMemMae
-
-ImportFormat = Literal["st_mem", "ecg_jepa"]
-FORMATS: tuple[str, ...] = get_args(ImportFormat)
 
 _SHOW = 5  # keys listed per kind of mismatch in an error message
 

@@ -1,17 +1,22 @@
-"""What a model family declares, in one place per family (its own module's ``FAMILY``).
+"""What a model family declares, in two parts: its spec (``FamilySpec``: names, sizes, input, recipes;
+pure data, in the torch-free ``<family>_spec`` module) and the family itself (``Family``: the spec plus
+its nn.Modules, in the ``<family>`` module's ``FAMILY``).
 
 A family is an encoder architecture with its sizes, the input it consumes, its self-supervised objective,
-its default recipes, and how its saved weights load. ``services.models.families.FAMILIES`` is the one
-registration table; pretraining, fine-tuning, export and import read a family only through it.
+its default recipes, and how its saved weights load. ``services.models.catalog.SPECS`` is the torch-free
+table the gateway reads (job parameters, ``GET /methods``); ``services.models.families.FAMILIES`` is the
+registration table that pretraining, fine-tuning, export and import read a family through. This module
+imports no torch (the annotations name it only for type checkers).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-from torch import nn
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from services.ecg.preprocess import InputSpec
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class _LinearLrScaling:
@@ -56,27 +61,46 @@ class FinetuneRecipe(_LinearLrScaling):
 
 
 @dataclass(frozen=True)
-class Family:
-    """One encoder family: architecture, sizes, input, objective, recipes, saved-weights loader."""
+class FamilySpec:
+    """What is known of a family without torch: its names, sizes, input, encoder sizes and recipes."""
 
     name: str  # as stored with saved weights and model versions, e.g. "resnet1d"
     method: str  # its self-supervised pretraining method, as a pretraining job names it, e.g. "simclr"
     description: str
     sizes: dict[str, Any]  # size name -> config dataclass
     config_class: type
-    encoder_class: type[nn.Module]  # encoder(cfg): (B, C, L) -> (B, cfg.width)
     input_spec: Callable[[Any], InputSpec]  # config -> what the encoder consumes
-    objective: Callable[[Any, Any], nn.Module]  # (config, pretraining params) -> model(batch) -> loss
     pretrain_recipes: dict[str, PretrainRecipe]
     finetune_recipes: dict[str, FinetuneRecipe]
-    blocks: Callable[[nn.Module], list[nn.Module]] = field(default=lambda encoder: [])  # transformer blocks
-    tokens: Callable[[nn.Module], nn.Module] | None = None  # per-lead patch tokens (B, C, N, D), for VQ-VAE
-    cpu_autocast: bool = True  # bf16 autocast on CPUs with native bf16 (False where it measured slower)
-
-    def amp(self, device_type: str) -> bool:
-        """Whether training autocasts on this device (``TrainConfig.amp``)."""
-        return device_type != "cpu" or self.cpu_autocast
+    # size name -> parameters of its encoder (without heads or decoders); declared, since counting them
+    # needs the model (tests/test_methods.py counts them on the real encoders)
+    encoder_parameters: dict[str, int]
 
     def config_from_dict(self, data: dict) -> Any:
         """A config saved with ``dataclasses.asdict`` (tuples come back as lists)."""
         return self.config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Family(FamilySpec):
+    """One encoder family: its spec, and its architecture, objective and training hooks (torch)."""
+
+    encoder_class: "type[nn.Module]"  # encoder(cfg): (B, C, L) -> (B, cfg.width)
+    objective: "Callable[[Any, Any], nn.Module]"  # (config, pretraining params) -> model(batch) -> loss
+    blocks: "Callable[[nn.Module], list[nn.Module]]" = field(default=lambda encoder: [])  # transformer blocks
+    tokens: "Callable[[nn.Module], nn.Module] | None" = None  # per-lead patch tokens (B, C, N, D), for VQ-VAE
+    cpu_autocast: bool = True  # bf16 autocast on CPUs with native bf16 (False where it measured slower)
+
+    @classmethod
+    def of(cls, spec: FamilySpec, **modules: Any) -> "Family":
+        """The family of ``spec`` with its modules (``encoder_class``, ``objective``, ...)."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(FamilySpec)}, **modules)
+
+    @property
+    def spec(self) -> FamilySpec:
+        """Its torch-free part (equal to ``services.models.catalog.SPECS[self.name]``)."""
+        return FamilySpec(**{f.name: getattr(self, f.name) for f in fields(FamilySpec)})
+
+    def amp(self, device_type: str) -> bool:
+        """Whether training autocasts on this device (``TrainConfig.amp``)."""
+        return device_type != "cpu" or self.cpu_autocast

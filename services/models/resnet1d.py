@@ -23,31 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.ecg.preprocess import InputSpec
-from services.models.family import Family, FinetuneRecipe, PretrainRecipe
+from services.models.family import Family
 
-INPUT_SPEC = InputSpec(fs=100.0, samples=250)  # 12 standard leads, 2.5-s windows at 100 Hz
-
-
-@dataclass(frozen=True)
-class Resnet1dConfig:
-    num_leads: int = 12
-    channels: int = 128
-    stem_kernel: int = 7
-    kernels: tuple[int, int] = (5, 3)  # the two convolutions of a basic block
-    strides: tuple[int, ...] = (1, 2, 2)  # one basic block per stage
-    seq_len: int = INPUT_SPEC.samples
-
-    @property
-    def width(self) -> int:
-        """Embedding size: concat pooling of max and mean."""
-        return 2 * self.channels
-
-
-SIZES: dict[str, Resnet1dConfig] = {
-    "tiny": Resnet1dConfig(channels=64),
-    "base": Resnet1dConfig(channels=128),  # resnet1d_wang
-}
+# the spec lives in resnet1d_spec (torch-free); its names are importable here too
+from services.models.resnet1d_spec import INPUT_SPEC as INPUT_SPEC
+from services.models.resnet1d_spec import SIZES as SIZES
+from services.models.resnet1d_spec import SPEC, Resnet1dConfig
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -169,24 +150,11 @@ class SimClr(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# The family: sizes, input, objective, recipes
+# The family: the spec (resnet1d_spec) with the encoder and SimCLR
 
-_BENCHMARK = "reports/benchmark.py (validation folds of the 10-fold cross-validation)"
-_FINETUNE = FinetuneRecipe(1e-2, 64, 30, 1e-2, 9, 1.0, False, _BENCHMARK)
-
-FAMILY = Family(
-    name="resnet1d",
-    method="simclr",
-    description="1-D ResNet (resnet1d_wang), SimCLR with ECG augmentations (12 leads, 100 Hz, 2.5 s)",
-    sizes=SIZES,
-    config_class=Resnet1dConfig,
+FAMILY = Family.of(
+    SPEC,
     encoder_class=Resnet1dEncoder,
-    input_spec=lambda cfg: INPUT_SPEC,
     objective=lambda cfg, params: SimClr(Resnet1dEncoder(cfg), seed=params.seed),
-    pretrain_recipes={
-        "tiny": PretrainRecipe(1e-3, 128, 50, 1e-2, 5, _BENCHMARK),
-        "base": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
-    },
-    finetune_recipes={"tiny": _FINETUNE, "base": _FINETUNE},
     cpu_autocast=False,  # 1-D convolutions ran slower under bf16 autocast than in fp32 on the 2-core EPYC
 )

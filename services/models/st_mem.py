@@ -18,44 +18,13 @@ The masking noise can be given (``noise``), and under data parallelism it is dra
 (``set_data_shard``), so that any number of processes masks a sample alike.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.ecg.preprocess import InputSpec
-from services.models.family import Family, FinetuneRecipe, PretrainRecipe
-
-
-@dataclass(frozen=True)
-class StMemConfig:
-    seq_len: int = 2250
-    patch_size: int = 75
-    num_leads: int = 12
-    width: int = 768
-    depth: int = 12
-    heads: int = 12
-    dim_head: int = 64
-    mlp_dim: int = 3072
-    qkv_bias: bool = True
-    decoder_width: int = 256
-    decoder_depth: int = 4
-    decoder_heads: int = 4
-    norm_pix_loss: bool = True
-
-    @property
-    def num_patches(self) -> int:
-        return self.seq_len // self.patch_size
-
-
-SIZES: dict[str, StMemConfig] = {
-    # tiny: for tests and CPU demos; small = ViT-S/75; base = ViT-B/75 (the published encoder)
-    "tiny": StMemConfig(width=64, depth=2, heads=2, dim_head=32, mlp_dim=256, decoder_width=64,
-                        decoder_depth=1, decoder_heads=2),
-    "small": StMemConfig(width=384, depth=12, heads=6, dim_head=64, mlp_dim=1536),
-    "base": StMemConfig(width=768, depth=12, heads=12, dim_head=64, mlp_dim=3072),
-}  # fmt: skip
+from services.models.family import Family
+from services.models.st_mem_spec import SIZES as SIZES  # the spec lives there; importable here too
+from services.models.st_mem_spec import SPEC, StMemConfig
 
 
 def sincos_table(width: int, num_patches: int) -> torch.Tensor:
@@ -375,25 +344,10 @@ class StMemObjective(nn.Module):
         return self.mae(batch, self.mask_ratio)
 
 
-_SEARCHED = "out-of-fold probes over folds 1-9 (reports/learning_check_st_mem.md); reports/benchmark.py"
-_PAPER = "the paper's recipe (Na et al. 2024), not measured here"
-_FINETUNE = FinetuneRecipe(1e-3, 32, 30, 0.05, 3, 0.75, False, "reports/benchmark.py (validation folds)")
-
-FAMILY = Family(
-    name="st_mem",
-    method="st_mem",
-    description="ST-MEM: ViT over per-lead patches, masked autoencoding (12 leads, 250 Hz, 9 s)",
-    sizes=SIZES,
-    config_class=StMemConfig,
+FAMILY = Family.of(
+    SPEC,
     encoder_class=StMemEncoder,
-    input_spec=lambda cfg: InputSpec(samples=cfg.seq_len),
     objective=lambda cfg, params: StMemObjective(StMemMae(cfg), params.mask_ratio),
-    pretrain_recipes={
-        "tiny": PretrainRecipe(3e-3, 32, 30, 0.01, 3, _SEARCHED),
-        "small": PretrainRecipe(1.5e-4 * 32 / 256, 32, 100, 0.05, 5, _PAPER),
-        "base": PretrainRecipe(1.5e-4 * 32 / 256, 32, 100, 0.05, 5, _PAPER),
-    },
-    finetune_recipes={"tiny": _FINETUNE, "small": _FINETUNE, "base": _FINETUNE},
     blocks=lambda encoder: list(encoder.blocks),
     tokens=lambda encoder: encoder,
 )

@@ -1,0 +1,48 @@
+"""The 1-D ResNet family's spec without torch: its config and sizes, input and recipes
+(``services.models.resnet1d`` holds the model and SimCLR, and builds its ``FAMILY`` on this ``SPEC``)."""
+
+from dataclasses import dataclass
+
+from services.ecg.preprocess import InputSpec
+from services.models.family import FamilySpec, FinetuneRecipe, PretrainRecipe
+
+INPUT_SPEC = InputSpec(fs=100.0, samples=250)  # 12 standard leads, 2.5-s windows at 100 Hz
+
+
+@dataclass(frozen=True)
+class Resnet1dConfig:
+    num_leads: int = 12
+    channels: int = 128
+    stem_kernel: int = 7
+    kernels: tuple[int, int] = (5, 3)  # the two convolutions of a basic block
+    strides: tuple[int, ...] = (1, 2, 2)  # one basic block per stage
+    seq_len: int = INPUT_SPEC.samples
+
+    @property
+    def width(self) -> int:
+        """Embedding size: concat pooling of max and mean."""
+        return 2 * self.channels
+
+
+SIZES: dict[str, Resnet1dConfig] = {
+    "tiny": Resnet1dConfig(channels=64),
+    "base": Resnet1dConfig(channels=128),  # resnet1d_wang
+}
+
+_BENCHMARK = "reports/benchmark.py (validation folds of the 10-fold cross-validation)"
+_FINETUNE = FinetuneRecipe(1e-2, 64, 30, 1e-2, 9, 1.0, False, _BENCHMARK)
+
+SPEC = FamilySpec(
+    name="resnet1d",
+    method="simclr",
+    description="1-D ResNet (resnet1d_wang), SimCLR with ECG augmentations (12 leads, 100 Hz, 2.5 s)",
+    sizes=SIZES,
+    config_class=Resnet1dConfig,
+    input_spec=lambda cfg: INPUT_SPEC,
+    pretrain_recipes={
+        "tiny": PretrainRecipe(1e-3, 128, 50, 1e-2, 5, _BENCHMARK),
+        "base": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
+    },
+    finetune_recipes={"tiny": _FINETUNE, "base": _FINETUNE},
+    encoder_parameters={"tiny": 113_024, "base": 439_040},
+)
