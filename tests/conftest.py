@@ -253,3 +253,7 @@ def checkpoint_key_sections() -> dict[str, dict]:
     if not CHECKPOINT_KEYS.is_file():
         pytest.skip(f"no reference key list at {CHECKPOINT_KEYS}")
     return parse_reference(CHECKPOINT_KEYS)
+
+
+# The live-service fixtures (api + worker subprocesses), for every test module that needs them.
+from tests.live import embedded_service, production_service  # noqa: E402, F401
