@@ -17,7 +17,7 @@ from api.responses import install_responses
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.db.session import error_text, is_transient
 from services.errors import ClientError
-from services.shipped import register_on_first_start
+from services.registry.shipped import register_on_first_start
 
 log = logging.getLogger(__name__)
 

@@ -287,13 +287,13 @@ def _failing_job(body) -> tuple[str, str]:  # noqa: ANN001
     """Run a queued job whose body is ``body``; (its stored error, the job's id)."""
     from services.db.models import Job
     from services.db.session import session_scope
-    from services.job_runner import run_job
+    from services.jobs.runner import run_job
 
     class Nothing(BaseModel):
         pass
 
     with session_scope() as s:
-        from services.jobs import create_job
+        from services.jobs.store import create_job
 
         job_id = create_job(s, "pretrain", Nothing(), epochs=1).id
     assert run_job(job_id, "test-worker", body) == "failed"
@@ -309,7 +309,7 @@ def test_a_crashed_job_shows_a_one_line_error_and_logs_the_traceback(
     def body(params: dict, reporter: object) -> None:
         (root / "ptbxl-500" / "no-such-file.npy").open()
 
-    with caplog.at_level(logging.ERROR, logger="services.job_runner"):
+    with caplog.at_level(logging.ERROR, logger="services.jobs.runner"):
         error, job_id = _failing_job(body)
     assert "\n" not in error and "Traceback" not in error, error
     assert str(root) not in error and "/work" not in error, error
@@ -323,7 +323,7 @@ def test_a_crashed_job_shows_a_one_line_error_and_logs_the_traceback(
 
 
 def test_a_job_refused_by_the_worker_shows_a_one_line_error(api: TestClient) -> None:
-    from services.pretraining import PretrainParams
+    from services.jobs.pretrain import PretrainParams
 
     def body(params: dict, reporter: object) -> None:
         PretrainParams.model_validate({"dataset": "x", "epochs": 0, "seed": -1})
@@ -334,7 +334,7 @@ def test_a_job_refused_by_the_worker_shows_a_one_line_error(api: TestClient) -> 
 
 
 def test_a_job_error_never_carries_an_absolute_path() -> None:
-    from services.job_runner import public_error
+    from services.jobs.runner import public_error
 
     settings = get_settings()
     artifacts = Path(settings.artifact_dir).resolve()

@@ -419,7 +419,7 @@ def test_registering_a_name_another_request_is_registering_is_a_409() -> None:
     after (a unique violation: was a 500)."""
     from sqlalchemy.orm import Session
 
-    from services.dataset_registry import DatasetRequest, register_dataset
+    from services.datasets.registry import DatasetRequest, register_dataset
     from services.db.session import get_engine
     from services.errors import ConflictError
 

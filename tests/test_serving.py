@@ -28,6 +28,7 @@ from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
+from services.export.variants import MIN_COSINE, make_variants
 from services.inference import sessions as sessions_module
 from services.inference.batching import MicroBatcher
 from services.inference.sessions import (
@@ -37,7 +38,6 @@ from services.inference.sessions import (
     plan_session,
     resolve_served,
 )
-from services.inference.variants import MIN_COSINE, make_variants
 from services.models.st_mem import SIZES, StMemEncoder
 from services.registry import register_model_version
 from tests.conftest import needs_servers

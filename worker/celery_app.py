@@ -8,7 +8,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from services.config import get_settings
-from services.workers import beat, claim_orphaned_jobs, forget
+from services.jobs.workers import beat, claim_orphaned_jobs, forget
 
 settings = get_settings()
 

@@ -21,10 +21,10 @@ from api.schemas import (
     JobProgress,
     PretrainRequest,
 )
-from services import jobs
-from services.dataset_registry import dataset_for_job
+from services.datasets.registry import dataset_for_job
 from services.db.models import Job, JobStatus
-from services.jobs import ARTIFACT_NAME
+from services.jobs import store as jobs
+from services.jobs.store import ARTIFACT_NAME
 from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

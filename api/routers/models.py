@@ -231,7 +231,7 @@ def delete_alias(
 )
 def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:
     try:  # torch (loading the checkpoint, exporting it): loaded on the first import, not with the gateway
-        from services.model_import import import_checkpoint
+        from services.registry.checkpoint_import import import_checkpoint
     except ModuleNotFoundError as exc:
         if exc.name != "torch":
             raise

@@ -36,8 +36,8 @@ from services.db.models import ModelVersion
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
+from services.export.variants import CUDA
 from services.inference.batching import BatchTiming, MicroBatcher
-from services.inference.variants import CUDA
 from services.registry import resolve_reference
 
 log = logging.getLogger(__name__)

@@ -12,18 +12,18 @@ import torch
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
-from services.dataset_registry import dataset_for_job, open_registered
 from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
+from services.datasets.registry import dataset_for_job, open_registered
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
 from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.onnx import export_checked, sha256_file
-from services.inference.variants import discard_exported, make_variants
-from services.job_runner import JobReporter, run_job
-from services.jobs import PretrainParams
+from services.export.variants import discard_exported, make_variants
+from services.jobs.params import PretrainParams
+from services.jobs.runner import JobReporter, run_job
 from services.models.checkpoints import ENCODER_FILE, save_encoder
 from services.models.families import family
 from services.registry import register_model_version
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
-    """Run one pretraining job to its end and record the outcome (``services.job_runner.run_job``)."""
+    """Run one pretraining job to its end and record the outcome (``services.jobs.runner.run_job``)."""
     return run_job(
         job_id, worker, lambda raw, reporter: _pretrain(job_id, PretrainParams.model_validate(raw), reporter)
     )
@@ -285,7 +285,7 @@ def _fit_under_torchrun(
     reporter.phase(f"starting {processes} training processes under torchrun on {device.type}")
     threads = None if device.type == "cuda" else max(1, (os.cpu_count() or 1) // processes)
     log_path = plan.job_dir / "torchrun.log"
-    code = run_torchrun("services.pretraining", [str(job_id)], processes, log_path, threads)
+    code = run_torchrun("services.jobs.pretrain", [str(job_id)], processes, log_path, threads)
     if code != 0:
         if reporter.should_cancel():
             raise Cancelled("cancelled during training under torchrun")
@@ -386,7 +386,7 @@ def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """One torchrun process of a job (``torch.distributed.run ... -m services.pretraining <job id>``).
+    """One torchrun process of a job (``torch.distributed.run ... -m services.jobs.pretrain <job id>``).
 
     Every process re-opens the plan (the worker built the cache already) and trains; rank 0 alone writes
     progress, epoch metrics and checkpoints. The worker exports and registers once they have all exited.

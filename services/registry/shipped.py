@@ -23,7 +23,7 @@ from services.export.contract import sha256_file
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
 MANIFEST = "version.json"
 FILES = ("model.onnx", "encoder.pt", "downstream.pt", "knn_reference.npz")
 

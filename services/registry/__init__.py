@@ -21,7 +21,7 @@ from services.config import get_settings
 from services.db.models import Model, ModelAlias, ModelVersion
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError, NotFoundError
-from services.inference.variants import make_variants
+from services.export.variants import make_variants
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def register_model_version(
 ) -> ModelVersion:
     """Add the next version of model ``name`` (created on first use).
 
-    Its ONNX variants (int8, and fp16 where there is CUDA; ``services.inference.variants``) are made and
+    Its ONNX variants (int8, and fp16 where there is CUDA; ``services.export.variants``) are made and
     checked against fp32 on real records here, before the row is written, unless ``variants`` is given.
     ``head``: a diagnosis model's classes and thresholds; ``knn_reference``: its stored kNN reference set.
     """

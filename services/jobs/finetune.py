@@ -32,30 +32,9 @@ import torch
 from torch import nn
 
 from services.config import get_settings
-from services.dataset_registry import dataset_for_job
+from services.datasets.registry import dataset_for_job
 from services.db.models import Job
 from services.db.session import session_scope
-from services.downstream.common import (
-    DOWNSTREAM_BETAS,
-    BestEpoch,
-    EpochLog,
-    LayerDecayLoss,
-    classification_plots,
-    clustering_protocol,
-    fit_linear_head,
-    history_plot,
-    knn_protocol,
-    save_reference,
-    scores_auroc,
-)
-from services.downstream.data import (
-    LabelledData,
-    features_of,
-    open_labelled,
-    record_features,
-    split_labels,
-    torch_fn,
-)
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.evaluation.metrics import classification_result, knn_scores
@@ -68,9 +47,31 @@ from services.export.onnx import (
     export_checked,
     sha256_file,
 )
-from services.inference.variants import CUDA, discard_exported, make_variants
-from services.job_runner import JobReporter, member_prefix, run_job
-from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
+from services.export.variants import CUDA, discard_exported, make_variants
+from services.jobs.downstream import (
+    DOWNSTREAM_BETAS,
+    BestEpoch,
+    EpochLog,
+    LayerDecayLoss,
+    classification_plots,
+    clustering_protocol,
+    fit_linear_head,
+    history_plot,
+    knn_protocol,
+    save_reference,
+    scores_auroc,
+)
+from services.jobs.labelled import (
+    LabelledData,
+    features_of,
+    open_labelled,
+    record_features,
+    split_labels,
+    torch_fn,
+)
+from services.jobs.params import FinetuneParams
+from services.jobs.runner import JobReporter, member_prefix, run_job
+from services.jobs.store import artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
 from services.models.families import FAMILIES, size_of
 from services.models.heads import DiagnosisModel, Embedder, EnsembleDiagnosis, LinearHead
@@ -87,7 +88,7 @@ PROBABILITY_TOLERANCE = 0.01  # a reduced-precision variant of a diagnosis model
 
 
 def run_finetune_job(job_id: uuid.UUID, worker: str) -> str:
-    """Run one fine-tuning job to its end and record the outcome (``services.job_runner.run_job``)."""
+    """Run one fine-tuning job to its end and record the outcome (``services.jobs.runner.run_job``)."""
     return run_job(
         job_id, worker, lambda raw, reporter: finetune(job_id, FinetuneParams.model_validate(raw), reporter)
     )
@@ -364,10 +365,7 @@ def _vqvae(
         )
     tokens = FAMILIES[family].tokens(encoder)  # per-lead patch tokens (B, C, N, D)
     o = params.vqvae
-    cfg = VqConfig(
-        num_codes=o.num_codes, code_dim=o.code_dim, commitment=o.commitment, decay=o.decay,
-        dead_threshold=o.dead_threshold, decoder_hidden=o.decoder_hidden,
-    )  # fmt: skip
+    cfg = VqConfig(**o.model_dump())
     model = VqVae(tokens, _width(encoder), encoder.cfg.patch_size, cfg)
     usage: list[dict] = []
 

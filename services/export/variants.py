@@ -15,7 +15,7 @@ stored on the version (``model_versions.variants``).
 Re-make the variants of a registered version (e.g. one registered before variants existed, or fp16 on a
 machine with a GPU)::
 
-    python -m services.inference.variants name@version [--variants int8,fp16]
+    python -m services.export.variants name@version [--variants int8,fp16]
 """
 
 import argparse
