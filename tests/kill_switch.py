@@ -16,7 +16,7 @@ import signal
 
 import torch
 
-import services.jobs.pretrain
+import services.registry.publish
 from services.jobs.runner import JobReporter
 from worker.celery_app import celery_app
 
@@ -48,13 +48,13 @@ def _arm(kill_at: str) -> None:
 
         torch.save = save_then_die
     elif where == "export":
-        export_checked = services.jobs.pretrain.export_checked
+        export_checked = services.registry.publish.export_checked
 
         def export_then_die(*args: object, **kwargs: object) -> float:
             export_checked(*args, **kwargs)
             die()
 
-        services.jobs.pretrain.export_checked = export_then_die
+        services.registry.publish.export_checked = export_then_die
     elif where == "registered":
         update = JobReporter.update
 

@@ -27,7 +27,7 @@ from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.readers import read_wfdb
 from services.errors import ClientError
-from services.export.onnx import OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
+from services.export.onnx import OUTPUT_NAME
 from services.export.variants import MIN_COSINE, make_variants
 from services.inference import sessions as sessions_module
 from services.inference.batching import MicroBatcher
@@ -40,6 +40,7 @@ from services.inference.sessions import (
 )
 from services.models.st_mem import SIZES, StMemEncoder
 from services.registry import register_model_version
+from services.registry.publish import publish
 from tests.conftest import needs_servers
 
 RECORDS = [f"ptbxl-500/records500/00000/{i:05d}_hr" for i in range(1, 6)]
@@ -94,19 +95,20 @@ def two_versions(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Tw
         torch.manual_seed(seed)
         encoder = StMemEncoder(SIZES["tiny"]).eval()
         path = tmp_path_factory.mktemp(f"v{seed}") / "encoder.onnx"
-        export_encoder(encoder, torch.from_numpy(windows[:1]), path)
         with session_scope() as s:
-            version = register_model_version(
-                s,
-                name=name,
-                method="st_mem",
-                source_job_id=None,
-                onnx_path=str(path),
-                sha256=sha256_file(path),
-                input_spec=SPEC.to_dict(),
-                embedding_dim=SIZES["tiny"].width,
-                parity_max_abs_diff=parity_max_abs_diff(encoder, path, windows),
-                metrics={"seed": seed},
+            version = publish(
+                encoder,
+                windows,
+                path,
+                SPEC,
+                lambda published, seed=seed: register_model_version(
+                    s,
+                    name=name,
+                    method="st_mem",
+                    source_job_id=None,
+                    metrics={"seed": seed},
+                    **published.fields(),
+                ),
             )
             ids.append(version.id)
         encoders.append(encoder)

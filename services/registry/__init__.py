@@ -1,4 +1,6 @@
-"""Model registry: versions (with their ONNX variants), aliases, and resolving what a request names.
+"""Model registry: the rows of models, versions (with their ONNX variants) and aliases, and resolving what a
+request names. It reads and writes rows only: ``publish`` makes and checks the files a version is
+registered with, ``checkpoint_import`` and ``shipped`` bring in models from outside.
 
 A request names a model as ``name@version`` (pinned), ``name@alias`` (e.g. ``name@production``), ``name``
 (its ``production`` alias if set, else its newest version) or nothing: the ``default_model`` setting,
@@ -10,7 +12,6 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -19,9 +20,7 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.db.models import Model, ModelAlias, ModelVersion
-from services.ecg.preprocess import InputSpec
 from services.errors import ClientError, NotFoundError
-from services.export.variants import make_variants
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +46,15 @@ def register_model_version(
     embedding_dim: int,
     parity_max_abs_diff: float,
     metrics: dict,
+    variants: dict,
     clinical_normaliser: dict | None = None,
-    variants: dict | None = None,
     head: dict | None = None,
     knn_reference: dict | None = None,
 ) -> ModelVersion:
-    """Add the next version of model ``name`` (created on first use).
-
-    Its ONNX variants (int8, and fp16 where there is CUDA; ``services.export.variants``) are made and
-    checked against fp32 on real records here, before the row is written, unless ``variants`` is given.
-    ``head``: a diagnosis model's classes and thresholds; ``knn_reference``: its stored kNN reference set.
+    """Add the next version of model ``name`` (created on first use), its files already checked
+    (``services.registry.publish``). ``variants``: its ONNX variants and their checks; ``head``: a diagnosis
+    model's classes and thresholds; ``knn_reference``: its stored kNN reference set.
     """
-    if variants is None:
-        variants = make_variants(Path(onnx_path), InputSpec.from_dict(input_spec), sha256=sha256)
     model = session.scalar(select(Model).where(Model.name == name))
     if model is None:
         model = Model(name=name, method=method)

@@ -1,8 +1,8 @@
-"""Import a published encoder checkpoint: load it strictly, export it to ONNX, check parity, register it.
+"""Import a published encoder checkpoint: load it strictly, then publish it as a trained encoder is
+(``services.registry.publish``: export to ONNX, parity, variants, register).
 
 The checkpoint is a file under the data root (like every dataset path). The ONNX file goes to
-``<artifact_dir>/imports/<uuid>/encoder.onnx``; the version is registered with the same functions as a
-trained encoder (``export_encoder``, ``parity_max_abs_diff``, ``register_model_version``).
+``<artifact_dir>/imports/<uuid>/encoder.onnx``.
 
 Parity (PyTorch vs ONNX Runtime) is measured on real ECGs when the data root holds PTB-XL records (any
 folder in PhysioNet's layout, ``<folder>/records500/<block>/<id>_hr.hea``, e.g. ``ptbxl-500``; the 100 Hz
@@ -28,9 +28,10 @@ from services.db.models import Model, ModelVersion
 from services.ecg.preprocess import InputSpec, preprocess, standardise
 from services.ecg.readers import read_wfdb
 from services.errors import ClientError, ConflictError, DatasetError, EcgInputError
-from services.export.onnx import export_checked, sha256_file
-from services.models.checkpoints import ENCODER_FILE, FORMATS, load_encoder, save_encoder
+from services.export.contract import sha256_file
+from services.models.checkpoints import FORMATS, load_encoder
 from services.registry import register_model_version
+from services.registry.publish import publish
 
 log = logging.getLogger(__name__)
 
@@ -129,26 +130,27 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
     out_dir = Path(settings.artifact_dir) / "imports" / str(uuid.uuid4())
     onnx_path = out_dir / "encoder.onnx"
     try:
-        parity = export_checked(encoder, windows, onnx_path)
-        save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
-        version = register_model_version(
-            session,
-            name=name,
-            method=fmt,
-            source_job_id=None,
-            onnx_path=str(onnx_path.resolve()),
-            sha256=sha256_file(onnx_path),
-            input_spec=spec.to_dict(),
-            embedding_dim=info.embedding_dim,
-            parity_max_abs_diff=parity,
-            metrics={
-                "imported_from": str(file.relative_to(root)),
-                "format": fmt,
-                "checkpoint_sha256": sha256_file(file),
-                **info.metrics(),
-                "parity_windows": int(len(windows)),
-                **source,
-            },
+        version = publish(
+            encoder,
+            windows,
+            onnx_path,
+            spec,
+            lambda published: register_model_version(
+                session,
+                name=name,
+                method=fmt,
+                source_job_id=None,
+                **published.fields(),
+                metrics={
+                    "imported_from": str(file.relative_to(root)),
+                    "format": fmt,
+                    "checkpoint_sha256": sha256_file(file),
+                    **info.metrics(),
+                    "parity_windows": int(len(windows)),
+                    **source,
+                },
+            ),
+            encoder=encoder,
         )
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -161,6 +163,6 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
         info.parameters,
         version.ref,
         time.perf_counter() - started,
-        parity,
+        version.parity_max_abs_diff,
     )
     return version

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.db.models import Model, ModelVersion
+from services.ecg.preprocess import InputSpec
 from services.export.contract import sha256_file
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ def export_version(version: ModelVersion, folder: Path, provenance: dict, card: 
 
 def register_shipped_model(session: Session, folder: Path = SHIPPED_DIR) -> ModelVersion | None:
     """Register the shipped model unless a model of its name exists; None when there is none to ship."""
-    from services.registry import register_model_version, set_alias  # (imports ONNX Runtime)
+    from services.export.variants import make_variants  # (imports ONNX Runtime)
+    from services.registry import register_model_version, set_alias
 
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -71,12 +73,14 @@ def register_shipped_model(session: Session, folder: Path = SHIPPED_DIR) -> Mode
     for name in FILES:
         shutil.copyfile(folder / name, target / name)
     reference = {**manifest["knn_reference"], "file": str((target / "knn_reference.npz").resolve())}
+    onnx_path = (target / "model.onnx").resolve()
+    spec = InputSpec.from_dict(manifest["input_spec"])
     version = register_model_version(
         session,
         name=manifest["name"],
         method=manifest["method"],
         source_job_id=None,
-        onnx_path=str((target / "model.onnx").resolve()),
+        onnx_path=str(onnx_path),
         sha256=manifest["sha256"],
         input_spec=manifest["input_spec"],
         embedding_dim=manifest["embedding_dim"],
@@ -84,6 +88,7 @@ def register_shipped_model(session: Session, folder: Path = SHIPPED_DIR) -> Mode
         metrics={**manifest["metrics"], "shipped": manifest["provenance"]},
         head=manifest["head"],
         knn_reference=reference,
+        variants=make_variants(onnx_path, spec, sha256=manifest["sha256"]),
     )
     set_alias(session, manifest["name"], "production", version.version)
     log.info("registered the shipped model %s (production)", version.ref)
