@@ -64,9 +64,12 @@ def variants_to_make(setting: str | None = None) -> list[str]:
     return [v for v in setting.split(",") if v]
 
 
-def check_windows(spec: InputSpec, data_root: Path | None = None) -> tuple[np.ndarray | None, list[str]]:
-    """Centre windows of up to ``CHECK_RECORDS`` real PTB-XL records under the data root, and their names
-    (relative to the root); (None, []) when there are none."""
+def check_windows(
+    spec: InputSpec, data_root: Path | None = None, count: int = CHECK_RECORDS
+) -> tuple[np.ndarray | None, list[str]]:
+    """Centre windows of up to ``count`` real PTB-XL records under the data root (PhysioNet's layout, 500 Hz
+    files, else 100 Hz; only files that resolve inside the root), and their names relative to the root;
+    (None, []) when there are none."""
     root = Path(data_root or get_settings().data_root).resolve()
     if not root.is_dir():
         return None, []
@@ -81,7 +84,7 @@ def check_windows(spec: InputSpec, data_root: Path | None = None) -> tuple[np.nd
                 log.warning("variant check record %s skipped: %s", header, exc)
                 continue
             used.append(str(header.relative_to(root).with_suffix("")))
-            if len(windows) == CHECK_RECORDS:
+            if len(windows) == count:
                 break
         if windows:
             return np.stack(windows), used

@@ -25,10 +25,10 @@ from sqlalchemy.orm import Session
 from services.config import get_settings
 from services.datasets import resolve_data_path
 from services.db.models import Model, ModelVersion
-from services.ecg.preprocess import InputSpec, preprocess, standardise
-from services.ecg.readers import read_wfdb
-from services.errors import ClientError, ConflictError, DatasetError, EcgInputError
+from services.ecg.preprocess import InputSpec, standardise
+from services.errors import ClientError, ConflictError, DatasetError
 from services.export.contract import sha256_file
+from services.export.variants import check_windows
 from services.models.checkpoints import FORMATS, load_encoder
 from services.registry import register_model_version
 from services.registry.publish import publish
@@ -36,7 +36,6 @@ from services.registry.publish import publish
 log = logging.getLogger(__name__)
 
 PARITY_RECORDS = 4  # one centre window each; a ViT-B forward of 4 windows takes ~3 s on 2 CPU cores
-_PTBXL_PATTERNS = ("*/records500/*/*_hr.hea", "*/records100/*/*_lr.hea")
 
 
 def checkpoint_file(data_root: Path, path: str) -> Path:
@@ -48,24 +47,6 @@ def checkpoint_file(data_root: Path, path: str) -> Path:
     if not resolved.is_file():
         raise DatasetError(f"checkpoint path '{path}' is a directory, not a checkpoint file")
     return resolved
-
-
-def ptbxl_records(data_root: Path, limit: int) -> list[Path]:
-    """Up to ``limit`` PTB-XL headers under the data root (PhysioNet layout), resolved inside it."""
-    root = Path(data_root).resolve()
-    if not root.is_dir():
-        return []
-    for pattern in _PTBXL_PATTERNS:
-        found = []
-        for header in sorted(root.glob(pattern)):
-            resolved = header.resolve()
-            if root in resolved.parents:
-                found.append(header)
-            if len(found) == limit:
-                break
-        if found:
-            return found
-    return []
 
 
 def synthetic_windows(spec: InputSpec, n: int = 4) -> np.ndarray:
@@ -86,17 +67,9 @@ def synthetic_windows(spec: InputSpec, n: int = 4) -> np.ndarray:
 
 def parity_windows(spec: InputSpec, data_root: Path) -> tuple[np.ndarray, dict]:
     """Windows for the parity check and where they come from (for the stored metrics)."""
-    root = Path(data_root).resolve()
-    windows, used = [], []
-    for header in ptbxl_records(root, PARITY_RECORDS):
-        try:
-            windows.append(preprocess(read_wfdb(header), spec, "center")[0])
-        except EcgInputError as exc:
-            log.warning("parity record %s skipped: %s", header, exc)
-            continue
-        used.append(str(header.resolve().relative_to(root).with_suffix("")))
-    if windows:
-        return np.stack(windows), {"parity_source": "ptbxl", "parity_records": used}
+    windows, used = check_windows(spec, data_root, PARITY_RECORDS)
+    if windows is not None:
+        return windows, {"parity_source": "ptbxl", "parity_records": used}
     return synthetic_windows(spec), {
         "parity_source": "synthetic: no PTB-XL record under the data root, windows of a generated signal",
         "parity_records": [],
