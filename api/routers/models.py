@@ -162,7 +162,9 @@ def get_alias(
         "Creates the alias or moves it. `?model=name@alias` (and `?model=name` for `production`) then "
         "resolves to the new version: this process loads its session, and the old version's session is "
         "released once the requests already running on it finish. Other API processes follow on their next "
-        "request."
+        "request. This is the only way what a name serves changes: the first version of a model gets "
+        "`production` when it is registered, later versions (a second pretraining job of the same name, "
+        "a fine-tuning) never take it over by themselves."
     ),
 )
 def put_alias(
