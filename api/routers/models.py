@@ -197,6 +197,10 @@ def put_alias(
     dependencies=[Depends(require_api_key)],
     responses=errors(401, ALIAS_NOT_FOUND, 422),
     summary="Remove an alias (its version stays registered)",
+    description=(
+        "Removing `production` leaves the bare model name serving nothing (404 saying how to promote a "
+        "version) until a version is promoted again; pinned references (`name@2`) keep serving."
+    ),
 )
 def delete_alias(
     name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
