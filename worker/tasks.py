@@ -24,3 +24,10 @@ def evaluate(job_id: str) -> str:
     from services.jobs.evaluate import run_evaluate_job
 
     return run_evaluate_job(uuid.UUID(job_id), worker=worker_instance())
+
+
+@celery_app.task(name="ecgssl.embed_dataset")
+def embed_dataset(job_id: str) -> str:
+    from services.jobs.export_embeddings import run_embed_dataset_job
+
+    return run_embed_dataset_job(uuid.UUID(job_id), worker=worker_instance())

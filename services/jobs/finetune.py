@@ -137,7 +137,7 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
 
     reporter.phase("evaluating on the test split")
     result, head, embeddings = _evaluate(trained, data, params, device, folder)
-    result["recipe"] = recipe
+    result["recipe"], result["device"] = recipe, device.type  # (the model card shows both)
     return _export_and_register(
         job_id, params, base, family, data, trained, result, head, embeddings, reporter
     )

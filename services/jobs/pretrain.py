@@ -152,6 +152,10 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
     else:
         model, result = _fit(plan, params, reporter, device)
         resumed_from = result.resumed_from_epoch
+    # what went in and where it trained (the model card shows both)
+    reporter.update(
+        result={"datasets": [p.used() for p in plan.parts], "device": device.type, "processes": processes}
+    )
     _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
 
 

@@ -105,9 +105,16 @@ def fail_job(session: Session, job_id: uuid.UUID, error: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# a job's files: <artifact_dir>/jobs/<id>/ (checkpoints, ONNX), and its pictures under artifacts/
+# a job's files: <artifact_dir>/jobs/<id>/ (checkpoints, ONNX), and under artifacts/ what it gives the user:
+# pictures (PNG), and an embedding export's arrays and tables (services.jobs.export_embeddings)
 
-ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,120}\.png$")
+ARTIFACT_TYPES = {
+    "png": "image/png",
+    "npy": "application/octet-stream",
+    "json": "application/json",
+    "parquet": "application/vnd.apache.parquet",
+}
+ARTIFACT_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.\-]{{0,120}}\.({'|'.join(ARTIFACT_TYPES)})$")
 
 
 def job_dir(job_id: uuid.UUID) -> Path:
@@ -115,7 +122,7 @@ def job_dir(job_id: uuid.UUID) -> Path:
 
 
 def artifacts_dir(job_id: uuid.UUID) -> Path:
-    """Where a job writes its PNG artifacts (plots)."""
+    """Where a job writes its artifacts (plots, exports)."""
     return job_dir(job_id) / "artifacts"
 
 
@@ -128,7 +135,7 @@ def list_artifacts(job_id: uuid.UUID) -> list[str]:
 
 def artifact_path(job_id: uuid.UUID, name: str) -> Path:
     """The file of a job's artifact ``name``; 404 for anything not in its listing (no path is built from a
-    name that is not a plain PNG file name of that folder)."""
+    name that is not a plain artifact file name of that folder)."""
     if not ARTIFACT_NAME.match(name) or name not in list_artifacts(job_id):
         available = ", ".join(list_artifacts(job_id)) or "none"
         raise NotFoundError(f"job {job_id} has no artifact '{name}' (its artifacts: {available})")
