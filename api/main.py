@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
 from api.guard import RequestGuard
-from api.responses import install_responses
+from api.responses import install_responses, status_of
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.db.session import error_text, is_transient
 from services.errors import ClientError
@@ -57,7 +57,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+        return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)})
 
     @app.exception_handler(DBAPIError)
     async def database_error(_request: Request, exc: DBAPIError) -> JSONResponse:
