@@ -31,7 +31,6 @@ import numpy as np
 import onnxruntime as ort
 from sqlalchemy.orm import Session
 
-from services import registry
 from services.config import get_settings
 from services.db.models import ModelAlias, ModelVersion
 from services.ecg.preprocess import InputSpec
@@ -39,6 +38,7 @@ from services.errors import ClientError, UnavailableError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
 from services.inference.batching import BatchTiming, MicroBatcher
 from services.inference.variants import CUDA
+from services.registry import aliases_pointing_at, delete_alias, resolve_reference, set_alias, version_by_id
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def resolve_served(session: Session, ref: str | None) -> ServedModel:
     later one does not move the reference back.
     """
     looked_up = SESSIONS.ticket()  # before reading the registry: a retirement after this may be missed
-    resolution = registry.resolve_reference(session, ref)
+    resolution = resolve_reference(session, ref)
     served = ServedModel.from_version(resolution.version, looked_up)
     if resolution.moving is not None:
         SESSIONS.note_reference(resolution.moving, served.version_id, looked_up)
@@ -601,11 +601,11 @@ def move_alias(session: Session, name: str, alias: str, number: int) -> AliasMov
     it; then this process serves it at once: the previous version's sessions are retired unless another
     alias still names that version, and where the previous version was loaded the new one is loaded too
     (a failure to load is logged: the alias has moved, the first request will say what is wrong)."""
-    found, previous_id = registry.set_alias(session, name, alias, number)
-    previous = registry.version_by_id(session, previous_id) if previous_id is not None else None
+    found, previous_id = set_alias(session, name, alias, number)
+    previous = version_by_id(session, previous_id) if previous_id is not None else None
     moved = AliasMove(found, previous.version if previous is not None else None)
     target = ServedModel.from_version(found.version)
-    still_named = previous_id is not None and registry.aliases_pointing_at(session, previous_id)
+    still_named = previous_id is not None and aliases_pointing_at(session, previous_id)
     session.commit()  # visible to every process before this one swaps its sessions
     if previous_id is not None and previous_id != target.version_id:
         was_loaded = previous_id in SESSIONS
@@ -622,8 +622,8 @@ def move_alias(session: Session, name: str, alias: str, number: int) -> AliasMov
 def remove_alias(session: Session, name: str, alias: str) -> None:
     """Delete ``name@alias`` and commit; the version it named stops being served by this process unless
     another alias still names it."""
-    version_id = registry.delete_alias(session, name, alias)
-    still_named = registry.aliases_pointing_at(session, version_id)
+    version_id = delete_alias(session, name, alias)
+    still_named = aliases_pointing_at(session, version_id)
     session.commit()
     if not still_named:
         SESSIONS.retire_version(version_id)
