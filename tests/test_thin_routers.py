@@ -239,3 +239,26 @@ def test_a_zip_expanding_past_the_upload_limit_fails_the_whole_batch(
     )
     assert refused.status_code == 413, refused.text
     assert f"expands to more than the upload limit of {limit} bytes" in refused.json()["detail"]
+
+
+def test_a_job_the_broker_cannot_take_is_a_503_and_recorded_as_failed(
+    client: TestClient, data_dir: Path
+) -> None:
+    """``worker.tasks.enqueue``: the job is committed, the broker refuses it, the job is marked failed and
+    the API answers 503 saying to retry (the mapping of ``UnavailableError``)."""
+    import worker.celery_app as celery_module
+
+    original = celery_module.celery_app.conf.broker_url
+    celery_module.celery_app.conf.broker_url = "redis://127.0.0.1:1/0"
+    try:
+        response = client.post(
+            "/jobs/pretrain", json={"dataset": "ptbxl-500", "epochs": 1, "record_limit": 8}
+        )
+    finally:
+        celery_module.celery_app.conf.broker_url = original
+    assert response.status_code == 503, response.text
+    assert response.json()["detail"].startswith("broker unavailable"), response.text
+    failed = client.get("/jobs", params={"status": "failed", "limit": 5}).json()["jobs"]
+    assert any(job["error"].startswith("could not queue the job: broker unavailable") for job in failed), (
+        failed
+    )
