@@ -48,9 +48,10 @@ def embed(
             session, upload, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
         )
     except SeveralRecordsError as exc:
-        raise ClientError(
+        raise HTTPException(
+            status_of(exc),
             f"{exc}: POST /embed takes one record; POST /embed/batch takes several and answers one result "
-            "per record"
+            "per record",
         ) from None
     response.headers["Server-Timing"] = server_timing(timing, time.perf_counter() - started)
     (record,) = embedded.records

@@ -2,13 +2,12 @@
 
 import time
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from api.deps import SessionDep, require_api_key, upload_form
-from api.responses import UPLOAD_ERRORS, errors, server_timing
+from api.responses import UPLOAD_ERRORS, errors, server_timing, status_of
 from api.schemas import KnnInfo, PredictResponse, RecordInfo
 from services.ecg.upload import ACCEPTED_UPLOADS
-from services.errors import ClientError
 from services.inference.predict import PredictMethod, PredictWindowing, predict_upload
 from services.inference.sessions import Timing
 from services.inference.uploads import SeveralRecordsError, Upload
@@ -64,7 +63,7 @@ def predict(
             timing=timing,
         )
     except SeveralRecordsError as exc:
-        raise ClientError(f"{exc}: POST /predict takes one record") from None
+        raise HTTPException(status_of(exc), f"{exc}: POST /predict takes one record") from None
     response.headers["Server-Timing"] = server_timing(timing, time.perf_counter() - started)
     how, probabilities = predicted.how, predicted.result.probabilities
     reference = predicted.model.knn_reference if how.method == "knn" else None
