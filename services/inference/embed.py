@@ -3,7 +3,8 @@
 A recording is cut into the model's windows by the one preprocessing function; the windows go through
 the version's micro-batched session, and the embedding is their mean. A hybrid model's embedding is the
 encoder's followed by the record's normalised clinical measurements and their missing flags, measured at
-the record's own rate.
+the record's own rate. ``embed_upload`` and ``embed_batch`` serve a request: the model it names, its
+upload's record(s) read under the request's limits, and their embeddings.
 """
 
 import contextlib
@@ -31,9 +32,12 @@ __all__ = [
     "SESSIONS",
     "Embedded",
     "LoadedModel",
+    "NoRecordEmbedded",
+    "RecordOutcome",
     "ServedModel",
     "SessionCache",
     "Timing",
+    "UploadEmbeddings",
     "embed_batch",
     "embed_recordings",
     "embed_upload",
