@@ -13,6 +13,7 @@
 import ast
 import json
 import shutil
+import sys
 import uuid
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from fastapi.testclient import TestClient
 
 from services.db.session import session_scope
 from services.shipped import FILES, MANIFEST, SHIPPED_DIR, register_shipped_model
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_postgres_url
+from tests.live import base_env, migrated, start_service, stop_service
 from tests.test_readers import zip_of
 
 ROUTERS = sorted((ROOT / "api" / "routers").glob("*.py"))
@@ -241,24 +243,23 @@ def test_a_zip_expanding_past_the_upload_limit_fails_the_whole_batch(
     assert f"expands to more than the upload limit of {limit} bytes" in refused.json()["detail"]
 
 
-def test_a_job_the_broker_cannot_take_is_a_503_and_recorded_as_failed(
-    client: TestClient, data_dir: Path
-) -> None:
-    """``worker.tasks.enqueue``: the job is committed, the broker refuses it, the job is marked failed and
-    the API answers 503 saying to retry (the mapping of ``UnavailableError``)."""
-    import worker.celery_app as celery_module
-
-    original = celery_module.celery_app.conf.broker_url
-    celery_module.celery_app.conf.broker_url = "redis://127.0.0.1:1/0"
+def test_a_job_the_broker_cannot_take_is_a_503_and_recorded_as_failed(tmp_path: Path, data_dir: Path) -> None:
+    """``worker.tasks.enqueue`` on a real API process whose broker is unreachable: the job is committed,
+    the broker refuses it, the job is recorded as failed and the API answers 503 saying to retry (the
+    mapping of ``UnavailableError``)."""
+    env = migrated(base_env(tmp_path, fresh_postgres_url(), "redis://127.0.0.1:1/0"))
+    env["ECGSSL_SHIP_DEFAULT_MODEL"] = "false"
+    command = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"]
+    service = start_service(env, [command], tmp_path, ready=lambda health: health.status_code == 503)
     try:
-        response = client.post(
-            "/jobs/pretrain", json={"dataset": "ptbxl-500", "epochs": 1, "record_limit": 8}
-        )
+        with service.client() as api:
+            response = api.post(
+                "/jobs/pretrain", json={"dataset": "ptbxl-500", "epochs": 1, "record_limit": 8}
+            )
+            assert response.status_code == 503, response.text
+            assert response.json()["detail"].startswith("broker unavailable"), response.text
+            (job,) = api.get("/jobs").json()["jobs"]
+            assert job["status"] == "failed", job
+            assert job["error"].startswith("could not queue the job: broker unavailable"), job
     finally:
-        celery_module.celery_app.conf.broker_url = original
-    assert response.status_code == 503, response.text
-    assert response.json()["detail"].startswith("broker unavailable"), response.text
-    failed = client.get("/jobs", params={"status": "failed", "limit": 5}).json()["jobs"]
-    assert any(job["error"].startswith("could not queue the job: broker unavailable") for job in failed), (
-        failed
-    )
+        stop_service(service)
