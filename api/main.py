@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
 from api.guard import RequestGuard
-from api.responses import install_responses
+from api.responses import install_responses, status_of
 from api.routers import datasets, embed, health, jobs, methods, model_files, models, predict
 from services.db.session import error_text, is_transient
 from services.errors import ClientError
+from services.inference.sessions import SESSIONS
 from services.registry.shipped import register_on_first_start
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def json_safe(value: object) -> object:
 async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(register_on_first_start)  # the shipped diagnosis model, once per database
     yield
+    SESSIONS.clear()  # release the ONNX sessions this app loaded (each closes once its last request ends)
 
 
 def create_app() -> FastAPI:
@@ -57,7 +59,7 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": str(exc)})
+        return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)})
 
     @app.exception_handler(DBAPIError)
     async def database_error(_request: Request, exc: DBAPIError) -> JSONResponse:

@@ -2,9 +2,11 @@
 
 Every refusal has a JSON body ``{"detail": ...}``: a string (``ErrorOut``: a ``ClientError`` or an
 ``HTTPException`` of the service), or, for a request that does not fit the schema, the list of what is wrong
-(``ValidationErrorOut``; ``api.main`` writes it). ``errors(...)`` declares, per route, the statuses it can
-answer with those bodies. ``install_responses`` makes the document say that the API key is optional when the
-service has none, and a 405's ``Allow`` list every method of the path (Starlette names only one route's).
+(``ValidationErrorOut``; ``api.main`` writes it); a ``ClientError``'s status is that of its kind
+(``status_of``). ``errors(...)`` declares, per route, the statuses it can answer with those bodies.
+``install_responses`` makes the document say that the API key is optional when the service has none, and a
+405's ``Allow`` list every method of the path (Starlette names only one route's). ``server_timing`` writes
+the ``Server-Timing`` header of the inference routes.
 """
 
 import copy
@@ -19,6 +21,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from services.config import get_settings
+from services.errors import (
+    ClientError,
+    ConflictError,
+    NotFoundError,
+    TooLargeError,
+    UnavailableError,
+    UnsupportedError,
+)
+from services.inference.sessions import Timing
 
 
 class ErrorOut(BaseModel):
@@ -181,3 +192,30 @@ def pattern_extra(schema: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
         generated.update(kept | schema)
 
     return replace
+
+
+# the status of each kind of ``ClientError`` (services.errors); any other: 422
+STATUS_OF_KIND: dict[type[ClientError], int] = {
+    NotFoundError: 404,
+    ConflictError: 409,
+    TooLargeError: 413,
+    UnsupportedError: 501,
+    UnavailableError: 503,
+}
+
+
+def status_of(error: ClientError) -> int:
+    """The HTTP status of a client error: that of the first of its classes with one, else 422."""
+    return next((STATUS_OF_KIND[kind] for kind in type(error).__mro__ if kind in STATUS_OF_KIND), 422)
+
+
+def server_timing(timing: Timing, total_s: float) -> str:
+    """The ``Server-Timing`` header (ms): session run(s), longest queue wait, the request's steps (resolve:
+    registry, read: upload, prep: checks and windows), and app: the handler's whole time ``total_s``."""
+    parts = [
+        ("session", timing.session_s),
+        ("queue", timing.queued_s),
+        *timing.steps.items(),
+        ("app", total_s),
+    ]
+    return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in parts)

@@ -6,6 +6,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.datasets import DataPath
+from services.ecg.recording import Recording
 from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
 from services.models.catalog import ImportFormat
 
@@ -218,6 +219,16 @@ class RecordInfo(BaseModel):
         description="windows of the model's length averaged into the result (/predict: 3 crops per 10-s "
         "segment)"
     )
+
+    @classmethod
+    def of(cls, recording: Recording, windows: int) -> "RecordInfo":
+        return cls(
+            source=recording.source,
+            fs=recording.fs,
+            duration_s=round(recording.duration_s, 3),
+            channels=recording.lead_names,
+            windows=windows,
+        )
 
 
 class EmbedResponse(BaseModel):

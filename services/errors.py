@@ -1,10 +1,9 @@
-"""Errors that a client can cause; the API turns them into 4xx responses with their message."""
+"""Errors that a client can cause, by kind. Services raise them with a message saying what is wrong and
+what was expected; the API maps each kind to its HTTP status (``api.responses.status_of``)."""
 
 
 class ClientError(Exception):
-    """A request cannot be served because of what the client sent (HTTP 422 unless stated)."""
-
-    status_code = 422
+    """A request cannot be served because of what the client sent (HTTP 422 unless a kind below says)."""
 
 
 class EcgInputError(ClientError):
@@ -16,8 +15,20 @@ class DatasetError(ClientError):
 
 
 class NotFoundError(ClientError):
-    status_code = 404
+    """What the request names does not exist (404)."""
 
 
 class ConflictError(ClientError):
-    status_code = 409
+    """The request conflicts with the current state (409)."""
+
+
+class TooLargeError(ClientError):
+    """The request is over one of the service's limits (413): the message names the limit and its setting."""
+
+
+class UnsupportedError(ClientError):
+    """This installation cannot do what is asked: an optional dependency is missing (501)."""
+
+
+class UnavailableError(ClientError):
+    """A part the request needs is unavailable: a deployment problem, not the request's (503)."""

@@ -81,3 +81,13 @@ def _start_heartbeat(**_kwargs) -> None:
 def _stop_heartbeat(**_kwargs) -> None:
     _stop.set()
     forget(worker_instance())
+
+
+def broker_status() -> str:
+    """'ok' when the broker takes a connection (one retry, 2 s), else 'unreachable: ...'."""
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except Exception as exc:
+        return f"unreachable: {exc}"

@@ -4,14 +4,13 @@ import re
 
 from fastapi import APIRouter, Depends, status
 from fastapi import Path as PathParam
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from api.deps import db_session, require_api_key
+from api.deps import SessionDep, require_api_key
 from api.responses import errors, pattern_extra
 from api.schemas import DatasetList, DatasetOut
 from services.config import get_settings
 from services.datasets import path_text_problem, relative_to_root
+from services.datasets import registry as dataset_registry
 from services.datasets.registry import DatasetRequest, get_dataset, register_dataset
 from services.db.models import Dataset
 from services.errors import ClientError
@@ -75,17 +74,15 @@ def dataset_ref(text: str) -> int | str:
     responses=errors(400, 401, (409, "a dataset of that name is already registered"), 422),
     summary="Register a dataset: validates it and returns its summary (records, rates, leads, labels, folds)",
 )
-def create_dataset(body: DatasetRequest, session: Session = Depends(db_session)) -> DatasetOut:
+def create_dataset(session: SessionDep, body: DatasetRequest) -> DatasetOut:
     row = register_dataset(session, body)
     session.commit()  # before the answer: the session's own commit comes after it is sent
     return dataset_out(row)
 
 
 @router.get("", response_model=DatasetList, summary="Registered datasets")
-def list_datasets(session: Session = Depends(db_session)) -> DatasetList:
-    return DatasetList(
-        datasets=[dataset_out(d) for d in session.scalars(select(Dataset).order_by(Dataset.id))]
-    )
+def list_datasets(session: SessionDep) -> DatasetList:
+    return DatasetList(datasets=[dataset_out(d) for d in dataset_registry.list_datasets(session)])
 
 
 @router.get(
@@ -94,5 +91,5 @@ def list_datasets(session: Session = Depends(db_session)) -> DatasetList:
     responses=errors((404, "no dataset has that id or name"), 422),
     summary="One dataset, by id or name",
 )
-def read_dataset(dataset_id: str = DatasetRef, session: Session = Depends(db_session)) -> DatasetOut:
+def read_dataset(session: SessionDep, dataset_id: str = DatasetRef) -> DatasetOut:
     return dataset_out(get_dataset(session, dataset_ref(dataset_id)))

@@ -1,96 +1,23 @@
 """Embeddings of uploaded ECGs from the registered ONNX encoders: one record, or several in one request."""
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
-from api.deps import db_session, require_api_key
-from api.responses import UPLOAD_ERRORS, errors
+from api.deps import SessionDep, require_api_key, upload_form
+from api.responses import UPLOAD_ERRORS, errors, server_timing, status_of
 from api.schemas import EmbedBatchResponse, EmbedResponse, RecordInfo, RecordResult
-from services.ecg.recording import ReadLimits, Recording
-from services.ecg.upload import ACCEPTED_UPLOADS, read_upload
+from services.ecg.upload import ACCEPTED_UPLOADS
 from services.errors import ClientError
-from services.inference.embed import SESSIONS, Embedded, ServedModel, Timing, embed_recordings, resolve_served
-from services.inference.sessions import Precision
-from services.inference.uploads import batch_records, read_records, request_limits
+from services.inference import embed as embedding
+from services.inference.embed import NoRecordEmbedded, RecordOutcome, Timing
+from services.inference.uploads import SeveralRecordsError, Upload
 
 router = APIRouter(tags=["inference"])
 
 
-def read_files(files: list[UploadFile]) -> dict[str, bytes]:
-    """File name -> content. The body's size was bounded before it was read (``api.guard``)."""
-    contents: dict[str, bytes] = {}
-    for upload in files:
-        name = Path(upload.filename or "").name
-        if not name:
-            raise ClientError("an uploaded file has no file name")
-        if name in contents:
-            raise ClientError(f"file '{name}' was uploaded twice")
-        contents[name] = upload.file.read()
-    return contents
-
-
-def one_record_upload(files: list[UploadFile], refusal: str) -> dict[str, bytes]:
-    """The uploaded files of one record; several WFDB headers are refused with ``refusal`` appended."""
-    contents = read_files(files)
-    headers = [name for name in contents if name.lower().endswith(".hea")]
-    if len(headers) > 1:
-        raise ClientError(f"several WFDB headers uploaded ({', '.join(headers)}): {refusal}")
-    return contents
-
-
-def lead_names(leads: str | None) -> list[str] | None:
-    """The lead names of the comma-separated ``leads`` form field (None when not given)."""
-    return [name.strip() for name in leads.split(",")] if leads else None
-
-
-def read_recording(
-    contents: dict[str, bytes], fs: float | None, leads: str | None, limits: ReadLimits, timing: Timing
-) -> Recording:
-    """The one record of an upload, read in mV under the request's ``limits`` (``request_limits``);
-    ``leads`` is the comma-separated form field."""
-    with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-        return read_upload(contents, Path(workdir), fs=fs, lead_names=lead_names(leads), limits=limits)
-
-
-def served_model(session: Session, ref: str | None) -> ServedModel:
-    """The version ``ref`` names, detached; the database connection goes back to the pool at once."""
-    served = resolve_served(session, ref)
-    session.close()  # inference needs no database: do not hold a pooled connection through it
-    return served
-
-
-def record_info(recording: Recording, windows: int) -> RecordInfo:
-    return RecordInfo(
-        source=recording.source,
-        fs=recording.fs,
-        duration_s=round(recording.duration_s, 3),
-        channels=recording.lead_names,
-        windows=windows,
-    )
-
-
-def server_timing(response: Response, timing: Timing, started: float) -> None:
-    """``Server-Timing`` (ms): session run(s), longest queue wait, resolve (registry), read (upload), prep
-    (checks and windows), and app: the handler's whole time."""
-    response.headers["Server-Timing"] = timing.header(time.perf_counter() - started)
-
-
-FILES_DESCRIPTION = "WFDB .hea plus its .dat/.mat files, or one .zip, .edf, .bdf, .npy, .npz, .csv, .json"
-MODEL_DESCRIPTION = (
-    "'name@version' (pinned), 'name@alias' or 'name' (its 'production' alias: the first version registered "
-    "under a name gets it, a later one serves only once promoted with PUT /models/{name}/aliases/production; "
-    "never simply the newest version). Default: the ECGSSL_DEFAULT_MODEL setting, else the 'production' "
-    "alias of the shipped model (registered on first start), else of the first model registered"
-)
-PRECISION_DESCRIPTION = (
-    "ONNX variant: fp32 (exact), int8 (CPU) or fp16 (CUDA), refused with the reason when the version's "
-    "variant did not pass its check; default: the ECGSSL_SERVE_PRECISION setting (auto)"
-)
+Windowing = Literal["sliding", "center"]
 
 
 @router.post(
@@ -105,66 +32,39 @@ PRECISION_DESCRIPTION = (
     "model windows than ECGSSL_SERVE_MAX_WINDOWS (checked from the header, before the samples are read).",
 )
 def embed(
+    session: SessionDep,
     response: Response,
-    files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
-    fs: float | None = Form(
-        None,
-        gt=0,
-        allow_inf_nan=False,
-        description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one",
-    ),
-    leads: str | None = Form(
-        None, description="comma-separated lead names of the rows/columns (.npy, .npz, .csv, .json)"
-    ),
-    model: str | None = Query(None, description=MODEL_DESCRIPTION),
-    precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
-    windowing: Literal["sliding", "center"] = Query(
+    upload: Upload = Depends(upload_form()),
+    windowing: Windowing = Query(
         "sliding", description="longer records: mean over sliding windows, or one centre crop"
     ),
     pad: bool = Query(False, description="zero-pad a record shorter than the model's window"),
     interpolate_nan: bool = Query(
         False, description="fill NaN/inf samples by linear interpolation instead of refusing the record"
     ),
-    session: Session = Depends(db_session),
 ) -> EmbedResponse:
-    started = time.perf_counter()
-    timing = Timing()
-    with timing.step("resolve"):
-        served = served_model(session, model)
-    contents = one_record_upload(
-        files,
-        "POST /embed takes one record; POST /embed/batch takes several and answers one result per record",
-    )
-    with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        recording = read_recording(contents, fs, leads, request_limits(served.spec, windowing), timing)
-        (result,) = embed_recordings(
-            loaded, [recording], windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+    started, timing = time.perf_counter(), Timing()
+    try:
+        embedded = embedding.embed_upload(
+            session, upload, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
         )
-    if isinstance(result, ClientError):
-        raise result
-    server_timing(response, timing, started)
+    except SeveralRecordsError as exc:
+        raise HTTPException(
+            status_of(exc),
+            f"{exc}: POST /embed takes one record; POST /embed/batch takes several and answers one result "
+            "per record",
+        ) from None
+    response.headers["Server-Timing"] = server_timing(timing, time.perf_counter() - started)
+    (record,) = embedded.records
     return EmbedResponse(
-        model=served.name,
-        version=served.version,
-        dimension=int(result.vector.shape[0]),
-        embedding=result.vector.astype(float).tolist(),
-        record=record_info(recording, result.windows),
-        variant=loaded.variant,
-        provider=loaded.provider,
+        model=embedded.model.name,
+        version=embedded.model.version,
+        dimension=int(record.result.vector.shape[0]),
+        embedding=record.result.vector.astype(float).tolist(),
+        record=RecordInfo.of(record.recording, record.result.windows),
+        variant=embedded.variant,
+        provider=embedded.provider,
     )
-
-
-def no_record_embedded(results: list[RecordResult]) -> ClientError:
-    """The request's 4xx when none of its records could be read and embedded: each record's reason; the
-    status the records share (e.g. 413 for all too large), else 422."""
-    reasons = "; ".join(f"[{r.index}] {r.source} ({r.status_code}): {r.error}" for r in results)
-    error = ClientError(
-        f"no record of the upload could be read and embedded ({len(results)} record(s)): {reasons}; "
-        f"expected {ACCEPTED_UPLOADS}"
-    )
-    codes = {r.status_code for r in results}
-    error.status_code = codes.pop() if len(codes) == 1 else 422
-    return error
 
 
 @router.post(
@@ -187,63 +87,61 @@ def no_record_embedded(results: list[RecordResult]) -> ClientError:
     ),
 )
 def embed_batch(
+    session: SessionDep,
     response: Response,
-    files: list[UploadFile] = File(..., description="the records' files (see above)"),
-    fs: float | None = Form(
-        None, gt=0, allow_inf_nan=False, description="sampling rate in Hz for records that do not carry one"
+    upload: Upload = Depends(
+        upload_form(
+            "the records' files (see above)",
+            "sampling rate in Hz for records that do not carry one",
+            "comma-separated lead names for .npy/.npz/.csv/.json records",
+        )
     ),
-    leads: str | None = Form(None, description="comma-separated lead names for .npy/.npz/.csv/.json records"),
-    model: str | None = Query(None, description=MODEL_DESCRIPTION),
-    precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
-    windowing: Literal["sliding", "center"] = Query("sliding", description="as for POST /embed"),
+    windowing: Windowing = Query("sliding", description="as for POST /embed"),
     pad: bool = Query(False, description="as for POST /embed"),
     interpolate_nan: bool = Query(False, description="as for POST /embed"),
-    session: Session = Depends(db_session),
 ) -> EmbedBatchResponse:
-    started = time.perf_counter()
-    timing = Timing()
-    with timing.step("resolve"):
-        served = served_model(session, model)
-    contents = read_files(files)
-    with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
-        groups = batch_records(contents, Path(workdir))
-        limits = request_limits(served.spec, windowing)
-        recordings = read_records(groups, Path(workdir), fs, lead_names(leads), limits)
-    with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        results = embed_recordings(
-            loaded, recordings, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+    started, timing = time.perf_counter(), Timing()
+    try:
+        embedded = embedding.embed_batch(
+            session, upload, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
         )
-    out = []
-    for index, (group, recording, result) in enumerate(zip(groups, recordings, results, strict=True)):
-        if isinstance(result, Embedded):
-            out.append(
-                RecordResult(
-                    index=index,
-                    source=group.label,
-                    ok=True,
-                    status_code=200,
-                    dimension=int(result.vector.shape[0]),
-                    embedding=result.vector.astype(float).tolist(),
-                    record=record_info(recording, result.windows),
-                )
-            )
-        else:
-            out.append(
-                RecordResult(
-                    index=index,
-                    source=group.label,
-                    ok=False,
-                    status_code=result.status_code,
-                    error=str(result),
-                )
-            )
-    if not any(r.ok for r in out):
-        raise no_record_embedded(out)
-    server_timing(response, timing, started)
+    except NoRecordEmbedded as exc:
+        raise no_record_embedded([record_result(i, r) for i, r in enumerate(exc.records)]) from None
+    response.headers["Server-Timing"] = server_timing(timing, time.perf_counter() - started)
     return EmbedBatchResponse(
-        model=served.name,
-        version=served.version,
-        variant=loaded.variant,
-        provider=loaded.provider,
-        records=out,
+        model=embedded.model.name,
+        version=embedded.model.version,
+        variant=embedded.variant,
+        provider=embedded.provider,
+        records=[record_result(i, r) for i, r in enumerate(embedded.records)],
+    )
+
+
+def record_result(index: int, record: RecordOutcome) -> RecordResult:
+    """One record's entry of a batch: its embedding, or its error with the status it alone would get."""
+    result = record.result
+    if isinstance(result, ClientError):
+        return RecordResult(
+            index=index, source=record.source, ok=False, status_code=status_of(result), error=str(result)
+        )
+    return RecordResult(
+        index=index,
+        source=record.source,
+        ok=True,
+        status_code=200,
+        dimension=int(result.vector.shape[0]),
+        embedding=result.vector.astype(float).tolist(),
+        record=RecordInfo.of(record.recording, result.windows),
+    )
+
+
+def no_record_embedded(results: list[RecordResult]) -> HTTPException:
+    """The request's 4xx when none of its records could be read and embedded: each record's reason; the
+    status the records share (e.g. 413 for all too large), else 422."""
+    reasons = "; ".join(f"[{r.index}] {r.source} ({r.status_code}): {r.error}" for r in results)
+    codes = {r.status_code for r in results}
+    return HTTPException(
+        codes.pop() if len(codes) == 1 else 422,
+        f"no record of the upload could be read and embedded ({len(results)} record(s)): {reasons}; "
+        f"expected {ACCEPTED_UPLOADS}",
     )

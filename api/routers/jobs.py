@@ -3,13 +3,12 @@ artifacts."""
 
 import uuid
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
-from sqlalchemy.orm import Session
 from starlette.convertors import UUIDConvertor
 
-from api.deps import db_session, require_api_key
+from api.deps import SessionDep, require_api_key
 from api.responses import errors
 from api.schemas import (
     DatasetUse,
@@ -22,12 +21,10 @@ from api.schemas import (
     JobProgress,
     PretrainRequest,
 )
-from services.datasets.registry import dataset_for_job
 from services.db.models import Job, JobStatus
 from services.jobs import store as jobs
 from services.jobs.export_embeddings import EmbedDatasetParams
 from services.jobs.store import ARTIFACT_NAME, ARTIFACT_TYPES
-from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -94,12 +91,8 @@ def _datasets(job: Job) -> list[DatasetUse] | None:
     responses=errors(*QUEUE_ERRORS),
     summary="Queue a self-supervised pretraining job",
 )
-def submit_pretrain(
-    body: PretrainRequest, request: Request, session: Session = Depends(db_session)
-) -> JobCreated:
-    datasets = jobs.pretrain_datasets(session, body)  # each entry of a list checked (4xx naming it)
-    job = jobs.create_job(session, "pretrain", body, epochs=body.epochs, dataset=datasets[0])
-    return _enqueue(session, job, request)
+def submit_pretrain(session: SessionDep, body: PretrainRequest, request: Request) -> JobCreated:
+    return queued(session, jobs.new_pretrain_job(session, body), request)
 
 
 @router.post(
@@ -110,16 +103,8 @@ def submit_pretrain(
     responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
     summary="Queue a fine-tuning job: linear probe, full fine-tune, triplet head or VQ-VAE head",
 )
-def submit_finetune(
-    body: FinetuneRequest, request: Request, session: Session = Depends(db_session)
-) -> JobCreated:
-    if body.model is not None:
-        resolve_model_version(session, body.model)
-    dataset = dataset_for_job(session, body.dataset)
-    jobs.check_labelled(dataset)
-    # (without a given epochs, the worker's progress sets the recipe's)
-    job = jobs.create_job(session, "finetune", body, epochs=body.epochs or 0, dataset=dataset)
-    return _enqueue(session, job, request)
+def submit_finetune(session: SessionDep, body: FinetuneRequest, request: Request) -> JobCreated:
+    return queued(session, jobs.new_finetune_job(session, body), request)
 
 
 @router.post(
@@ -130,15 +115,8 @@ def submit_finetune(
     responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
     summary="Queue an evaluation job: kNN, linear probe and clustering of a version's embeddings",
 )
-def submit_evaluate(
-    body: EvaluateRequest, request: Request, session: Session = Depends(db_session)
-) -> JobCreated:
-    resolve_model_version(session, body.model)
-    dataset = dataset_for_job(session, body.dataset)
-    jobs.check_labelled(dataset)
-    epochs = body.probe_epochs if "linear_probe" in body.protocols else 0
-    job = jobs.create_job(session, "evaluate", body, epochs=epochs, dataset=dataset)
-    return _enqueue(session, job, request)
+def submit_evaluate(session: SessionDep, body: EvaluateRequest, request: Request) -> JobCreated:
+    return queued(session, jobs.new_evaluate_job(session, body), request)
 
 
 @router.post(
@@ -156,41 +134,23 @@ def submit_evaluate(
         "`embeddings.parquet` where pyarrow is installed: GET /jobs/{id}/artifacts/{name}."
     ),
 )
-def submit_embed(
-    body: EmbedDatasetParams, request: Request, session: Session = Depends(db_session)
-) -> JobCreated:
-    resolve_model_version(session, body.model)
-    dataset = dataset_for_job(session, body.dataset)
-    jobs.check_folds_fit_dataset(body.folds, dataset)
-    job = jobs.create_job(session, "embed_dataset", body, epochs=0, dataset=dataset)
-    return _enqueue(session, job, request)
+def submit_embed(session: SessionDep, body: EmbedDatasetParams, request: Request) -> JobCreated:
+    return queued(session, jobs.new_embed_job(session, body), request)
 
 
-def _enqueue(session: Session, job: Job, request: Request) -> JobCreated:
-    """Commit the job and send its Celery task (``ecgssl.<kind>``) to the gpu queue."""
-    session.commit()  # the worker must find the row as soon as the task arrives
-    from worker import tasks
+def queued(session: SessionDep, job: Job, request: Request) -> JobCreated:
+    """Send the new job to the worker's queue (``worker.tasks.enqueue``) and answer where to follow it."""
+    from worker.tasks import enqueue  # the broker's settings, read when the first job is queued
 
-    task = {
-        "pretrain": tasks.pretrain,
-        "finetune": tasks.finetune,
-        "evaluate": tasks.evaluate,
-        "embed_dataset": tasks.embed_dataset,
-    }[job.kind]
-    try:
-        task.apply_async(args=[str(job.id)], queue="gpu")
-    except Exception as exc:  # broker down: record it on the job and tell the client to retry later
-        jobs.fail_job(session, job.id, f"could not queue the job: broker unavailable ({exc})")
-        session.commit()
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"broker unavailable: {exc}") from exc
+    enqueue(session, job)
     return JobCreated(job_id=job.id, status=job.status, url=str(request.url_for("get_job", job_id=job.id)))
 
 
 @router.get("", response_model=JobList, responses=errors(422), summary="List jobs, newest first")
 def list_jobs(
+    session: SessionDep,
     status_filter: JobStatus | None = Query(None, alias="status"),
     limit: int = Query(50, ge=1, le=500),
-    session: Session = Depends(db_session),
 ) -> JobList:
     return JobList(jobs=[job_out(j) for j in jobs.list_jobs(session, status_filter, limit)])
 
@@ -201,7 +161,7 @@ def list_jobs(
     responses=errors(JOB_NOT_FOUND, 422),
     summary="A job's status, progress, metrics per epoch",
 )
-def get_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
+def get_job(session: SessionDep, job_id: uuid.UUID = JobId) -> JobOut:
     return job_out(jobs.get_job(session, job_id))
 
 
@@ -212,7 +172,7 @@ def get_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -
     responses=errors(401, JOB_NOT_FOUND, (409, "the job has already finished"), 422),
     summary="Cancel a queued or running job",
 )
-def cancel_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)) -> JobOut:
+def cancel_job(session: SessionDep, job_id: uuid.UUID = JobId) -> JobOut:
     job = jobs.request_cancel(session, job_id)
     session.commit()  # before the answer: the session's own commit comes after it is sent
     return job_out(job)
@@ -231,6 +191,7 @@ def cancel_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)
     summary="One of a job's artifacts (plots; an embedding export's files), by the name GET /jobs/{id} lists",
 )
 def get_artifact(
+    session: SessionDep,
     job_id: uuid.UUID = JobId,
     name: str = PathParam(
         ...,
@@ -238,8 +199,6 @@ def get_artifact(
         examples=["roc_knn.png"],
         json_schema_extra={"pattern": ARTIFACT_NAME.pattern, "maxLength": 130},
     ),
-    session: Session = Depends(db_session),
 ) -> FileResponse:
-    jobs.get_job(session, job_id)  # 404 for an unknown job
-    path = jobs.artifact_path(job_id, name)
+    path = jobs.job_artifact(session, job_id, name)
     return FileResponse(path, media_type=ARTIFACT_TYPES[path.suffix[1:]], filename=name)

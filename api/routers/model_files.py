@@ -4,14 +4,11 @@ import base64
 from pathlib import Path
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Header, Query
-from fastapi import Path as PathParam
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, HTMLResponse, Response
-from sqlalchemy.orm import Session
 
-from api.deps import db_session
+from api.deps import NamePath, SessionDep, VersionPath
 from api.responses import errors
-from api.routers.models import MAX_VERSION, NamePath
 from services import registry
 from services.db.models import ModelVersion
 from services.errors import NotFoundError
@@ -20,7 +17,6 @@ from services.registry.cards import card_html, model_card
 
 router = APIRouter(prefix="/models", tags=["models"])
 
-VersionPath = PathParam(..., ge=1, le=MAX_VERSION, description="version number")
 VERSION_NOT_FOUND = (404, "the model is not registered, or has no such version")
 MARKDOWN = "text/markdown; charset=utf-8"
 
@@ -56,12 +52,12 @@ def downloadable_variants(version: ModelVersion) -> dict[str, tuple[str, str]]:
     summary="Download a version's ONNX file (fp32, or its int8 / fp16 variant), with its sha256",
 )
 def download_onnx(
+    session: SessionDep,
     name: str = NamePath,
     version: int = VersionPath,
     variant: Literal["fp32", "int8", "fp16"] = Query(
         "fp32", description="fp32 (the exported graph), or a reduced-precision variant the version has"
     ),
-    session: Session = Depends(db_session),
 ) -> FileResponse:
     row = registry.get_version(session, name, version)
     files = downloadable_variants(row)
@@ -104,13 +100,13 @@ def download_onnx(
     ),
 )
 def get_card(
+    session: SessionDep,
     name: str = NamePath,
     version: int = VersionPath,
     format: Literal["markdown", "html"] | None = Query(
         None, description="markdown or html; default: from the Accept header (text/html), else markdown"
     ),
     accept: str | None = Header(None, include_in_schema=False),
-    session: Session = Depends(db_session),
 ) -> Response:
     row = registry.get_version(session, name, version)
     markdown = model_card(session, row)

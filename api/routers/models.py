@@ -1,12 +1,8 @@
 """The model registry (versions, variants, aliases), and importing published checkpoints into it."""
 
-import logging
-
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Response, status
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from api.deps import db_session, require_api_key
+from api.deps import NamePath, SessionDep, VersionPath, require_api_key
 from api.responses import errors
 from api.schemas import (
     AliasList,
@@ -21,21 +17,12 @@ from api.schemas import (
 )
 from services import registry
 from services.db.models import Model, ModelAlias, ModelVersion
-from services.errors import ClientError
-from services.inference.sessions import SESSIONS, ServedModel, plan_session
+from services.inference.sessions import move_alias, remove_alias, serving_state
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
 
-MAX_VERSION = 2**31 - 1  # the model_versions.version column (a 32-bit integer)
-# The rules are checked by the registry (a name that cannot be registered: 404 'not registered'; an alias that
-# cannot be set: 422 naming the rule), so the schema states them without FastAPI checking them first.
-NamePath = Path(
-    ...,
-    description="registry name of the model: 1-100 letters, digits, '.', '_' or '-'",
-    examples=["st_mem-tiny"],
-    json_schema_extra={"pattern": f"^{registry.NAME_PATTERN}$"},
-)
+# The alias rules are checked by the registry (an alias that cannot be set: 422 naming the rule), so the
+# schema states them without FastAPI checking them first.
 AliasPath = Path(
     ...,
     description="alias: 1-64 lower-case letters, digits, '_' or '-', starting with a letter; not 'latest'",
@@ -53,10 +40,8 @@ def version_out(v: ModelVersion, serving: bool = False) -> ModelVersionOut:
     }
     serving_out = None
     if serving:
-        plan = plan_session(ServedModel.from_version(v))
-        serving_out = ServingOut(
-            variant=plan.variant, device=plan.device, reason=plan.reason, loaded=v.id in SESSIONS
-        )
+        plan, loaded = serving_state(v)
+        serving_out = ServingOut(variant=plan.variant, device=plan.device, reason=plan.reason, loaded=loaded)
     return ModelVersionOut(
         name=v.model.name,
         version=v.version,
@@ -101,8 +86,10 @@ def alias_out(a: ModelAlias, previous_version: int | None = None) -> AliasOut:
 
 
 @router.get("", response_model=ModelList, summary="Registered models, their versions and aliases")
-def list_models(session: Session = Depends(db_session)) -> ModelList:
-    return ModelList(models=[model_out(m) for m in session.scalars(select(Model).order_by(Model.name))])
+def list_models(
+    session: SessionDep,
+) -> ModelList:
+    return ModelList(models=[model_out(m) for m in registry.list_models(session)])
 
 
 @router.get(
@@ -111,7 +98,7 @@ def list_models(session: Session = Depends(db_session)) -> ModelList:
     responses=errors(MODEL_NOT_FOUND, 422),
     summary="One model: its versions and aliases",
 )
-def get_model(name: str = NamePath, session: Session = Depends(db_session)) -> ModelOut:
+def get_model(session: SessionDep, name: str = NamePath) -> ModelOut:
     return model_out(registry.get_model(session, name))
 
 
@@ -122,9 +109,9 @@ def get_model(name: str = NamePath, session: Session = Depends(db_session)) -> M
     summary="One version: input spec, metrics, parity, file hashes, variants, source job, what serves",
 )
 def get_version(
+    session: SessionDep,
     name: str = NamePath,
-    version: int = Path(..., ge=1, le=MAX_VERSION, description="version number"),
-    session: Session = Depends(db_session),
+    version: int = VersionPath,
 ) -> ModelVersionOut:
     return version_out(registry.get_version(session, name, version), serving=True)
 
@@ -135,7 +122,7 @@ def get_version(
     responses=errors(MODEL_NOT_FOUND, 422),
     summary="The aliases of a model",
 )
-def list_aliases(name: str = NamePath, session: Session = Depends(db_session)) -> AliasList:
+def list_aliases(session: SessionDep, name: str = NamePath) -> AliasList:
     model = registry.get_model(session, name)
     return AliasList(model=model.name, aliases=[alias_out(a) for a in model.aliases])
 
@@ -146,9 +133,7 @@ def list_aliases(name: str = NamePath, session: Session = Depends(db_session)) -
     responses=errors(ALIAS_NOT_FOUND, 422),
     summary="The version an alias names",
 )
-def get_alias(
-    name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
-) -> AliasOut:
+def get_alias(session: SessionDep, name: str = NamePath, alias: str = AliasPath) -> AliasOut:
     return alias_out(registry.get_alias(session, name, alias))
 
 
@@ -168,27 +153,10 @@ def get_alias(
     ),
 )
 def put_alias(
-    name: str = NamePath,
-    alias: str = AliasPath,
-    body: AliasSet = Body(...),
-    session: Session = Depends(db_session),
+    session: SessionDep, name: str = NamePath, alias: str = AliasPath, body: AliasSet = Body(...)
 ) -> AliasOut:
-    found, previous_id = registry.set_alias(session, name, alias, body.version)
-    previous = session.get(ModelVersion, previous_id) if previous_id is not None else None
-    out = alias_out(found, previous.version if previous is not None else None)
-    target = ServedModel.from_version(found.version)
-    still_named = previous_id is not None and registry.aliases_pointing_at(session, previous_id)
-    session.commit()  # visible to every process before this one swaps its sessions
-    if previous_id is not None and previous_id != target.version_id:
-        was_loaded = previous_id in SESSIONS
-        if not still_named:
-            SESSIONS.retire_version(previous_id)
-        if was_loaded:  # warm the new version where the old one was serving
-            try:
-                SESSIONS.release(SESSIONS.acquire(target))
-            except ClientError as exc:  # the alias moved; the first request will say what is wrong
-                log.warning("could not load %s after moving %s@%s: %s", target.ref, name, alias, exc)
-    return out
+    moved = move_alias(session, name, alias, body.version)
+    return alias_out(moved.alias, moved.previous_version)
 
 
 @router.delete(
@@ -202,14 +170,8 @@ def put_alias(
         "version) until a version is promoted again; pinned references (`name@2`) keep serving."
     ),
 )
-def delete_alias(
-    name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
-) -> Response:
-    version_id = registry.delete_alias(session, name, alias)
-    still_named = registry.aliases_pointing_at(session, version_id)
-    session.commit()
-    if not still_named:
-        SESSIONS.retire_version(version_id)
+def delete_alias(session: SessionDep, name: str = NamePath, alias: str = AliasPath) -> Response:
+    remove_alias(session, name, alias)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -235,7 +197,7 @@ def delete_alias(
         "missing, unexpected or mis-shaped keys."
     ),
 )
-def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:
+def import_model(session: SessionDep, body: ModelImportRequest) -> ModelVersionOut:
     try:  # torch (loading the checkpoint, exporting it): loaded on the first import, not with the gateway
         from services.registry.checkpoint_import import import_checkpoint
     except ModuleNotFoundError as exc:

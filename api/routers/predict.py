@@ -2,27 +2,15 @@
 
 import time
 
-from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
-from api.deps import db_session, require_api_key
-from api.responses import UPLOAD_ERRORS, errors
-from api.routers.embed import (
-    FILES_DESCRIPTION,
-    MODEL_DESCRIPTION,
-    PRECISION_DESCRIPTION,
-    one_record_upload,
-    read_recording,
-    record_info,
-    served_model,
-    server_timing,
-)
-from api.schemas import KnnInfo, PredictResponse
+from api.deps import SessionDep, require_api_key, upload_form
+from api.responses import UPLOAD_ERRORS, errors, server_timing, status_of
+from api.schemas import KnnInfo, PredictResponse, RecordInfo
 from services.ecg.upload import ACCEPTED_UPLOADS
-from services.errors import ClientError
-from services.inference.predict import PredictMethod, PredictWindowing, classifier, predict_recordings
-from services.inference.sessions import SESSIONS, Precision, Timing
-from services.inference.uploads import request_limits
+from services.inference.predict import PredictMethod, PredictWindowing, predict_upload
+from services.inference.sessions import Timing
+from services.inference.uploads import SeveralRecordsError, Upload
 
 router = APIRouter(tags=["inference"])
 
@@ -46,19 +34,12 @@ router = APIRouter(tags=["inference"])
     "neither gets 409 with what to do.",
 )
 def predict(
+    session: SessionDep,
     response: Response,
-    files: list[UploadFile] = File(..., description=FILES_DESCRIPTION),
-    fs: float | None = Form(
-        None, gt=0, description="sampling rate in Hz: needed for .npy, and for .npz/.csv/.json without one"
-    ),
-    leads: str | None = Form(
-        None, description="comma-separated lead names of the rows/columns (.npy, .npz, .csv, .json)"
-    ),
-    model: str | None = Query(None, description=MODEL_DESCRIPTION),
+    upload: Upload = Depends(upload_form()),
     method: PredictMethod | None = Query(
         None, description="head or knn; default: head where the model has one, else knn"
     ),
-    precision: Precision | None = Query(None, description=PRECISION_DESCRIPTION),
     windowing: PredictWindowing = Query(
         "three_crop",
         description="how a record is read, the one way the jobs read it when they tuned the thresholds and "
@@ -69,38 +50,32 @@ def predict(
     interpolate_nan: bool = Query(
         False, description="fill NaN/inf samples by linear interpolation instead of refusing the record"
     ),
-    session: Session = Depends(db_session),
 ) -> PredictResponse:
-    started = time.perf_counter()
-    timing = Timing()
-    with timing.step("resolve"):
-        served = served_model(session, model)
-    how = classifier(served, method)  # 409 before reading the upload when the model cannot predict
-    contents = one_record_upload(files, "POST /predict takes one record")
-    with SESSIONS.lease(served, precision, strict=precision is not None) as loaded:
-        recording = read_recording(contents, fs, leads, request_limits(served.spec, windowing), timing)
-        (result,) = predict_recordings(
-            loaded,
-            [recording],
-            how,
+    started, timing = time.perf_counter(), Timing()
+    try:
+        predicted = predict_upload(
+            session,
+            upload,
+            method,
             windowing=windowing,
             pad=pad,
             interpolate_nan=interpolate_nan,
             timing=timing,
         )
-    if isinstance(result, ClientError):
-        raise result
-    server_timing(response, timing, started)
-    reference = served.knn_reference if how.method == "knn" else None
+    except SeveralRecordsError as exc:
+        raise HTTPException(status_of(exc), f"{exc}: POST /predict takes one record") from None
+    response.headers["Server-Timing"] = server_timing(timing, time.perf_counter() - started)
+    how, probabilities = predicted.how, predicted.result.probabilities
+    reference = predicted.model.knn_reference if how.method == "knn" else None
     return PredictResponse(
-        model=served.name,
-        version=served.version,
+        model=predicted.model.name,
+        version=predicted.model.version,
         method=how.method,
         classes=list(how.class_names),
-        probabilities={c: float(p) for c, p in zip(how.class_names, result.probabilities, strict=True)},
+        probabilities={c: float(p) for c, p in zip(how.class_names, probabilities, strict=True)},
         thresholds=dict(zip(how.class_names, how.thresholds, strict=True)),
-        labels=how.labels(result.probabilities),
-        record=record_info(recording, result.windows),
+        labels=how.labels(probabilities),
+        record=RecordInfo.of(predicted.recording, predicted.result.windows),
         knn=KnnInfo(
             k=reference["k"],
             metric=reference["metric"],
@@ -109,6 +84,6 @@ def predict(
         )
         if reference
         else None,
-        variant=loaded.variant,
-        provider=loaded.provider,
+        variant=predicted.variant,
+        provider=predicted.provider,
     )

@@ -122,3 +122,8 @@ def open_registered(row: Dataset) -> tuple[EcgDataset, dict]:
         "mtime_ns": path.stat().st_mtime_ns if path is not None else None,
     }
     return open_dataset(row.kind, path, row.options), identity
+
+
+def list_datasets(session: Session) -> list[Dataset]:
+    """Every registered dataset, by id."""
+    return list(session.scalars(select(Dataset).order_by(Dataset.id)))

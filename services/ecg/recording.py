@@ -15,7 +15,7 @@ import numpy as np
 
 from services.config import get_settings
 from services.ecg.leads import STANDARD_LEADS
-from services.errors import EcgInputError
+from services.errors import EcgInputError, TooLargeError
 
 # Sampling rates accepted from any source. Below 50 Hz nothing of the ECG's band survives (and resampling
 # such a record up to the model's rate could take gigabytes); above 100 kHz the rate ratio to the model's
@@ -41,11 +41,9 @@ class Recording:
         return self.signal.shape[1] / self.fs
 
 
-class ContentTooLargeError(EcgInputError):
+class ContentTooLargeError(EcgInputError, TooLargeError):
     """The content of an upload is over one of the service's limits (413): its size (e.g. a .zip once
     expanded), a record's duration, the records or model windows of one request."""
-
-    status_code = 413
 
 
 class RecordTooLongError(ContentTooLargeError):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from services.ecg.preprocess import model_recording, preprocess
 from services.ecg.recording import Recording
@@ -32,7 +33,8 @@ from services.errors import ClientError, ConflictError
 from services.evaluation.metrics import knn_scores
 from services.export.contract import PROBABILITIES_NAME
 from services.inference.embed import Embedded, embed_recordings
-from services.inference.sessions import LoadedModel, ModelUnavailable, ServedModel, Timing
+from services.inference.sessions import LoadedModel, ModelUnavailable, ServedModel, Timing, requested_model
+from services.inference.uploads import Upload, leased_record
 
 PredictMethod = Literal["head", "knn"]
 PredictWindowing = Literal["three_crop"]  # the jobs' test-time reading of a record (module docstring)
@@ -173,3 +175,45 @@ def _knn(
         votes = knn_scores(x, y, item.vector[None].astype(np.float32), reference["k"], reference["metric"])
         results.append(Predicted(votes[0], item.windows))
     return results
+
+
+@dataclass
+class Prediction:
+    """The prediction of one uploaded record: the version and method that made it, and the session variant
+    that ran it."""
+
+    model: ServedModel
+    how: Classifier
+    recording: Recording
+    result: Predicted
+    variant: str
+    provider: str
+
+
+def predict_upload(
+    session: Session,
+    upload: Upload,
+    method: PredictMethod | None = None,
+    *,
+    windowing: PredictWindowing = "three_crop",
+    pad: bool = False,
+    interpolate_nan: bool = False,
+    timing: Timing,
+) -> Prediction:
+    """The class probabilities of the one record of ``upload`` by the model it names (``classifier``: a
+    409 before the upload is read when the model cannot predict); the record's error is raised."""
+    served = requested_model(session, upload.model, timing)
+    how = classifier(served, method)
+    with leased_record(served, upload, windowing, timing) as (loaded, recording):
+        (result,) = predict_recordings(
+            loaded,
+            [recording],
+            how,
+            windowing=windowing,
+            pad=pad,
+            interpolate_nan=interpolate_nan,
+            timing=timing,
+        )
+    if isinstance(result, ClientError):
+        raise result
+    return Prediction(served, how, recording, result, loaded.variant, loaded.provider)

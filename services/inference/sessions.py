@@ -32,13 +32,13 @@ import onnxruntime as ort
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
-from services.db.models import ModelVersion
+from services.db.models import ModelAlias, ModelVersion
 from services.ecg.preprocess import InputSpec
-from services.errors import ClientError
+from services.errors import ClientError, UnavailableError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
 from services.export.variants import CUDA
 from services.inference.batching import BatchTiming, MicroBatcher
-from services.registry import resolve_reference
+from services.registry import aliases_pointing_at, delete_alias, resolve_reference, set_alias, version_by_id
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,8 @@ Precision = Literal["auto", "fp32", "int8", "fp16"]
 CPU = "CPUExecutionProvider"
 
 
-class ModelUnavailable(ClientError):
+class ModelUnavailable(UnavailableError):
     """The model's files are not where the registry says (a deployment problem, not the request's)."""
-
-    status_code = 503
 
 
 @dataclass(frozen=True, eq=False)
@@ -257,13 +255,6 @@ class Timing:
             yield
         finally:
             self.steps[name] = self.steps.get(name, 0.0) + time.perf_counter() - started
-
-    def header(self, total_s: float | None = None) -> str:
-        """The ``Server-Timing`` header value (ms): session, queue, the steps, and app = ``total_s``."""
-        parts = [("session", self.session_s), ("queue", self.queued_s), *self.steps.items()]
-        if total_s is not None:
-            parts.append(("app", total_s))
-        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in parts)
 
 
 class PendingRun:
@@ -586,3 +577,58 @@ class SessionCache:
 
 
 SESSIONS = SessionCache()
+
+
+def requested_model(session: Session, ref: str | None, timing: Timing | None = None) -> ServedModel:
+    """``resolve_served`` for one request (timed as its 'resolve' step); the database connection goes back
+    to the pool at once, as inference needs no database."""
+    with timing.step("resolve") if timing is not None else contextlib.nullcontext():
+        served = resolve_served(session, ref)
+    session.close()
+    return served
+
+
+@dataclass
+class AliasMove:
+    """An alias after it was set, and the version number it named before (None: it is new)."""
+
+    alias: ModelAlias
+    previous_version: int | None
+
+
+def move_alias(session: Session, name: str, alias: str, number: int) -> AliasMove:
+    """Point ``name@alias`` at version ``number`` (created or moved) and commit, so that every process sees
+    it; then this process serves it at once: the previous version's sessions are retired unless another
+    alias still names that version, and where the previous version was loaded the new one is loaded too
+    (a failure to load is logged: the alias has moved, the first request will say what is wrong)."""
+    found, previous_id = set_alias(session, name, alias, number)
+    previous = version_by_id(session, previous_id) if previous_id is not None else None
+    moved = AliasMove(found, previous.version if previous is not None else None)
+    target = ServedModel.from_version(found.version)
+    still_named = previous_id is not None and aliases_pointing_at(session, previous_id)
+    session.commit()  # visible to every process before this one swaps its sessions
+    if previous_id is not None and previous_id != target.version_id:
+        was_loaded = previous_id in SESSIONS
+        if not still_named:
+            SESSIONS.retire_version(previous_id)
+        if was_loaded:  # warm the new version where the old one was serving
+            try:
+                SESSIONS.release(SESSIONS.acquire(target))
+            except ClientError as exc:
+                log.warning("could not load %s after moving %s@%s: %s", target.ref, name, alias, exc)
+    return moved
+
+
+def remove_alias(session: Session, name: str, alias: str) -> None:
+    """Delete ``name@alias`` and commit; the version it named stops being served by this process unless
+    another alias still names it."""
+    version_id = delete_alias(session, name, alias)
+    still_named = aliases_pointing_at(session, version_id)
+    session.commit()
+    if not still_named:
+        SESSIONS.retire_version(version_id)
+
+
+def serving_state(version: ModelVersion) -> tuple[SessionPlan, bool]:
+    """How this process would serve ``version`` (variant, device and why), and whether it has it loaded."""
+    return plan_session(ServedModel.from_version(version)), version.id in SESSIONS

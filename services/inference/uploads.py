@@ -9,10 +9,16 @@ signal file no header names, an unreadable archive) comes out as an entry carryi
 reported in its place without failing the others.
 
 What one inference request may carry (``request_limits``, ``batch_records``): at most
-``ECGSSL_SERVE_MAX_RECORDS`` records (records, not files), each at most ``ECGSSL_UPLOAD_MAX_SECONDS`` long,
-and at most ``ECGSSL_SERVE_MAX_WINDOWS`` model windows together, each checked before a sample is decoded.
+``ECGSSL_SERVE_MAX_RECORDS`` records (records, not files: counted from the file names and the zips' listings
+before anything is extracted), each at most ``ECGSSL_UPLOAD_MAX_SECONDS`` long, and at most
+``ECGSSL_SERVE_MAX_WINDOWS`` model windows together, each checked before a sample is decoded. A request over
+one of these limits fails as a whole (``TooLargeError``); a single-record request holding several records
+fails with ``SeveralRecordsError``.
 """
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
@@ -20,11 +26,35 @@ from pathlib import Path, PurePosixPath
 from services.config import get_settings
 from services.ecg.preprocess import InputSpec, Windowing, window_count
 from services.ecg.readers import extract_zip
+from services.ecg.readers.archive import MAX_ZIP_MEMBERS, zip_member_names
 from services.ecg.recording import ContentTooLargeError, ReadLimits, Recording, TooManyWindowsError
 from services.ecg.upload import ACCEPTED_UPLOADS, read_upload
-from services.errors import ClientError, EcgInputError
+from services.errors import ClientError, EcgInputError, TooLargeError
+from services.inference.sessions import SESSIONS, LoadedModel, Precision, ServedModel, Timing
 
 SINGLE_FILE_SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".json", ".edf", ".bdf")
+ZIP_MEMBERS_PER_RECORD = 16  # a batch's .zip may hold this many files per record the request may carry
+
+
+@dataclass
+class Upload:
+    """An inference request's upload: its files (name -> content, in upload order) and form fields."""
+
+    files: dict[str, bytes]
+    fs: float | None = None  # sampling rate for records that do not carry one
+    lead_names: list[str] | None = None  # names of the rows/columns of array and text records
+    model: str | None = None  # the model reference (``services.registry.resolve_reference``)
+    precision: Precision | None = None  # the ONNX variant asked for (None: the setting)
+
+
+class SeveralRecordsError(EcgInputError):
+    """A request that takes one record holds several (``labels``: each record's name)."""
+
+    def __init__(self, labels: list[str]):
+        shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        what = "WFDB headers" if all(label.lower().endswith(".hea") for label in labels) else "records"
+        super().__init__(f"several {what} uploaded ({shown}): the upload holds {len(labels)} records")
+        self.labels = labels
 
 
 @dataclass
@@ -102,9 +132,42 @@ def _group(order: list[str], data: dict[str, bytes], prefix: str) -> list[tuple[
     return groups
 
 
-def split_records(files: dict[str, bytes], workdir: Path) -> list[RecordFiles]:
-    """One ``RecordFiles`` per record in ``files`` (name -> content, in upload order), zips expanded under
-    ``workdir`` (an empty directory the caller removes)."""
+def _is_record_file(path: str) -> bool:
+    """Whether the file at ``path`` starts a record: a WFDB header or a single-file record (hidden files and
+    macOS resource forks aside, as ``extract_zip`` leaves them out)."""
+    parts = PurePosixPath(path).parts
+    if not parts or parts[0] == "__MACOSX" or parts[-1].startswith("."):
+        return False
+    return PurePosixPath(path).suffix.lower() in (".hea", *SINGLE_FILE_SUFFIXES)
+
+
+def record_labels(files: dict[str, bytes]) -> list[str]:
+    """The records an upload holds, named as the results name them ('scan.zip:a/00001_hr.hea'), from the
+    file names and the zips' listings alone: nothing is extracted or read."""
+    labels = []
+    for name, content in files.items():
+        if name.lower().endswith(".zip"):
+            labels += [f"{name}:{path}" for path in zip_member_names(content) if _is_record_file(path)]
+        elif _is_record_file(name):
+            labels.append(name)
+    return labels
+
+
+def one_record(files: dict[str, bytes]) -> dict[str, bytes]:
+    """``files`` when they hold at most one record; ``SeveralRecordsError`` naming them otherwise."""
+    labels = record_labels(files)
+    if len(labels) > 1:
+        raise SeveralRecordsError(labels)
+    return files
+
+
+def split_records(
+    files: dict[str, bytes], workdir: Path, max_members: int = MAX_ZIP_MEMBERS
+) -> list[RecordFiles]:
+    """One ``RecordFiles`` per record in ``files`` (name -> content, in upload order), zips (of at most
+    ``max_members`` files each) expanded under ``workdir`` (an empty directory the caller removes). A zip
+    that expands over the upload limit fails the whole request (``TooLargeError``): that limit is the
+    request's."""
     order = list(files)
     placed: list[tuple[int, int, RecordFiles]] = [(p, 0, r) for p, r in _group(order, files, "")]
     for position, name in enumerate(order):
@@ -112,13 +175,15 @@ def split_records(files: dict[str, bytes], workdir: Path) -> list[RecordFiles]:
             continue
         try:
             root = Path(workdir) / f"zip{position}"
-            paths = extract_zip(files[name], root, name)
+            paths = extract_zip(files[name], root, name, max_members=max_members)
             relative = [p.relative_to(root.resolve()).as_posix() for p in paths]
             data = {rel: path.read_bytes() for rel, path in zip(relative, paths, strict=True)}
             inner = _group(relative, data, f"{name}:")
             if not inner:
                 raise EcgInputError(f"{name}: the archive holds no ECG record")
             placed.extend((position, sub, record) for sub, record in inner)
+        except TooLargeError:
+            raise
         except ClientError as exc:
             placed.append((position, 0, RecordFiles(name, {}, exc)))
     placed.sort(key=lambda entry: (entry[0], entry[1]))
@@ -132,18 +197,25 @@ def request_limits(spec: InputSpec, windowing: Windowing) -> ReadLimits:
     return ReadLimits.from_settings(partial(window_count, spec=spec, windowing=windowing))
 
 
+def too_many_records(count: int, limit: int) -> ContentTooLargeError:
+    return ContentTooLargeError(
+        f"the upload holds {count} records; at most {limit} are taken a request (each record in a .zip "
+        "counts): send them in several requests, or raise the limit with the setting ECGSSL_SERVE_MAX_RECORDS"
+    )
+
+
 def batch_records(files: dict[str, bytes], workdir: Path) -> list[RecordFiles]:
     """``split_records``, refusing an upload without any record (422) or with more records than
-    ``ECGSSL_SERVE_MAX_RECORDS`` (413; records, not files: each record in a .zip counts)."""
-    groups = split_records(files, workdir)
+    ``ECGSSL_SERVE_MAX_RECORDS`` (413; records, not files: each record in a .zip counts, counted from the
+    names before anything is extracted)."""
+    limit = get_settings().serve_max_records
+    if (count := len(record_labels(files))) > limit:
+        raise too_many_records(count, limit)
+    groups = split_records(files, workdir, max_members=max(MAX_ZIP_MEMBERS, ZIP_MEMBERS_PER_RECORD * limit))
     if not groups:
         raise ClientError(f"no ECG record in the upload ({', '.join(files)}): expected {ACCEPTED_UPLOADS}")
-    limit = get_settings().serve_max_records
     if len(groups) > limit:
-        raise ContentTooLargeError(
-            f"the upload holds {len(groups)} records; at most {limit} are taken a request: send them in "
-            "several requests, or raise the limit with the setting ECGSSL_SERVE_MAX_RECORDS"
-        )
+        raise too_many_records(len(groups), limit)
     return groups
 
 
@@ -171,3 +243,29 @@ def read_records(
         except ClientError as exc:
             recordings.append(exc)
     return recordings
+
+
+@contextlib.contextmanager
+def leased_record(
+    served: ServedModel, upload: Upload, windowing: Windowing, timing: Timing
+) -> Iterator[tuple[LoadedModel, Recording]]:
+    """The one record of ``upload`` (``SeveralRecordsError`` when it holds more), read in mV under the
+    request's limits (timed as the 'read' step), on a leased session of ``served`` in the upload's
+    precision (a precision asked for that cannot be served is refused before the upload is read)."""
+    files = one_record(upload.files)
+    with SESSIONS.lease(served, upload.precision, strict=upload.precision is not None) as loaded:
+        with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+            limits = request_limits(served.spec, windowing)
+            recording = read_upload(files, Path(workdir), upload.fs, upload.lead_names, limits)
+        yield loaded, recording
+
+
+def batch_recordings(
+    served: ServedModel, upload: Upload, windowing: Windowing, timing: Timing
+) -> tuple[list[RecordFiles], list[Recording | ClientError]]:
+    """The records of ``upload`` (``batch_records``) and each one read under the request's limits (timed as
+    the 'read' step), or its error in its place."""
+    with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+        groups = batch_records(upload.files, Path(workdir))
+        limits = request_limits(served.spec, windowing)
+        return groups, read_records(groups, Path(workdir), upload.fs, upload.lead_names, limits)

@@ -13,7 +13,9 @@ from services.config import get_settings
 from services.datasets.registry import dataset_for_job
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
-from services.jobs.params import PretrainParams
+from services.jobs.export_embeddings import EmbedDatasetParams
+from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
+from services.registry import resolve_model_version
 
 
 def check_labelled(dataset: Dataset) -> None:
@@ -140,3 +142,47 @@ def artifact_path(job_id: uuid.UUID, name: str) -> Path:
         available = ", ".join(list_artifacts(job_id)) or "none"
         raise NotFoundError(f"job {job_id} has no artifact '{name}' (its artifacts: {available})")
     return artifacts_dir(job_id) / name
+
+
+# --------------------------------------------------------------------------------------------------
+# new jobs, checked against the database before they are queued
+
+
+def new_pretrain_job(session: Session, params: PretrainParams) -> Job:
+    """A queued pretraining job; each dataset entry is checked (a 4xx naming the entry of a list)."""
+    datasets = pretrain_datasets(session, params)
+    return create_job(session, "pretrain", params, epochs=params.epochs, dataset=datasets[0])
+
+
+def new_finetune_job(session: Session, params: FinetuneParams) -> Job:
+    """A queued fine-tuning job; the version it starts from (when it names one) must exist and its dataset
+    must be labelled. Without epochs given, the worker's progress sets the recipe's."""
+    if params.model is not None:
+        resolve_model_version(session, params.model)
+    dataset = dataset_for_job(session, params.dataset)
+    check_labelled(dataset)
+    return create_job(session, "finetune", params, epochs=params.epochs or 0, dataset=dataset)
+
+
+def new_evaluate_job(session: Session, params: EvaluateParams) -> Job:
+    """A queued evaluation job; the version it evaluates must exist and its dataset must be labelled."""
+    resolve_model_version(session, params.model)
+    dataset = dataset_for_job(session, params.dataset)
+    check_labelled(dataset)
+    epochs = params.probe_epochs if "linear_probe" in params.protocols else 0
+    return create_job(session, "evaluate", params, epochs=epochs, dataset=dataset)
+
+
+def new_embed_job(session: Session, params: EmbedDatasetParams) -> Job:
+    """A queued embedding export; the version must exist and the dataset have the folds asked."""
+    resolve_model_version(session, params.model)
+    dataset = dataset_for_job(session, params.dataset)
+    check_folds_fit_dataset(params.folds, dataset)
+    return create_job(session, "embed_dataset", params, epochs=0, dataset=dataset)
+
+
+def job_artifact(session: Session, job_id: uuid.UUID, name: str) -> Path:
+    """The file of artifact ``name`` of job ``job_id`` (not found: an unknown job, or a name it does not
+    list)."""
+    get_job(session, job_id)
+    return artifact_path(job_id, name)

@@ -4,11 +4,11 @@ import uuid
 from datetime import timedelta
 from functools import lru_cache
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 
 from services.config import get_settings
 from services.db.models import Job, JobStatus, Worker, utcnow
-from services.db.session import session_scope
+from services.db.session import check_writable, error_text, session_scope
 
 
 @lru_cache(maxsize=1)
@@ -72,3 +72,19 @@ def claim_orphaned_jobs() -> list[tuple[uuid.UUID, str]]:
             if result.rowcount == 1:
                 claimed.append((job_id, kind))
     return claimed
+
+
+def database_status() -> tuple[str, list[str]]:
+    """The database: 'ok', 'unreachable: ...' (no answer to a read) or 'not writable: ...' (read-only,
+    or locked for longer than the write probe waits); and the live workers it lists, as 'host (device)'."""
+    try:
+        with session_scope() as s:
+            s.execute(text("SELECT 1"))
+        workers = [f"{w.hostname} ({w.device})" for w in live_workers()]
+    except Exception as exc:
+        return f"unreachable: {exc}", []
+    try:
+        check_writable()
+    except Exception as exc:
+        return f"not writable: {error_text(exc)}", workers
+    return "ok", workers

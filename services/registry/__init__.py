@@ -257,3 +257,12 @@ def delete_alias(session: Session, name: str, alias: str) -> int:
 
 def aliases_pointing_at(session: Session, version_id: int) -> list[str]:
     return list(session.scalars(select(ModelAlias.name).where(ModelAlias.version_id == version_id)))
+
+
+def list_models(session: Session) -> list[Model]:
+    """Every registered model, by name."""
+    return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+def version_by_id(session: Session, version_id: int) -> ModelVersion | None:
+    return session.get(ModelVersion, version_id)

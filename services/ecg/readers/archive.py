@@ -1,11 +1,12 @@
 """Zip archives read safely: the checks shared by .zip uploads and the .npz reader.
 
-``safe_zip_members``/``extract_zip``: at most ``MAX_ZIP_MEMBERS`` members; no absolute paths, drive
-letters, ``..`` components, symbolic links or other special files, no encrypted or duplicate members; the
-declared uncompressed sizes together must stay within the upload limit and no member over
-``RATIO_CHECK_MIN_BYTES`` may expand more than ``MAX_COMPRESSION_RATIO``-fold; while extracting, the real
-bytes are counted and extraction stops as soon as they exceed the declared size or the limit. Members are
-written only below the given directory, each to a path checked to resolve inside it, never overwriting.
+``safe_zip_members``/``extract_zip``: at most ``MAX_ZIP_MEMBERS`` members (a caller may allow more: a batch
+of records); no absolute paths, drive letters, ``..`` components, symbolic links or other special files, no
+encrypted or duplicate members; the declared uncompressed sizes together must stay within the upload limit
+and no member over ``RATIO_CHECK_MIN_BYTES`` may expand more than ``MAX_COMPRESSION_RATIO``-fold; while
+extracting, the real bytes are counted and extraction stops as soon as they exceed the declared size or the
+limit. Members are written only below the given directory, each to a path checked to resolve inside it,
+never overwriting. ``zip_member_names`` lists the members without extracting anything.
 """
 
 import io
@@ -36,14 +37,12 @@ def upload_limit() -> int:
 
 
 def safe_zip_members(
-    archive: zipfile.ZipFile, source: str, limit: int
+    archive: zipfile.ZipFile, source: str, limit: int, max_members: int = MAX_ZIP_MEMBERS
 ) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
     """The regular-file members worth reading, as (info, path parts), after the safety checks (see top)."""
     infos = archive.infolist()
-    if len(infos) > MAX_ZIP_MEMBERS:
-        raise EcgInputError(
-            f"{source}: {len(infos)} members in the archive; at most {MAX_ZIP_MEMBERS} accepted"
-        )
+    if len(infos) > max_members:
+        raise EcgInputError(f"{source}: {len(infos)} members in the archive; at most {max_members} accepted")
     members, seen, total = [], set(), 0
     for info in infos:
         raw = info.filename
@@ -116,7 +115,9 @@ def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) ->
     return buffer.getvalue()
 
 
-def extract_zip(data: bytes, dest: Path, source: str, limit: int | None = None) -> list[Path]:
+def extract_zip(
+    data: bytes, dest: Path, source: str, limit: int | None = None, max_members: int = MAX_ZIP_MEMBERS
+) -> list[Path]:
     """Safely extract a .zip upload into the new directory ``dest``; the extracted files' paths."""
     limit = upload_limit() if limit is None else limit
     try:
@@ -125,7 +126,7 @@ def extract_zip(data: bytes, dest: Path, source: str, limit: int | None = None) 
         raise EcgInputError(f"{source}: not a valid .zip archive ({exc})") from None
     paths = []
     with archive:
-        members = safe_zip_members(archive, source, limit)
+        members = safe_zip_members(archive, source, limit, max_members)
         dest.mkdir()
         root = dest.resolve()
         budget = limit
@@ -143,3 +144,13 @@ def extract_zip(data: bytes, dest: Path, source: str, limit: int | None = None) 
                 ) from None
             paths.append(target)
     return paths
+
+
+def zip_member_names(data: bytes) -> list[str]:
+    """The file members' paths of a .zip ('/'-separated), from its central directory alone: nothing is
+    decompressed or written. [] for data that is no readable .zip (``extract_zip`` says why)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            return [info.filename.replace("\\", "/") for info in archive.infolist() if not info.is_dir()]
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return []

@@ -9,7 +9,7 @@ import numpy as np
 from services.ecg.leads import canonical_lead_name, lead_label
 from services.ecg.readers.units import VOLTAGE_TO_MV
 from services.ecg.recording import ReadLimits, Recording, check_fs
-from services.errors import EcgInputError
+from services.errors import EcgInputError, UnsupportedError
 
 _ANNOTATION_LABELS = {"edf annotations", "bdf annotations"}
 
@@ -17,8 +17,8 @@ _ANNOTATION_LABELS = {"edf annotations", "bdf annotations"}
 _ECG_WORD = re.compile(r"\b(?:ecg|ekg)", re.IGNORECASE)
 
 
-class EdfSupportMissingError(EcgInputError):
-    status_code = 501
+class EdfSupportMissingError(EcgInputError, UnsupportedError):
+    """EDF/BDF support (pyedflib) is not installed (501)."""
 
 
 def read_edf(path: Path, source: str, limits: ReadLimits | None = None) -> Recording:
