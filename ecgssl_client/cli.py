@@ -380,7 +380,8 @@ def jobs(status: str | None, kind: str | None, limit: int, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 @api_errors
 def job(job_id: str, follow: bool, as_json: bool) -> None:
-    """A job: status, progress, per-epoch metrics, result (JOB_ID: the id or its first characters).
+    """A job: status, progress, per-epoch metrics, result (JOB_ID: the id or its first characters). With
+    --follow, the exit status is 1 when the job ends other than succeeded.
 
     \b
     Example:
@@ -406,6 +407,8 @@ def job(job_id: str, follow: bool, as_json: bool) -> None:
         for m in state["metrics"]:
             table.add_row(str(m["epoch"]), *(number(m["values"].get(n, "")) for n in names))
         console.print(table)
+    if follow and state["status"] != "succeeded":
+        raise SystemExit(1)
 
 
 @cli.command()

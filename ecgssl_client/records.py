@@ -64,6 +64,9 @@ def _records_of_tree(tree: _Tree, prefix: str, only: set[str] | None = None) -> 
     one by one), else every record (tables beside WFDB headers are left out as metadata)."""
     paths = sorted(tree.entries)
     has_wfdb = any(p.lower().endswith(".hea") for p in paths)
+    by_folder: dict[PurePosixPath, list[str]] = {}
+    for path in paths:
+        by_folder.setdefault(PurePosixPath(path).parent, []).append(path)
     records: list[Record] = []
     for path in paths:
         pure = PurePosixPath(path)
@@ -75,9 +78,9 @@ def _records_of_tree(tree: _Tree, prefix: str, only: set[str] | None = None) -> 
             named = set(header_signal_files(read().decode("latin-1")))
             files = {pure.name: read}
             total = size
-            for other in paths:
+            for other in by_folder[pure.parent]:
                 candidate = PurePosixPath(other)
-                if candidate.parent != pure.parent or other == path:
+                if other == path:
                     continue
                 same_stem = candidate.stem == pure.stem and candidate.suffix.lower() not in (
                     ".hea",
