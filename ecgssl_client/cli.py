@@ -266,24 +266,22 @@ def follow_job(job_id: str) -> dict:
     return state
 
 
-def headline(result: dict | None, depth: int = 2) -> list[tuple[str, Any]]:
-    """The scalar figures of a job's result down to ``depth`` ('test.macro_auroc', 'records.train'), without
-    per-class tables and thresholds."""
-    figures: list[tuple[str, Any]] = []
-
-    def walk(node: dict, prefix: str, level: int) -> None:
-        for key, value in node.items():
-            if key.endswith("per_class") or key in ("thresholds", "datasets", "artifacts"):
-                continue
-            if isinstance(value, bool) or value is None:
-                continue
-            if isinstance(value, int | float):
-                figures.append((f"{prefix}{key}", value))
-            elif isinstance(value, dict) and level < depth:
-                walk(value, f"{prefix}{key}.", level + 1)
-
-    walk(result or {}, "", 1)
-    return figures
+def headline(result: dict | None) -> dict[str, list[tuple[str, Any]]]:
+    """The scalar figures of a job's result by section ('test': [('macro_auroc', 0.79), ...]; '' for its own
+    scalars), leaving out per-class tables, thresholds and lists."""
+    sections: dict[str, list[tuple[str, Any]]] = {}
+    for key, value in (result or {}).items():
+        if isinstance(value, dict):
+            figures = [
+                (k, v)
+                for k, v in value.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and not k.endswith("per_class")
+            ]
+            if figures:
+                sections[key] = figures
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            sections.setdefault("", []).append((key, value))
+    return sections
 
 
 def finish(state: dict, as_json: bool) -> None:
@@ -331,9 +329,10 @@ def show_summary(state: dict) -> None:
         last = state["metrics"][-1]
         values = ", ".join(f"{k} {number(v)}" for k, v in last["values"].items())
         console.print(f"epoch {last['epoch']}: {values}", highlight=False)
-    figures = headline(state.get("result"))
-    if figures:
-        console.print("result: " + ", ".join(f"{k} {number(v)}" for k, v in figures), highlight=False)
+    for section, figures in headline(state.get("result")).items():
+        console.print(
+            f"{section or 'result'}: " + ", ".join(f"{k} {number(v)}" for k, v in figures), highlight=False
+        )
     if state.get("artifacts"):
         console.print(f"artifacts: {', '.join(state['artifacts'])}", highlight=False)
 
