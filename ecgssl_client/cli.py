@@ -6,12 +6,14 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -19,18 +21,19 @@ from ecgssl_client.client import TERMINAL, ApiError, Client, EmbedResult, Failur
 from ecgssl_client.outputs import OUTPUT_SUFFIXES, write_embeddings, write_predictions
 from ecgssl_client.records import RecordError, find_records
 
-# not a terminal (a pipe, a log): wide lines, so that tables and ids are not folded
-console = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)
+# Markup off: the API's messages and names are printed as they are (markup=True where a style is wanted,
+# its text escaped). Not a terminal (a pipe, a log): wide lines, so that tables and ids are not folded.
+console = Console(soft_wrap=False, markup=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 class Failed(click.ClickException):
-    """An error to show as one line and exit 1 (an API refusal, an unreachable service, a failed job)."""
+    """An error shown as one line on stderr, exit status 1 (an API refusal, an unreachable service)."""
 
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        err.print(f"[bold red]error:[/] {self.message}", highlight=False, markup=True)
+        err.print(f"[bold red]error:[/] {escape(self.message)}", highlight=False, markup=True)
 
 
 def api_errors(command: Callable) -> Callable:
@@ -245,7 +248,7 @@ def follow_job(job_id: str) -> dict:
                         completed=p["step"],
                         loss=number(p["last_loss"]) if p["last_loss"] is not None else "-",
                         eta=duration(p["eta_s"]),
-                        phase=p["phase"] or "",
+                        phase=escape(p["phase"] or ""),
                     )
         else:
             said = None
@@ -297,8 +300,6 @@ def finish(state: dict, as_json: bool) -> None:
 def show_summary(state: dict) -> None:
     took = None
     if state.get("started_at") and state.get("finished_at"):
-        from datetime import datetime
-
         took = (
             datetime.fromisoformat(state["finished_at"]) - datetime.fromisoformat(state["started_at"])
         ).total_seconds()
@@ -307,9 +308,10 @@ def show_summary(state: dict) -> None:
         f"[bold {colour}]{state['status']}[/]: {state['kind']} job {state['id']}"
         + (f" in {duration(took)}" if took is not None else ""),
         highlight=False,
+        markup=True,
     )
     if state.get("error"):
-        console.print(f"error: {state['error']}", highlight=False, markup=False)
+        console.print(f"error: {state['error']}", highlight=False)
     if state.get("dataset"):
         console.print(f"dataset: {state['dataset']}", highlight=False)
     if state.get("model_version"):
@@ -393,7 +395,7 @@ def job(job_id: str, follow: bool, as_json: bool) -> None:
     if not follow and state["status"] not in TERMINAL:
         p = state["progress"]
         console.print(
-            f"[bold]{state['status']}[/]: {state['kind']} job {state['id']}, epoch {p['epoch']}/{p['epochs']}"
+            f"{state['status']}: {state['kind']} job {state['id']}, epoch {p['epoch']}/{p['epochs']}"
             f", step {p['step']}/{p['total_steps']}, ETA {duration(p['eta_s'])}"
             + (f" ({p['phase']})" if p["phase"] else ""),
             highlight=False,
@@ -574,7 +576,11 @@ def records_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
 
 def report_failures(failures: list[Failure], done: int) -> None:
     for f in failures:
-        err.print(f"[yellow]skipped[/] {f.id}: {f.error} [HTTP {f.status_code}]", highlight=False)
+        err.print(
+            f"[yellow]skipped[/] {escape(f.id)}: {escape(f.error)} [HTTP {f.status_code}]",
+            highlight=False,
+            markup=True,
+        )
     if failures:
         err.print(f"{done} record(s) done, {len(failures)} could not be read (listed above)", highlight=False)
 

@@ -263,13 +263,27 @@ class Client:
         rows: list[list[float]] = []
         failures: list[Failure] = []
         served = None
-        alone = 0  # records to send one by one (their batch was refused as a whole)
+        alone = 0  # records to send one by one to POST /embed (their batch was refused as a whole)
         while pending:
-            batch = take_batch(pending, 1 if alone else batch_records, batch_bytes)
+            batch = [pending.popleft()] if alone else take_batch(pending, batch_records, batch_bytes)
             alone = max(0, alone - 1)
+            if len(batch) == 1:  # POST /embed: a refusal names this record's reason alone
+                (record,) = batch
+                files = [("files", item) for item in record.read()]
+                response = self._http.post("/embed", params=query, data=form, files=files)
+                if response.is_error:
+                    failures.append(self._record_failure(record, response))
+                else:
+                    body = response.json()
+                    served = f"{body['model']}@{body['version']}"
+                    ids.append(record.id)
+                    rows.append(body["embedding"])
+                if progress:
+                    progress(1)
+                continue
             files = [("files", item) for record in batch for item in record.read()]
             response = self._http.post("/embed/batch", params=query, data=form, files=files)
-            if response.is_error and len(batch) > 1 and response.status_code in (413, 422):
+            if response.is_error and response.status_code in (413, 422):
                 pending.extendleft(reversed(batch))
                 if response.status_code == 413:
                     batch_records, batch_bytes = _smaller(
@@ -279,33 +293,42 @@ class Client:
                     alone = len(batch)
                 continue
             if response.is_error:
-                error = _error(response)
-                if error.status_code in REQUEST_ERRORS or error.status_code >= 500:
-                    raise error  # about the request (key, model, service), not its record
-                failures.append(Failure(batch[0].id, error.status_code, error.detail))
-            else:
-                body = response.json()
-                served = f"{body['model']}@{body['version']}"
-                if len(body["records"]) != len(batch):
-                    raise ApiError(
-                        500,
-                        f"the service answered {len(body['records'])} results for {len(batch)} records "
-                        f"({', '.join(r.id for r in batch)})",
-                    )
-                for record, result in zip(batch, body["records"], strict=True):
-                    if result["ok"]:
-                        ids.append(record.id)
-                        rows.append(result["embedding"])
-                    else:
-                        failures.append(Failure(record.id, result["status_code"], result["error"]))
+                raise _error(response)  # the key, the model, the service: no record would fare better
+            body = response.json()
+            served = f"{body['model']}@{body['version']}"
+            if len(body["records"]) != len(batch):
+                raise ApiError(
+                    500,
+                    f"the service answered {len(body['records'])} results for {len(batch)} records "
+                    f"({', '.join(r.id for r in batch)})",
+                )
+            for record, result in zip(batch, body["records"], strict=True):
+                if result["ok"]:
+                    ids.append(record.id)
+                    rows.append(result["embedding"])
+                else:
+                    failures.append(Failure(record.id, result["status_code"], result["error"]))
             if progress:
                 progress(len(batch))
-        if served is None:
+        if served is None:  # every record failed (there was at least one: find_records refuses none)
+            if len(failures) == 1:
+                raise ApiError(failures[0].status_code, f"{failures[0].id}: {failures[0].error}")
             reasons = "; ".join(f"{f.id}: {f.error}" for f in failures[:5])
+            more = f"; and {len(failures) - 5} more" if len(failures) > 5 else ""
             raise ApiError(
-                failures[0].status_code if failures else 422, f"no record could be embedded: {reasons}"
+                failures[0].status_code,
+                f"none of the {len(failures)} records could be embedded: {reasons}{more}",
             )
         return EmbedResult(served, ids, np.asarray(rows, dtype=np.float32), failures)
+
+    @staticmethod
+    def _record_failure(record: Record, response: httpx.Response) -> Failure:
+        """The failure of a one-record request; raises when the refusal is about the request itself (the
+        key, the model: ``REQUEST_ERRORS``) or the service failed (5xx): no other record would fare better."""
+        error = _error(response)
+        if error.status_code in REQUEST_ERRORS or error.status_code >= 500:
+            raise error
+        return Failure(record.id, error.status_code, error.detail)
 
     def predict(
         self,
@@ -316,18 +339,16 @@ class Client:
         progress: Callable[[int], None] | None = None,
         **options: Any,
     ) -> PredictResult:
-        """Diagnosis probabilities of every record in ``paths`` (``POST /predict``, one request each); a
-        record the API refuses (4xx other than 401/404/409) is a ``Failure``, the others raise."""
+        """Diagnosis probabilities of every record in ``paths`` (``POST /predict``, one request each). A
+        record the API refuses is a ``Failure``; a refusal of the request itself (``REQUEST_ERRORS``: the key,
+        the model) or a server error raises, as does every record failing."""
         query, form = _split_options(model, options | ({"method": method} if method else {}))
         result = PredictResult([])
         for record in _records(paths):
             files = [("files", item) for item in record.read()]
             response = self._http.post("/predict", params=query, data=form, files=files)
             if response.is_error:
-                error = _error(response)
-                if error.status_code in REQUEST_ERRORS or error.status_code >= 500:
-                    raise error
-                result.failures.append(Failure(record.id, error.status_code, error.detail))
+                result.failures.append(self._record_failure(record, response))
             else:
                 result.predictions.append({"id": record.id} | response.json())
             if progress:

@@ -195,10 +195,19 @@ def test_embed_folder_in_batches_to_npy(
     log = service.logs[0]
     before = len(log.read_text().splitlines())
     said = ok(ecgssl(service, *args, "--batch-records", "100"))
-    requests = [line for line in log.read_text().splitlines()[before:] if "POST /embed/batch" in line]
+    requests = [
+        (line.split('"')[1].split("?")[0], line.split('"')[-1].split()[0])
+        for line in log.read_text().splitlines()[before:]
+        if '"POST /embed' in line
+    ]
     # 71 records, over the service's 64 a request: refused (413), then 64, then 6, then the copy of
-    # 00065_lr, whose file names the batch before already had
-    assert [line.split('"')[-1].split()[0] for line in requests] == ["413", "200", "200", "200"], requests
+    # 00065_lr, whose file names the batch before already had, alone (POST /embed)
+    assert requests == [
+        ("POST /embed/batch", "413"),
+        ("POST /embed/batch", "200"),
+        ("POST /embed/batch", "200"),
+        ("POST /embed", "200"),
+    ], requests
     embeddings = np.load(out)
     meta = json.loads(out.with_suffix(".ids.json").read_text())
     ids = [f"{i:05d}_lr" for i in range(1, 71)] + ["again/00065_lr"]
