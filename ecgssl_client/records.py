@@ -99,15 +99,11 @@ def _records_of_tree(tree: _Tree, prefix: str, only: set[str] | None = None) -> 
     return records
 
 
-def _file_reader(path: Path) -> Callable[[], bytes]:
-    return path.read_bytes
-
-
 def _folder_tree(folder: Path) -> _Tree:
     tree = _Tree()
     for path in sorted(folder.rglob("*")):
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts):
-            tree.entries[path.relative_to(folder).as_posix()] = (path.stat().st_size, _file_reader(path))
+            tree.entries[path.relative_to(folder).as_posix()] = (path.stat().st_size, path.read_bytes)
     return tree
 
 
@@ -134,21 +130,28 @@ def find_records(paths: Iterable[str | Path]) -> list[Record]:
     """The records in ``paths``, in the order given (a folder's and an archive's in path order).
 
     Ids: a folder's records by their path inside it without the suffix (``00000/00001_hr``), an archive's
-    prefixed with its name (``ecgs.zip:00001_hr``), a file's by its name without the suffix. A ``.hea``
+    prefixed with its name (``ecgs.zip:00001_hr``; a zip in a folder: its path in the folder), a file's by
+    its name without the suffix. A ``.hea``
     named directly takes its signal files from its folder; a signal file named beside its header is taken
     with it. Raises ``RecordError`` for a path that holds no record, or two records with one id."""
     records: list[Record] = []
     given = [Path(p) for p in paths]
     headers_given = {p.with_suffix(".hea").resolve() for p in given if p.suffix.lower() == ".hea"}
+    folders: dict[Path, _Tree] = {}  # files given one by one: their folder listed once
     for path in given:
         if path.is_dir():
-            found = _records_of_tree(_folder_tree(path), "")
+            tree = _folder_tree(path)
+            found = _records_of_tree(tree, "")
+            for inner in (p for p in tree.entries if p.lower().endswith(".zip")):  # zips in the folder
+                found.extend(_records_of_tree(_zip_tree(path / inner), f"{inner}:"))
         elif not path.exists():
             raise RecordError(f"{path}: no such file or folder")
         elif path.suffix.lower() == ".zip":
             found = _records_of_tree(_zip_tree(path), f"{path.name}:")
         elif path.suffix.lower() == ".hea" or path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            found = _records_of_tree(_folder_tree_of(path), "", only={path.name})
+            if path.parent not in folders:
+                folders[path.parent] = _folder_tree_of(path)
+            found = _records_of_tree(folders[path.parent], "", only={path.name})
         elif path.with_suffix(".hea").resolve() in headers_given:
             continue  # a signal file given beside its header: the header takes it
         else:
@@ -171,7 +174,7 @@ def _folder_tree_of(path: Path) -> _Tree:
     tree = _Tree()
     for sibling in sorted(path.parent.iterdir()):
         if sibling.is_file():
-            tree.entries[sibling.name] = (sibling.stat().st_size, _file_reader(sibling))
+            tree.entries[sibling.name] = (sibling.stat().st_size, sibling.read_bytes)
     return tree
 
 

@@ -338,6 +338,18 @@ def test_find_records(data_dir: Path, tmp_path: Path) -> None:
     assert len(found) == 1000 and found[0].id == "records100/00000/00001_lr"
     assert all(r.id.startswith("records") for r in found)
 
+    mixed = tmp_path / "mixed"  # a record and, in a subfolder, a zip of two more
+    (mixed / "sub").mkdir(parents=True)
+    for name in record.files:
+        shutil.copy(ptb / name, mixed)
+    source = data_dir / "ptbxl-500" / "records100" / "00000"
+    with zipfile.ZipFile(mixed / "sub" / "ecgs.zip", "w") as z:
+        for name in ("00001_lr.hea", "00001_lr.dat", "00002_lr.hea", "00002_lr.dat"):
+            z.write(source / name, f"in/{name}")
+    found = find_records([mixed])
+    assert [r.id for r in found] == ["s0010_re", "sub/ecgs.zip:in/00001_lr", "sub/ecgs.zip:in/00002_lr"]
+    assert found[1].read() == [(n, (source / n).read_bytes()) for n in ("00001_lr.hea", "00001_lr.dat")]
+
     with pytest.raises(RecordError, match="two records have the id 's0010_re'"):
         find_records([ptb / "s0010_re.hea", ptb])
     with pytest.raises(RecordError, match="not an ECG record"):
