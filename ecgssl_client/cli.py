@@ -73,7 +73,11 @@ Examples:
   ecgssl jobs --status running
   ecgssl embed ../shared/data/ptbxl-500/records500/00000 --model st_mem-tiny --out emb.npy
   ecgssl predict ../shared/data/ptb-diagnostic/s0010_re.hea
-  ecgssl promote st_mem-tiny 2 --alias production""",
+  ecgssl promote st_mem-tiny 2 --alias production
+
+\b
+Exit status: 0 done; 1 refused by the service (its message on one line), service unreachable, a followed
+job that did not succeed, or records left out; 2 a wrong command line.""",
 )
 @click.option(
     "--url",
@@ -171,7 +175,7 @@ Examples:
 @click.option("--model", help="The base version: 'name@version', 'name@alias' or 'name'.")
 @click.option("--family", help="Without --model: an encoder family trained from scratch (e.g. resnet1d).")
 @click.option("--dataset", required=True, help="A labelled dataset: name or path under the data root.")
-@click.option("--method", help="linear_probe (default), finetune, triplet or vqvae.")
+@click.option("--method", required=True, help="linear_probe, finetune, triplet or vqvae.")
 @click.option("--epochs", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", "learning_rate", type=float)
