@@ -1,0 +1,5 @@
+"""``python -m ecgssl_client``: the ``ecgssl`` command."""
+
+from ecgssl_client.cli import main
+
+main()
