@@ -14,7 +14,8 @@ from sqlalchemy.exc import DBAPIError
 
 from api.guard import RequestGuard
 from api.responses import install_responses
-from api.routers import datasets, embed, health, jobs, methods, models, predict
+from api.routers import datasets, ecg, embed, health, jobs, methods, models, predict
+from api.routers.dashboard import install_dashboard
 from services.db.session import error_text, is_transient
 from services.errors import ClientError
 from services.shipped import register_on_first_start
@@ -45,6 +46,8 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: api.routers.dashboard serves them from local files
+        redoc_url=None,
         title="ECG self-supervised learning service",
         version="0.1.0",
         description=(
@@ -87,9 +90,11 @@ def create_app() -> FastAPI:
         models.router,
         embed.router,
         predict.router,
+        ecg.router,
         health.router,
     ):
         app.include_router(router)
+    install_dashboard(app)  # the web dashboard at /, offline /docs and /redoc
     install_responses(app)  # the OpenAPI document's API key as configured; a 405 lists all allowed methods
     return app
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from sklearn.neighbors import NearestNeighbors
 
 from services.ecg.preprocess import model_recording, preprocess
 from services.ecg.recording import Recording
@@ -173,3 +174,38 @@ def _knn(
         votes = knn_scores(x, y, item.vector[None].astype(np.float32), reference["k"], reference["metric"])
         results.append(Predicted(votes[0], item.windows))
     return results
+
+
+@dataclass
+class Neighbour:
+    """One reference record near an uploaded one: its id, labels and distance (the reference set's metric)."""
+
+    record_id: str
+    labels: list[str]
+    distance: float
+
+
+def nearest_references(loaded: LoadedModel, recording: Recording, count: int) -> list[Neighbour]:
+    """The ``count`` reference records nearest to ``recording``'s embedding (read as for ``method=knn``:
+    3 crops per 10-s segment, averaged), nearest first, with their labels; 409 without a reference set."""
+    model = loaded.model
+    if model.knn_reference is None:
+        raise ConflictError(f"{model.ref} has no kNN reference set: {REFERENCE_HINT}")
+    x, y = load_reference(model)
+    with np.load(model.knn_reference["file"]) as data:
+        record_ids = data["record_ids"] if "record_ids" in data.files else np.arange(len(x)).astype(str)
+    (embedded,) = embed_recordings(loaded, [recording], windowing="three_crop")
+    if isinstance(embedded, ClientError):
+        raise embedded
+    if embedded.vector.shape[0] != x.shape[1]:
+        raise ConflictError(
+            f"the kNN reference set of {model.ref} holds {x.shape[1]}-d embeddings but the model gives "
+            f"{embedded.vector.shape[0]}-d ones: store a new one ({REFERENCE_HINT})"
+        )
+    index = NearestNeighbors(n_neighbors=min(count, len(x)), metric=model.knn_reference["metric"]).fit(x)
+    distances, found = index.kneighbors(embedded.vector[None].astype(np.float32))
+    names = model.knn_reference["class_names"]
+    return [
+        Neighbour(str(record_ids[i]), [c for c, flag in zip(names, y[i], strict=True) if flag > 0], float(d))
+        for i, d in zip(found[0], distances[0], strict=True)
+    ]
