@@ -1,21 +1,24 @@
 """The web dashboard at ``/`` and the API documentation at ``/docs`` and ``/redoc``, all from local files.
 
 The dashboard is plain ES modules under ``api/static`` (no build step) calling the HTTP API. Swagger UI's and
-ReDoc's scripts come from the ``fastapi-offline`` package's copies, so neither page needs a CDN.
+ReDoc's scripts come from the ``fastapi-offline`` package's copies, so neither page needs a CDN (ReDoc's one
+remote URL, the Redocly logo in its sidebar, is pointed at a local image as the script is served).
 """
 
+from functools import cache
 from pathlib import Path
 
 import fastapi_offline
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DOCS_ASSETS = Path(fastapi_offline.__file__).resolve().parent / "static"
 ASSETS_URL = "/assets"
 DOCS_ASSETS_URL = "/docs-assets"
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
 
 router = APIRouter(include_in_schema=False)
 
@@ -56,6 +59,18 @@ def redoc(request: Request) -> HTMLResponse:
         redoc_favicon_url=f"{root}{DOCS_ASSETS_URL}/favicon.png",
         with_google_fonts=False,
     )
+
+
+@cache
+def redoc_script() -> bytes:
+    """ReDoc's bundle with its sidebar logo served from here instead of cdn.redoc.ly."""
+    script = (DOCS_ASSETS / "redoc.standalone.js").read_text(encoding="utf-8")
+    return script.replace(REDOC_LOGO, f"{DOCS_ASSETS_URL}/favicon.png").encode()
+
+
+@router.get(f"{DOCS_ASSETS_URL}/redoc.standalone.js")
+def redoc_standalone() -> Response:
+    return Response(redoc_script(), media_type="text/javascript")
 
 
 def install_dashboard(app: FastAPI) -> None:

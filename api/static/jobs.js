@@ -126,7 +126,7 @@ export async function jobPage(view, id) {
         ["started", when(job.started_at)], ["finished", when(job.finished_at)], ["duration", duration(jobDuration(job))],
         ["worker", job.worker || "–"]].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v))),
       job.model_version ? h("tr", {}, h("th", {}, "registered"), h("td", {}, versionLink(job.model_version))) : null,
-    )), finished ? null : h("p", {}, cancel, job.cancel_requested ? h("span", { class: "muted" }, " cancel requested") : null));
+    )), finished ? "" : h("p", {}, cancel, job.cancel_requested ? h("span", { class: "muted" }, " cancel requested") : null));
     const fraction = p.epochs ? Math.min(1, ((p.epoch - 1 + (p.total_steps ? p.step / p.total_steps : 0)) / p.epochs)) : 0;
     progress.replaceChildren(
       h("div", { class: "grid", id: "progress" },

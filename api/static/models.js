@@ -107,26 +107,25 @@ export async function versionPage(view, name, number) {
   );
 }
 
-/** Per-class AUROC of each version, from the finished jobs' results (fine-tuning: the version it made;
- * evaluation: the version it evaluated). */
-function perClass(jobs, refs) {
+/** Each version's evaluation results from the finished jobs, newest first wins: `head` (a fine-tuning job's
+ * test scores, an evaluation's linear probe) and `knn`, each with macro and per-class AUROC. */
+function jobResults(jobs) {
   const out = {};
   for (const job of jobs) {
     if (job.status !== "succeeded" || !job.result) continue;
-    const ref = job.kind === "finetune" ? job.model_version : job.kind === "evaluate" ? job.params.model : null;
-    if (!ref || !refs.has(ref)) continue;
+    const ref = job.kind === "finetune" ? job.model_version : job.kind === "evaluate" ? job.result.model_version : null;
+    if (!ref) continue;
+    out[ref] ??= {};
     for (const [protocol, entry] of Object.entries(job.result)) {
-      if (entry && typeof entry === "object" && entry.auroc_per_class) {
-        const key = `${ref}|${protocol === "knn" ? "knn" : "head"}`;
-        out[key] = entry.auroc_per_class;
-      }
+      if (!entry || typeof entry !== "object" || !entry.auroc_per_class) continue;
+      out[ref][protocol === "knn" ? "knn" : "head"] ??= entry;
     }
   }
   return out;
 }
 
 export async function comparePage(view) {
-  view.append(h("h1", {}, "Compare versions"), h("p", { class: "help" }, "Test-split figures of every version; click a column to sort. Per-class AUROC comes from the jobs that made or evaluated a version."));
+  view.append(h("h1", {}, "Compare versions"), h("p", { class: "help" }, "Test-split figures of every version; click a column to sort. Per-class AUROC (and the figures of versions without their own) come from the jobs that made or evaluated a version: the head or linear probe, else kNN."));
   let models, jobs;
   try {
     [{ models }, { jobs }] = await Promise.all([api("/models"), api("/jobs?limit=500")]);
@@ -135,13 +134,24 @@ export async function comparePage(view) {
     return;
   }
   const versions = models.flatMap((m) => m.versions);
-  const refs = new Set(versions.map((v) => v.ref));
-  const classes = perClass(jobs, refs);
-  const classNames = [...new Set(versions.flatMap((v) => v.head?.class_names || v.knn_reference?.class_names || []))];
+  const results = jobResults(jobs);
+  const perClass = (v) => {
+    const r = results[v.ref] || {};
+    return (r.head || r.knn)?.auroc_per_class || {};
+  };
+  const classNames = [...new Set(versions.flatMap((v) => v.head?.class_names || v.knn_reference?.class_names || Object.keys(perClass(v))))];
   const rows = versions.map((v) => {
     const f = figures(v);
-    const own = classes[`${v.ref}|head`] || classes[`${v.ref}|knn`] || {};
-    return { ref: v.ref, name: v.name, version: v.version, method: v.method, dataset: v.head?.dataset || v.knn_reference?.dataset || v.metrics?.dataset || "", auroc: f.auroc, f1: f.f1, knn: f.knn, ...Object.fromEntries(classNames.map((c) => [`class:${c}`, own[c] ?? null])) };
+    const r = results[v.ref] || {};
+    const own = perClass(v);
+    return {
+      ref: v.ref, name: v.name, version: v.version, method: v.method,
+      dataset: v.head?.dataset || v.knn_reference?.dataset || v.metrics?.dataset || (v.metrics?.datasets || []).map((d) => d.name).join(", "),
+      auroc: f.auroc ?? r.head?.macro_auroc ?? null,
+      f1: f.f1 ?? r.head?.macro_f1 ?? null,
+      knn: f.knn ?? r.knn?.macro_auroc ?? null,
+      ...Object.fromEntries(classNames.map((c) => [`class:${c}`, own[c] ?? null])),
+    };
   });
   const columns = [["ref", "version"], ["method", "method"], ["dataset", "dataset"], ["auroc", "macro AUROC"], ["f1", "macro F1"], ["knn", "kNN macro AUROC"], ...classNames.map((c) => [`class:${c}`, `AUROC ${c}`])];
   let sortKey = "auroc";

@@ -19,6 +19,9 @@ function describe(document, property) {
   if (kinds.length === 1 && kinds[0].type === "boolean") return { input: "boolean", nullable };
   if (kinds.length === 1 && ["integer", "number"].includes(kinds[0].type)) return { input: kinds[0].type, nullable, rule: kinds[0] };
   if (kinds.length === 1 && kinds[0].type === "string") return { input: "string", nullable };
+  if (kinds.length === 1 && kinds[0].type === "array" && resolve(document, kinds[0].items).enum) {
+    return { input: "choices", options: resolve(document, kinds[0].items).enum, nullable };
+  }
   if (kinds.some((k) => k.type === "string")) return { input: "string-or-json", nullable };
   return { input: "json", nullable };
 }
@@ -40,6 +43,9 @@ function control(name, field, property) {
     case "integer":
     case "number":
       return h("input", { id, name, type: "number", step: field.input === "integer" ? "1" : "any", value: value ?? "", placeholder });
+    case "choices":
+      return h("span", { id, "data-choices": name }, field.options.map((o) => h("label", {},
+        h("input", { type: "checkbox", name, value: o, checked: Array.isArray(value) && value.includes(o) }), ` ${o} `)));
     case "json":
       return h("textarea", { id, name, rows: 2, placeholder: placeholder || "JSON" }, value !== undefined && value !== null ? JSON.stringify(value) : "");
     default:
@@ -49,6 +55,10 @@ function control(name, field, property) {
 
 /** The form's value of one field, or undefined to leave it out (the API's default then applies). */
 function read(element, field) {
+  if (field.input === "choices") {
+    const checked = [...element].filter((box) => box.checked).map((box) => box.value);
+    return checked.length ? checked : undefined;
+  }
   const raw = element.value.trim();
   if (raw === "") return undefined;
   switch (field.input) {
@@ -109,7 +119,7 @@ export async function submitPage(view, kind) {
     const body = {};
     for (const [name, field] of Object.entries(fields)) {
       try {
-        const value = read(form.elements[name], field);
+        const value = read(field.input === "choices" ? form.querySelectorAll(`input[name="${name}"]`) : form.elements[name], field);
         if (value !== undefined) body[name] = value;
       } catch {
         form.querySelector(`.field-error[data-field="${name}"]`).textContent = "not valid JSON";
