@@ -1,5 +1,7 @@
 """An uploaded ECG as the service reads it and as a model sees it, and its nearest reference records."""
 
+import math
+
 import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from pydantic import BaseModel, Field
@@ -31,7 +33,9 @@ class Signal(BaseModel):
     leads: list[str]
     fs: float = Field(description="sampling rate in Hz")
     unit: str = "mV"
-    samples: list[list[float]] = Field(description="per lead, the first `seconds` of the signal in mV")
+    samples: list[list[float | None]] = Field(
+        description="per lead, the first `seconds` of the signal in mV (null: a NaN or infinite sample)"
+    )
 
 
 class PreviewResponse(BaseModel):
@@ -60,8 +64,13 @@ class NeighboursResponse(BaseModel):
 
 
 def _signal(x: np.ndarray, leads: list[str], fs: float, seconds: float) -> Signal:
-    kept = np.asarray(x[:, : int(round(seconds * fs))], dtype=np.float64)
-    return Signal(leads=leads, fs=fs, samples=np.round(kept, 4).tolist())
+    """The first ``seconds`` of ``x`` (mV, rounded to 0.1 µV); a NaN or infinite sample (in a lead the model
+    does not use: its own are checked) is null."""
+    kept = np.round(np.asarray(x[:, : int(round(seconds * fs))], dtype=np.float64), 4)
+    samples = kept.tolist()
+    if not np.isfinite(kept).all():
+        samples = [[v if math.isfinite(v) else None for v in row] for row in samples]
+    return Signal(leads=leads, fs=fs, samples=samples)
 
 
 @router.post(
