@@ -51,8 +51,10 @@ def create_app() -> FastAPI:
         title="ECG self-supervised learning service",
         version="0.1.0",
         description=(
-            "Pretrain 12-lead ECG encoders with self-supervised methods (ST-MEM), follow the jobs, and "
-            "get embeddings of uploaded ECGs from the exported ONNX encoders."
+            "Pretrain ECG encoders with self-supervised methods (ST-MEM, ECG-JEPA, SimCLR: GET /methods), "
+            "fine-tune and evaluate them on labelled ECGs, follow the jobs, and serve uploaded ECGs from the "
+            "exported ONNX models: embeddings (POST /embed) and diagnosis probabilities (POST /predict). The "
+            "web dashboard is at /."
         ),
     )
 

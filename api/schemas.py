@@ -322,7 +322,14 @@ class HealthOut(BaseModel):
 class ModelImportRequest(BaseModel):
     """Import a published encoder checkpoint (a file under the data root) as a new model version."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"format": "st_mem", "path": "checkpoints/st_mem_vit_base_encoder.pth", "name": "st_mem-base"}
+            ]
+        },
+    )
 
     format: ImportFormat = Field(
         ...,
