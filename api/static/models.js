@@ -50,8 +50,11 @@ export async function modelsPage(view) {
 }
 
 function keyValues(object) {
-  return h("table", {}, h("tbody", {}, Object.entries(object || {}).map(([k, v]) =>
-    h("tr", {}, h("th", {}, k), h("td", {}, typeof v === "object" && v !== null ? h("pre", {}, JSON.stringify(v, null, 2)) : fmt(v))))));
+  const cell = (v) => {
+    if (Array.isArray(v) && v.every((x) => x === null || typeof x !== "object")) return v.map((x) => fmt(x)).join(", ");
+    return typeof v === "object" && v !== null ? h("pre", {}, JSON.stringify(v, null, 2)) : fmt(v);
+  };
+  return h("table", {}, h("tbody", {}, Object.entries(object || {}).map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, cell(v))))));
 }
 
 export async function versionPage(view, name, number) {
