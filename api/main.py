@@ -14,7 +14,8 @@ from sqlalchemy.exc import DBAPIError
 
 from api.guard import RequestGuard
 from api.responses import install_responses, status_of
-from api.routers import datasets, embed, health, jobs, methods, model_files, models, predict
+from api.routers import datasets, ecg, embed, health, jobs, methods, model_files, models, predict
+from api.routers.dashboard import install_dashboard
 from services.db.session import error_text, is_transient
 from services.errors import ClientError
 from services.inference.sessions import SESSIONS
@@ -47,11 +48,15 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 def create_app() -> FastAPI:
     app = FastAPI(
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc: api.routers.dashboard serves them from local files
+        redoc_url=None,
         title="ECG self-supervised learning service",
         version="0.1.0",
         description=(
-            "Pretrain 12-lead ECG encoders with self-supervised methods (ST-MEM), follow the jobs, and "
-            "get embeddings of uploaded ECGs from the exported ONNX encoders."
+            "Pretrain ECG encoders with self-supervised methods (ST-MEM, ECG-JEPA, SimCLR: GET /methods), "
+            "fine-tune and evaluate them on labelled ECGs, follow the jobs, and serve uploaded ECGs from the "
+            "exported ONNX models: embeddings (POST /embed) and diagnosis probabilities (POST /predict). The "
+            "web dashboard is at /."
         ),
     )
 
@@ -90,9 +95,11 @@ def create_app() -> FastAPI:
         model_files.router,
         embed.router,
         predict.router,
+        ecg.router,
         health.router,
     ):
         app.include_router(router)
+    install_dashboard(app)  # the web dashboard at /, offline /docs and /redoc
     install_responses(app)  # the OpenAPI document's API key as configured; a 405 lists all allowed methods
     return app
 

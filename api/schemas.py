@@ -10,24 +10,42 @@ from services.ecg.recording import Recording
 from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
 from services.models.catalog import ImportFormat
 
+# The bodies' examples run, in this order, on a fresh install with ../shared/data: the pretraining job
+# registers st_mem-tiny@1, which the others use (tests/test_docs_examples.py runs them).
+PRETRAIN_EXAMPLE = {
+    "dataset": "ptbxl-500",
+    "method": "st_mem",
+    "model_size": "tiny",
+    "epochs": 2,
+    "batch_size": 8,
+    "record_limit": 32,
+}
+FINETUNE_EXAMPLE = {"model": "st_mem-tiny@1", "dataset": "ptbxl-500", "method": "linear_probe", "epochs": 5}
+EVALUATE_EXAMPLE = {
+    "model": "st_mem-tiny@1",
+    "dataset": "ptbxl-500",
+    "protocols": ["knn", "linear_probe"],
+    "probe_epochs": 20,
+}
+
 
 class PretrainRequest(PretrainParams):
     """Queue a self-supervised pretraining job."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [PRETRAIN_EXAMPLE]})
 
 
 class FinetuneRequest(FinetuneParams):
     """Queue a fine-tuning job: a registered encoder adapted to a labelled dataset, registered as a new
     version (diagnosis model for linear_probe / finetune, embedding model for triplet / vqvae)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [FINETUNE_EXAMPLE]})
 
 
 class EvaluateRequest(EvaluateParams):
     """Queue an evaluation job of a registered version's embeddings on a labelled dataset."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EVALUATE_EXAMPLE]})
 
 
 class JobCreated(BaseModel):
@@ -315,7 +333,14 @@ class HealthOut(BaseModel):
 class ModelImportRequest(BaseModel):
     """Import a published encoder checkpoint (a file under the data root) as a new model version."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"format": "st_mem", "path": "checkpoints/st_mem_vit_base_encoder.pth", "name": "st_mem-base"}
+            ]
+        },
+    )
 
     format: ImportFormat = Field(
         ...,

@@ -208,7 +208,7 @@ def test_fuzzing_finds_no_server_error_and_nothing_undocumented(fuzz_server: Ser
     done, report = run_schemathesis(fuzz_server, tmp_path)
     output = (done.stdout + done.stderr)[-12000:]
     assert done.returncode == 0, output
-    operations = 12 if fuzz_server.api_key else 26
+    operations = 14 if fuzz_server.api_key else 28
     assert report["operations"]["tested"] == report["operations"]["selected"] == operations, output
     assert report["failures"] == [] and report["errors"] == [], output
     assert report["test_cases"]["generated"] > operations * MAX_EXAMPLES, output

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from sklearn.neighbors import NearestNeighbors
 from sqlalchemy.orm import Session
 
 from services.ecg.preprocess import model_recording, preprocess
@@ -217,3 +218,47 @@ def predict_upload(
     if isinstance(result, ClientError):
         raise result
     return Prediction(served, how, recording, result, loaded.variant, loaded.provider)
+
+
+@dataclass
+class Neighbour:
+    """One reference record near an uploaded one: its id, labels and distance (the reference set's metric)."""
+
+    record_id: str
+    labels: list[str]
+    distance: float
+
+
+def nearest_references(loaded: LoadedModel, recording: Recording, count: int) -> list[Neighbour]:
+    """The ``count`` reference records nearest to ``recording``'s embedding (read as for ``method=knn``:
+    3 crops per 10-s segment, averaged), nearest first, with their labels; 409 without a reference set."""
+    model = loaded.model
+    if model.knn_reference is None:
+        raise ConflictError(f"{model.ref} has no kNN reference set: {REFERENCE_HINT}")
+    x, y = load_reference(model)
+    with np.load(model.knn_reference["file"]) as data:
+        record_ids = data["record_ids"] if "record_ids" in data.files else np.arange(len(x)).astype(str)
+    (embedded,) = embed_recordings(loaded, [recording], windowing="three_crop")
+    if isinstance(embedded, ClientError):
+        raise embedded
+    if embedded.vector.shape[0] != x.shape[1]:
+        raise ConflictError(
+            f"the kNN reference set of {model.ref} holds {x.shape[1]}-d embeddings but the model gives "
+            f"{embedded.vector.shape[0]}-d ones: store a new one ({REFERENCE_HINT})"
+        )
+    index = NearestNeighbors(n_neighbors=min(count, len(x)), metric=model.knn_reference["metric"]).fit(x)
+    distances, found = index.kneighbors(embedded.vector[None].astype(np.float32))
+    names = model.knn_reference["class_names"]
+    return [
+        Neighbour(str(record_ids[i]), [c for c, flag in zip(names, y[i], strict=True) if flag > 0], float(d))
+        for i, d in zip(found[0], distances[0], strict=True)
+    ]
+
+
+def upload_neighbours(
+    session: Session, upload: Upload, count: int, timing: Timing
+) -> tuple[ServedModel, list[Neighbour]]:
+    """The model ``upload`` names and the ``count`` reference records nearest to its one record."""
+    served = requested_model(session, upload.model, timing)
+    with leased_record(served, upload, "three_crop", timing) as (loaded, recording):
+        return served, nearest_references(loaded, recording, count)

@@ -269,3 +269,12 @@ def batch_recordings(
         groups = batch_records(upload.files, Path(workdir))
         limits = request_limits(served.spec, windowing)
         return groups, read_records(groups, Path(workdir), upload.fs, upload.lead_names, limits)
+
+
+def read_one_record(served: ServedModel, upload: Upload, windowing: Windowing, timing: Timing) -> Recording:
+    """The one record of ``upload`` read in mV under the request's limits for ``served`` (no session is
+    leased: for looking at the signal, not running the model)."""
+    files = one_record(upload.files)
+    with timing.step("read"), tempfile.TemporaryDirectory(prefix="ecgssl-upload-") as workdir:
+        limits = request_limits(served.spec, windowing)
+        return read_upload(files, Path(workdir), upload.fs, upload.lead_names, limits)
