@@ -168,8 +168,7 @@ class Client:
             params["status"] = status
         if kind:
             params["kind"] = kind
-        found = self.request("GET", "/jobs", params=params)["jobs"]
-        return [j for j in found if kind is None or j["kind"] == kind]
+        return self.request("GET", "/jobs", params=params)["jobs"]
 
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", f"/jobs/{self.job_id(job_id)}/cancel")

@@ -95,6 +95,11 @@ def test_pretrain_is_queued_on_the_broker_and_can_be_cancelled(client: TestClien
             and Path(dataset.path) == (get_settings().data_root / "ptbxl-500").resolve()
         )
     assert any(j["id"] == job_id for j in client.get("/jobs", params={"status": "queued"}).json()["jobs"])
+    pretrain_jobs = client.get("/jobs", params={"kind": "pretrain", "limit": 500}).json()["jobs"]
+    assert job_id in [j["id"] for j in pretrain_jobs] and {j["kind"] for j in pretrain_jobs} == {"pretrain"}
+    assert job_id not in [j["id"] for j in client.get("/jobs", params={"kind": "evaluate"}).json()["jobs"]]
+    unknown_kind = client.get("/jobs", params={"kind": "train"})
+    assert unknown_kind.status_code == 422 and "pretrain" in unknown_kind.text, unknown_kind.text
 
     cancelled = client.post(f"/jobs/{job_id}/cancel").json()
     assert cancelled["status"] == "cancelled" and cancelled["cancel_requested"] is True

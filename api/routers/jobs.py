@@ -2,6 +2,7 @@
 artifacts."""
 
 import uuid
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
 from fastapi import Path as PathParam
@@ -24,7 +25,7 @@ from api.schemas import (
 from services.db.models import Job, JobStatus
 from services.jobs import store as jobs
 from services.jobs.export_embeddings import EmbedDatasetParams
-from services.jobs.store import ARTIFACT_NAME, ARTIFACT_TYPES
+from services.jobs.store import ARTIFACT_NAME, ARTIFACT_TYPES, JOB_KINDS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -150,9 +151,10 @@ def queued(session: SessionDep, job: Job, request: Request) -> JobCreated:
 def list_jobs(
     session: SessionDep,
     status_filter: JobStatus | None = Query(None, alias="status"),
+    kind: Literal[JOB_KINDS] | None = Query(None, description="only jobs of this kind"),  # type: ignore[valid-type]
     limit: int = Query(50, ge=1, le=500),
 ) -> JobList:
-    return JobList(jobs=[job_out(j) for j in jobs.list_jobs(session, status_filter, limit)])
+    return JobList(jobs=[job_out(j) for j in jobs.list_jobs(session, status_filter, limit, kind)])
 
 
 @router.get(

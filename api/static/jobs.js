@@ -4,7 +4,7 @@ import { api, duration, errorBox, fmt, h, when } from "./api.js";
 import { lineChart } from "./charts.js";
 
 const STATUSES = ["", "queued", "running", "succeeded", "failed", "cancelled"];
-const KINDS = ["", "pretrain", "finetune", "evaluate"];
+const KINDS = ["", "pretrain", "finetune", "evaluate", "embed_dataset"];
 const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
 
 function jobModel(job) {
@@ -42,10 +42,11 @@ export async function jobsPage(view) {
   async function refresh() {
     const query = new URLSearchParams({ limit: "500" });
     if (status.value) query.set("status", status.value);
+    if (kind.value) query.set("kind", kind.value);
     sessionStorage.setItem("jobs.filters", new URLSearchParams({ status: status.value, kind: kind.value }).toString());
     try {
       const { jobs } = await api(`/jobs?${query}`);
-      const shown = jobs.filter((job) => !kind.value || job.kind === kind.value);
+      const shown = jobs;
       message.replaceChildren(shown.length ? "" : h("p", { class: "muted" }, "No jobs match."));
       body.replaceChildren(...shown.map((job) => h("tr", { "data-job": job.id },
         h("td", { class: `status status-${job.status}` }, h("a", { href: `#/jobs/${job.id}` }, job.status)),

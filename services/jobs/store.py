@@ -83,10 +83,23 @@ def get_job(session: Session, job_id: uuid.UUID) -> Job:
     return job
 
 
-def list_jobs(session: Session, status: str | None = None, limit: int = 50) -> list[Job]:
+JOB_KINDS = (
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "embed_dataset",
+)  # Job.kind (POST /jobs/embed: embed_dataset)
+
+
+def list_jobs(
+    session: Session, status: str | None = None, limit: int = 50, kind: str | None = None
+) -> list[Job]:
+    """The newest ``limit`` jobs, of ``status`` and ``kind`` where given."""
     query = select(Job).order_by(Job.created_at.desc()).limit(limit)
     if status is not None:
         query = query.where(Job.status == status)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
     return list(session.scalars(query))
 
 
