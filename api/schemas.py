@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.datasets import DataPath
 from services.ecg.recording import Recording
+from services.jobs.export_embeddings import EmbedDatasetParams
 from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
 from services.models.catalog import ImportFormat
 
@@ -27,6 +28,7 @@ EVALUATE_EXAMPLE = {
     "protocols": ["knn", "linear_probe"],
     "probe_epochs": 20,
 }
+EMBED_EXAMPLE = {"model": "st_mem-tiny@1", "dataset": "ptbxl-500", "folds": [10], "record_limit": 16}
 
 
 class PretrainRequest(PretrainParams):
@@ -46,6 +48,12 @@ class EvaluateRequest(EvaluateParams):
     """Queue an evaluation job of a registered version's embeddings on a labelled dataset."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EVALUATE_EXAMPLE]})
+
+
+class EmbedRequest(EmbedDatasetParams):
+    """Queue an embedding export: every selected record of a dataset embedded with a version, as files."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [EMBED_EXAMPLE]})
 
 
 class JobCreated(BaseModel):

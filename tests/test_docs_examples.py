@@ -10,7 +10,7 @@ from tests.live import Service, wait_for
 pytestmark = pytest.mark.e2e
 
 # run in this order: registering the dataset first, then the pretraining job that makes st_mem-tiny@1
-ORDER = ["/datasets", "/jobs/pretrain", "/jobs/finetune", "/jobs/evaluate"]
+ORDER = ["/datasets", "/jobs/pretrain", "/jobs/finetune", "/jobs/evaluate", "/jobs/embed"]
 NOT_RUN = {"/models/import": "needs a published checkpoint, which ../shared/data does not hold"}
 
 

@@ -13,6 +13,7 @@ from api.deps import SessionDep, require_api_key
 from api.responses import errors
 from api.schemas import (
     DatasetUse,
+    EmbedRequest,
     EpochMetrics,
     EvaluateRequest,
     FinetuneRequest,
@@ -24,7 +25,6 @@ from api.schemas import (
 )
 from services.db.models import Job, JobStatus
 from services.jobs import store as jobs
-from services.jobs.export_embeddings import EmbedDatasetParams
 from services.jobs.store import ARTIFACT_NAME, ARTIFACT_TYPES, JOB_KINDS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -135,7 +135,7 @@ def submit_evaluate(session: SessionDep, body: EvaluateRequest, request: Request
         "`embeddings.parquet` where pyarrow is installed: GET /jobs/{id}/artifacts/{name}."
     ),
 )
-def submit_embed(session: SessionDep, body: EmbedDatasetParams, request: Request) -> JobCreated:
+def submit_embed(session: SessionDep, body: EmbedRequest, request: Request) -> JobCreated:
     return queued(session, jobs.new_embed_job(session, body), request)
 
 
