@@ -68,7 +68,7 @@ from services.export.onnx import (
     export_checked,
     sha256_file,
 )
-from services.inference.variants import CUDA, discard_exported, make_variants
+from services.inference.variants import CUDA, discard_exported, make_variants, probabilities_verdict
 from services.job_runner import JobReporter, member_prefix, run_job
 from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
@@ -615,7 +615,4 @@ def check_head_variants(variants: dict, onnx_path: Path, windows: np.ndarray) ->
         entry["probabilities_max_abs_diff"] = diff
         if not diff <= PROBABILITY_TOLERANCE:
             entry["status"] = "failed"
-            entry["reason"] = (
-                f"probabilities differ from fp32 by up to {diff:.4f} (> {PROBABILITY_TOLERANCE}) on the "
-                "check windows, although the embedding passed"
-            )
+            entry["reason"] = probabilities_verdict(name, entry, PROBABILITY_TOLERANCE, len(windows))

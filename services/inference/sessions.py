@@ -37,7 +37,7 @@ from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
 from services.inference.batching import BatchTiming, MicroBatcher
-from services.inference.variants import CUDA
+from services.inference.variants import CUDA, variant_verdict
 from services.registry import resolve_reference
 
 log = logging.getLogger(__name__)
@@ -166,14 +166,8 @@ def _variant_state(model: ServedModel, name: str) -> tuple[bool, str]:
     if entry is None:
         return False, f"{model.ref} has no {name} variant"
     if entry.get("status") != "passed":
-        detail = entry.get("reason") or entry.get("error") or ""
-        cosine = entry.get("cosine_min")
-        if cosine is not None:
-            threshold = entry.get("threshold")
-            detail = f"cosine to fp32 {cosine:.6f} < {threshold}" + (f"; {detail}" if detail else "")
-        return False, f"the {name} variant of {model.ref} is {entry.get('status')}" + (
-            f" ({detail})" if detail else ""
-        )
+        status = entry.get("status")
+        return False, f"the {name} variant of {model.ref} is {status}: {variant_verdict(name, entry)}"
     if not Path(entry["file"]).is_file():
         return False, f"the {name} variant file of {model.ref} is missing ({entry['file']})"
     return True, ""
