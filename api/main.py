@@ -12,7 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
+from api import metrics
 from api.guard import RequestGuard
+from api.metrics import RequestMetrics
 from api.responses import install_responses
 from api.routers import datasets, embed, health, jobs, methods, models, predict
 from services.db.session import error_text, is_transient
@@ -54,6 +56,7 @@ def create_app() -> FastAPI:
     )
 
     app.add_middleware(RequestGuard)  # the API key and the body-size limit, before the body is read
+    app.add_middleware(RequestMetrics, router=app.router)  # outermost: request ids, counts and latencies
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
@@ -88,6 +91,7 @@ def create_app() -> FastAPI:
         embed.router,
         predict.router,
         health.router,
+        metrics.router,
     ):
         app.include_router(router)
     install_responses(app)  # the OpenAPI document's API key as configured; a 405 lists all allowed methods

@@ -20,10 +20,11 @@ from services.db.session import session_scope
 from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
+from services.evaluation.plots import Caption, Figures, plot_history
 from services.export.onnx import export_checked, sha256_file
 from services.inference.variants import discard_exported, make_variants
 from services.job_runner import JobReporter, run_job
-from services.jobs import PretrainParams
+from services.jobs import PretrainParams, artifacts_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, save_encoder
 from services.models.families import family
 from services.registry import register_model_version
@@ -139,7 +140,7 @@ def training_processes(requested: int, device: torch.device) -> int:
     return requested
 
 
-def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> None:
+def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> dict:
     settings = get_settings()
     device = pick_device(settings.device)
     processes = training_processes(settings.train_processes, device)
@@ -154,7 +155,35 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
     else:
         model, result = _fit(plan, params, reporter, device)
         resumed_from = result.resumed_from_epoch
-    _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
+    ref = _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
+    return {"datasets": [p.used() for p in plan.parts], **loss_curve(job_id, params, plan, ref)}
+
+
+def loss_curve(job_id: uuid.UUID, params: PretrainParams, plan: TrainingPlan, ref: str) -> dict:
+    """The job's loss-curve PNG (train loss per epoch, and the validation loss where records were held out)
+    from its recorded epoch metrics, titled for the version ``ref``; its {figures, artifacts} result."""
+    history: dict[int, dict[str, float]] = {}
+    with session_scope() as s:
+        for m in s.get(Job, job_id).metrics:
+            if m.name in ("train_loss", "val_loss"):
+                history.setdefault(m.epoch, {"epoch": m.epoch})[m.name] = m.value
+    rows = [history[epoch] for epoch in sorted(history)]
+    if not rows:
+        return {}
+    names = ", ".join(p.name for p in plan.parts)
+    split = f"{names}: train {plan.train_segments} / val {plan.val_segments} segments"
+    headline = f"final train loss {rows[-1]['train_loss']:.4f}"
+    if "val_loss" in rows[-1]:
+        headline += f", val loss {rows[-1]['val_loss']:.4f}"
+    method = f"{params.method} pretraining ({params.model_size}, {len(rows)} epochs)"
+    figures = Figures(artifacts_dir(job_id))
+    figures.add(
+        "loss_curve.png",
+        "Loss per epoch",
+        Caption(method, split, headline),
+        lambda path, title: plot_history(rows, path, title),
+    )
+    return {"figures": figures.draw(ref), "artifacts": list_artifacts(job_id)}
 
 
 def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> TrainingPlan:
@@ -304,14 +333,15 @@ def _export_and_register(
     encoder: torch.nn.Module,
     resumed_from: int,
     reporter: JobReporter,
-) -> None:
+) -> str:
     """Export the encoder, check it, make its variants and register it, with a cancel check between the
     steps and one atomic with the registration; a cancelled job's ONNX files are removed. A job that had
-    registered before its worker died keeps that version (its files are not written again)."""
+    registered before its worker died keeps that version (its files are not written again). Returns the
+    version's 'name@version'."""
     registered = reporter.registered_version()
     if registered is not None:
         reporter.phase(f"registered as {registered.ref} before the task was delivered again")
-        return
+        return registered.ref
     onnx_path = plan.job_dir / "encoder.onnx"
     try:
         reporter.check_cancel("before export")
@@ -358,7 +388,7 @@ def _export_and_register(
                 },
             )
 
-        reporter.register_unless_cancelled(register)
+        return reporter.register_unless_cancelled(register)
     except Cancelled:
         discard_exported(onnx_path)
         raise

@@ -33,6 +33,7 @@ from services.downstream.common import (
 )
 from services.downstream.data import open_labelled, record_features, split_labels
 from services.evaluation.metrics import classification_result
+from services.evaluation.plots import Figures
 from services.inference.sessions import SESSIONS, ServedModel
 from services.job_runner import JobReporter, run_job
 from services.jobs import EvaluateParams, artifacts_dir, job_dir, list_artifacts
@@ -54,7 +55,7 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
         served = ServedModel.from_version(resolve_model_version(s, params.model))
         row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
     data = open_labelled(row, served.spec, params.record_limit, reporter, params.test_fold)
-    folder = artifacts_dir(job_id)
+    figures = Figures(artifacts_dir(job_id))
     reporter.phase(f"embedding {sum(data.counts().values())} records with {served.ref} (fp32 ONNX, 3 crops)")
     # uncached: a worker must not keep the session (GPU memory) after the job; one the API holds is reused
     with SESSIONS.lease(served, "fp32", strict=True, cache=False) as loaded:
@@ -77,7 +78,7 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
 
     if "knn" in params.protocols:
         reporter.phase("kNN")
-        result["knn"], _ = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, folder)
+        result["knn"], _ = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, figures)
         if params.store_reference:
             reference = save_reference(
                 job_dir(job_id) / "knn_reference.npz", embeddings["train"], labels["train"],
@@ -112,14 +113,15 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
             **probe.to_dict(),
             "val_macro_auroc": scores_auroc(labels["val"], scores["val"]),
         }
-        classification_plots("linear_probe", probe, labels["test"], scores["test"], folder)
-        history_plot(history, folder, "history", f"linear probe on {served.ref}")
+        method = "linear probe (frozen embeddings)"
+        classification_plots("linear_probe", method, probe, labels["test"], scores["test"], figures)
+        history_plot(history, figures, "history_linear_probe.png", method, data.counts())
 
     if "clustering" in params.protocols:
         reporter.phase("clustering")
-        title = f"{served.ref}: test embeddings by superclass"
         result["clustering"], _ = clustering_protocol(
-            embeddings["test"], labels["test"], names, folder, params.seed, params.map_method, title
+            embeddings["test"], labels["test"], names, figures, params.seed, params.map_method, "clustering"
         )
+    result["figures"] = figures.draw(served.ref)
     result["artifacts"] = list_artifacts(job_id)
     return result

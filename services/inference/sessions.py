@@ -38,6 +38,7 @@ from services.errors import ClientError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
 from services.inference.batching import BatchTiming, MicroBatcher
 from services.inference.variants import CUDA, variant_verdict
+from services.metrics import SESSION_LOAD_SECONDS, SESSION_LOADS, SESSIONS_CACHED
 from services.registry import resolve_reference
 
 log = logging.getLogger(__name__)
@@ -452,6 +453,8 @@ class SessionCache:
                     return loaded
                 plan = dataclasses.replace(plan, reason=f"{plan.reason}; the {CUDA} did not start ({why})")
             loaded = LoadedModel(model, plan, session)
+            SESSION_LOADS.labels(variant=plan.variant, device=plan.device).inc()
+            SESSION_LOAD_SECONDS.observe(time.perf_counter() - started)
             log.info(
                 "loaded %s %s on %s in %.2f s (%s)",
                 model.ref,
@@ -580,3 +583,4 @@ class SessionCache:
 
 
 SESSIONS = SessionCache()
+SESSIONS_CACHED.set_function(SESSIONS.__len__)

@@ -1,0 +1,75 @@
+"""``GET /metrics`` (Prometheus text format) and the middleware that counts and times every request by its
+route template and gives it a request id (``X-Request-ID``: the client's, else a new one; echoed on the
+response and carried by every log record of the request)."""
+
+import time
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.routing import Match, Router
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.metrics import REQUEST_SECONDS, REQUESTS, HeartbeatCollector, ServiceCollector, register_once
+from services.observability import REQUEST_ID, new_request_id
+
+REQUEST_ID_HEADER = "X-Request-ID"
+UNMATCHED = "<unmatched>"  # the route label of a request no route matched (a 404): its path is not a label
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", summary="Prometheus metrics of the gateway", include_in_schema=False)
+def metrics() -> Response:
+    """Requests by route and status with latency histograms, micro-batch sizes and waits, session loads and
+    the session cache, jobs by kind and status, the broker's queue depth and the workers' last heartbeats
+    (epoch durations are on each worker's own ``/metrics``: ``ECGSSL_WORKER_METRICS_PORT``)."""
+    register_once("service", ServiceCollector())
+    register_once("heartbeat", HeartbeatCollector())
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+class RequestMetrics:
+    """Pure ASGI middleware: request id, then the request counted and timed under its route template
+    (``/jobs/{job_id}``, not the path) once its response has started (or failed)."""
+
+    def __init__(self, app: ASGIApp, router: Router):
+        self.app, self.router = app, router
+
+    def route_of(self, scope: Scope) -> str:
+        """The template of the route that served the request; for one answered before routing (a 401 or 413
+        of the request guard), the route it was for; else ``UNMATCHED``."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.router.routes if r.matches(scope)[0] == Match.FULL), None)
+        return getattr(route, "path", None) or UNMATCHED
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(REQUEST_ID_HEADER.lower().encode())
+        request_id = new_request_id(given.decode("latin-1") if given else None)
+        token = REQUEST_ID.set(request_id)
+        started = time.perf_counter()
+        status = 500  # an exception before the response started is answered 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [
+                    *message["headers"],
+                    (REQUEST_ID_HEADER.lower().encode(), request_id.encode("latin-1")),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            template = self.route_of(scope)
+            method = scope.get("method", "")
+            REQUESTS.labels(method, template, str(status)).inc()
+            REQUEST_SECONDS.labels(method, template).observe(time.perf_counter() - started)
+            REQUEST_ID.reset(token)
