@@ -34,10 +34,17 @@ class ContextIds(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
         record.job_id = JOB_ID.get()
-        ids = [f"request {record.request_id}"] if record.request_id else []
-        ids += [f"job {record.job_id}"] if record.job_id else []
-        record.ids = f" [{', '.join(ids)}]" if ids else ""  # the text format's suffix
         return True
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, whose ``%(ids)s`` is ' [request ..., job ...]' (empty without ids)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ids = [f"request {record.request_id}"] if getattr(record, "request_id", None) else []
+        ids += [f"job {record.job_id}"] if getattr(record, "job_id", None) else []
+        record.ids = f" [{', '.join(ids)}]" if ids else ""
+        return super().format(record)
 
 
 class QuietThirdParty(logging.Filter):
@@ -69,7 +76,7 @@ def logging_config(level: str | int = "INFO", log_format: str | None = None) -> 
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         }
     else:
-        formatter = {"format": TEXT_FORMAT}
+        formatter = {"()": TextFormatter, "format": TEXT_FORMAT}
     level = logging.getLevelName(level) if isinstance(level, int) else level.upper()
     quiet = {name: {"level": "WARNING"} for name in QUIET_PACKAGES}
     return {

@@ -470,8 +470,9 @@ def _evaluate(
         keep = ("epoch", "train_loss", "val_loss", "codes_used", "perplexity")  # losses left, usage right
         codebook = [{k: v for k, v in row.items() if k in keep} for row in trained.history]
         num_codes = trained.extra["codebook"]["num_codes"]
-        used = codebook[-1].get("codes_used", float("nan")) if codebook else float("nan")
-        headline = f"{used:.0f} of {num_codes} codes used in the last epoch"
+        last = codebook[-1] if codebook else {}
+        used, perplexity = last.get("codes_used", float("nan")), last.get("perplexity", float("nan"))
+        headline = f"last epoch: {used:.0f} of {num_codes} codes used, perplexity {perplexity:.3f}"
         caption = Caption(params.method, f"train {records['train']} records", headline)
         result["artifacts"].append(figures.add(
             "codebook.png", "Loss and codebook usage", caption,
