@@ -119,13 +119,14 @@ class ServiceCollector(Collector):
 
 
 def queue_depth(queue: str) -> int:
-    """Messages ready in ``queue``: a passive declare (Redis: the list lengths of its priorities; Celery's
-    SQLAlchemy transport: its visible rows)."""
+    """Messages ready in ``queue``, from a (non-passive: Redis deletes an emptied queue's list, which a
+    passive declare would report as a missing queue) declare of it: Redis counts the lists of its
+    priorities, Celery's SQLAlchemy transport its visible rows."""
     from worker.celery_app import celery_app
 
     with celery_app.connection_for_read() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
-        return int(conn.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        return int(conn.default_channel.queue_declare(queue=queue, durable=True).message_count)
 
 
 class HeartbeatCollector(Collector):

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +22,15 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
+from tests.conftest import fresh_postgres_url, fresh_redis_url, needs_servers
 from tests.live import (
     TINY_JOB,
+    WORKER_COMMAND,
     Service,
     base_env,
     dump_logs,
     free_port,
+    migrated,
     start_service,
     stop_service,
     wait_for,
@@ -200,6 +204,35 @@ def test_a_pretraining_job_draws_its_loss_curve_titled_with_its_version(observed
     ), rest
 
 
+@needs_servers
+def test_a_prefork_worker_on_redis_serves_its_metrics_from_its_pool_process(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """As docker-compose.yml runs it: api + a prefork Celery worker on PostgreSQL and Redis."""
+    env = migrated(base_env(tmp_path, fresh_postgres_url(), fresh_redis_url()))
+    port = free_port()
+    env["ECGSSL_WORKER_METRICS_PORT"] = str(port)
+    api = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", "{port}", "--no-migrate"]
+    service = start_service(env, [api, WORKER_COMMAND], tmp_path)
+    try:
+        with service.client() as client:
+            created = client.post("/jobs/pretrain", json=TINY_JOB)
+            assert created.status_code == 202, created.text
+            job = wait_for(client, created.json()["job_id"], lambda j: j["status"] in FINISHED, 300)
+            assert job["status"] == "succeeded", f"{job}\n{dump_logs(service)}"
+        worker = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert value(worker, "ecgssl_epoch_duration_seconds_count", kind="pretrain") == TINY_JOB["epochs"]
+        assert value(worker, "ecgssl_worker_job_runs_total", kind="pretrain", outcome="succeeded") == 1
+        gateway = scrape(f"{service.url}/metrics")
+        assert value(gateway, "ecgssl_queue_depth", queue="gpu") == 0  # Redis: the queue's list lengths
+        assert value(gateway, "ecgssl_jobs", kind="pretrain", status="succeeded") == 1
+        assert "ecgssl_scrape_errors" not in gateway
+        epoch_lines = [line for line in service.logs[1].read_text().splitlines() if "services.epochs" in line]
+        assert len(epoch_lines) == TINY_JOB["epochs"] and all(f"[job {job['id']}]" in x for x in epoch_lines)
+    finally:
+        stop_service(service)
+
+
 # --------------------------------------------------------------------------------------------------
 # clean shutdown
 
@@ -273,3 +306,21 @@ def test_a_signal_stops_the_gateway_and_its_worker_and_the_job_resumes(
         assert metrics["resumed_from_epoch"] >= 1, metrics  # from its checkpoint, not from the start
     finally:
         stop_service(service)
+
+
+@needs_servers
+def test_queue_depth_counts_the_messages_no_worker_has_taken() -> None:
+    from services.metrics import queue_depth
+    from worker.celery_app import celery_app
+
+    queue = f"depth-{uuid.uuid4().hex[:8]}"  # a queue of its own on the test run's Redis: no worker reads it
+    assert celery_app.conf.broker_url.startswith("redis://")
+    assert queue_depth(queue) == 0
+    for _ in range(3):
+        celery_app.send_task("ecgssl.pretrain", args=[str(uuid.uuid4())], queue=queue)
+    try:
+        assert queue_depth(queue) == 3
+    finally:
+        with celery_app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue)
+    assert queue_depth(queue) == 0
