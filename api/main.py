@@ -16,10 +16,10 @@ from api import metrics
 from api.guard import RequestGuard
 from api.metrics import RequestMetrics
 from api.responses import install_responses
-from api.routers import datasets, embed, health, jobs, methods, models, predict
+from api.routers import datasets, embed, health, jobs, methods, model_files, models, predict
 from services.db.session import error_text, is_transient
 from services.errors import ClientError
-from services.shipped import register_on_first_start
+from services.registry.shipped import register_on_first_start
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def create_app() -> FastAPI:
         jobs.router,
         methods.router,
         models.router,
+        model_files.router,
         embed.router,
         predict.router,
         health.router,

@@ -2,15 +2,22 @@
 route template and gives it a request id (``X-Request-ID``: the client's, else a new one; echoed on the
 response and carried by every log record of the request)."""
 
+import logging
 import time
+from collections.abc import Iterator
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.metrics import REQUEST_SECONDS, REQUESTS, HeartbeatCollector, ServiceCollector, register_once
+from services.metrics import REQUEST_SECONDS, REQUESTS, HeartbeatCollector, register_once
 from services.observability import REQUEST_ID, new_request_id
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
 UNMATCHED = "<unmatched>"  # the route label of a request no route matched (a 404): its path is not a label
@@ -26,6 +33,61 @@ def metrics() -> Response:
     register_once("service", ServiceCollector())
     register_once("heartbeat", HeartbeatCollector())
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+class ServiceCollector(Collector):
+    """Jobs by kind and status (the run log) and the broker's queue depth, read at each scrape; a source
+    that does not answer leaves its metric out and counts in ``ecgssl_scrape_errors``."""
+
+    def __init__(self, queue: str = "gpu"):
+        self.queue = queue
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from services.db.models import Job, JobStatus
+        from services.db.session import session_scope
+
+        errors = GaugeMetricFamily(
+            "ecgssl_scrape_errors", "sources that failed during this scrape", labels=["source"]
+        )
+        try:
+            with session_scope() as s:
+                rows = s.execute(
+                    select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
+                ).all()
+            jobs = GaugeMetricFamily(
+                "ecgssl_jobs", "jobs in the run log by kind and status", labels=["kind", "status"]
+            )
+            counts = {(str(kind), str(status)): n for kind, status, n in rows}
+            for kind in sorted({k for k, _ in counts} | {"pretrain", "finetune", "evaluate"}):
+                for status in JobStatus:
+                    jobs.add_metric([kind, status.value], counts.get((kind, status.value), 0))
+            yield jobs
+        except Exception as exc:
+            log.warning("metrics: the run log could not be read: %s", exc)
+            errors.add_metric(["database"], 1)
+        try:
+            depth = GaugeMetricFamily(
+                "ecgssl_queue_depth",
+                "messages waiting in the broker queue (not yet taken by a worker)",
+                labels=["queue"],
+            )
+            depth.add_metric([self.queue], queue_depth(self.queue))
+            yield depth
+        except Exception as exc:
+            log.warning("metrics: the broker queue could not be read: %s", exc)
+            errors.add_metric(["broker"], 1)
+        yield errors
+
+
+def queue_depth(queue: str) -> int:
+    """Messages ready in ``queue``, from a (non-passive: Redis deletes an emptied queue's list, which a
+    passive declare would report as a missing queue) declare of it: Redis counts the lists of its
+    priorities, Celery's SQLAlchemy transport its visible rows."""
+    from worker.celery_app import celery_app
+
+    with celery_app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=1, timeout=2)
+        return int(conn.default_channel.queue_declare(queue=queue, durable=True).message_count)
 
 
 class RequestMetrics:

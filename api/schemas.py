@@ -6,7 +6,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.datasets import DataPath
-from services.jobs import EvaluateParams, FinetuneParams, PretrainParams
+from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
 from services.models.catalog import ImportFormat
 
 

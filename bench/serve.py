@@ -342,8 +342,8 @@ def main() -> None:
     from services.ecg.preprocess import InputSpec, preprocess
     from services.ecg.readers import read_wfdb
     from services.export.onnx import INPUT_NAME, OUTPUT_NAME, export_checked, sha256_file
+    from services.export.variants import make_variants
     from services.inference.sessions import ServedModel, SessionPlan, _load
-    from services.inference.variants import make_variants
     from services.models.st_mem import SIZES, StMemEncoder
     from services.registry import register_model_version
 

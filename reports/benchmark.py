@@ -3,9 +3,9 @@ functions the service's jobs call.
 
 Each of the 10 ``strat_fold``s is the test fold once, the next fold validates (thresholds, the best epoch,
 the probe's C), the other eight train (``FinetuneParams.test_fold``). Pretraining never sees ptbxl-500: each
-self-supervised method is pretrained once, by a real pretraining job (``services.pretraining``, the method's
+self-supervised method is pretrained once, by a real pretraining job (``services.jobs.pretrain``, the method's
 default recipe) on ptbxl-unlabelled (1,320 records), and that encoder serves all ten folds. Every other line
-is a real fine-tuning job (``services.downstream.finetune``: train, evaluate, export to ONNX, parity,
+is a real fine-tuning job (``services.jobs.finetune``: train, evaluate, export to ONNX, parity,
 register) run in this process on a temporary embedded database, except the clinical-features baseline
 (the service's NeuroKit2 measurements, ``services.ecg.clinical``, with scikit-learn's logistic regression).
 
@@ -75,12 +75,12 @@ def environment(work: Path, data: Path, threads: int) -> None:
 
 def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | FinetuneParams)
     """Queue-less: write the job row and run it as the worker would; its row's result (exit on failure)."""
-    from services.dataset_registry import dataset_for_job
+    from services.datasets.registry import dataset_for_job
     from services.db.models import Job
     from services.db.session import session_scope
-    from services.downstream.finetune import run_finetune_job
-    from services.jobs import create_job
-    from services.pretraining import run_pretrain_job
+    from services.jobs.finetune import run_finetune_job
+    from services.jobs.pretrain import run_pretrain_job
+    from services.jobs.store import create_job
 
     with session_scope() as s:
         row = dataset_for_job(s, params.dataset)
@@ -100,7 +100,7 @@ def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | Finet
 
 def pretrained(method: str, epochs: int | None, work: Path) -> str:
     """The registered encoder of ``method`` pretrained on ptbxl-unlabelled (made once per ``work``)."""
-    from services.jobs import PretrainParams
+    from services.jobs.params import PretrainParams
 
     known = work / f"pretrained-{method}.json"
     if known.is_file():
@@ -136,7 +136,7 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
     """A line that runs one fine-tuning job per fold and reads its test (and kNN) figures."""
 
     def run(fold: int, args: argparse.Namespace) -> dict:
-        from services.jobs import FinetuneParams
+        from services.jobs.params import FinetuneParams
 
         given = {
             k: (pretrained(v, args.pretrain_epochs, args.work) if k == "model" else v)
@@ -167,12 +167,12 @@ def clinical_line(fold: int, args: argparse.Namespace) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from services.config import get_settings
-    from services.dataset_registry import dataset_for_job
+    from services.datasets.registry import dataset_for_job
     from services.db.session import session_scope
-    from services.downstream.data import open_labelled
     from services.ecg.clinical import FeatureNormaliser, clinical_features_for
     from services.evaluation.linear_probe import macro_auroc
-    from services.job_runner import JobReporter
+    from services.jobs.labelled import open_labelled
+    from services.jobs.runner import JobReporter
     from services.models.resnet1d import INPUT_SPEC
 
     started = time.perf_counter()

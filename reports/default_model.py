@@ -95,10 +95,10 @@ def main() -> None:
     os.environ["ECGSSL_EXPORT_VARIANTS"] = "none"  # made where it is registered
 
     from services.db.session import session_scope
-    from services.jobs import FinetuneParams
+    from services.jobs.params import FinetuneParams
     from services.models.families import family as family_named
     from services.registry import resolve_model_version
-    from services.shipped import export_version
+    from services.registry.shipped import export_version
 
     started = time.perf_counter()
     fields = dict(BEST)

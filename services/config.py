@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(
         None,
-        description="model served when a request names none: 'name' (its 'production' alias, else its newest "
-        "version), 'name@alias' or 'name@version'; unset: the model of the newest version, as 'name'",
+        description="model served when a request names none: 'name' (its 'production' alias), 'name@alias' "
+        "or 'name@version'; unset: the shipped model's 'production' alias (models/default, registered on "
+        "first start), else the first model registered's; never simply the newest version",
     )
     serve_precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
         "auto",

@@ -3,8 +3,8 @@
 Observed where they happen: HTTP requests (``api/metrics.py``), micro-batches
 (``services/inference/batching.py``), session loads and the cache (``services/inference/sessions.py``),
 training epochs (``services/observability.log_epoch``), finished job runs (the worker's ``task_postrun``).
-Computed at scrape time from the database and the broker (``ServiceCollector``, ``HeartbeatCollector``): jobs
-by kind and status, the broker's queue depth, each worker's last heartbeat.
+Computed at scrape time: each worker's last heartbeat from the database (``HeartbeatCollector``); jobs by
+kind and status and the broker's queue depth on the gateway (``api/metrics.py``).
 
 The gateway serves them at ``GET /metrics``; a worker at ``http://<host>:ECGSSL_WORKER_METRICS_PORT/metrics``
 (``start_worker_server``, in the process that runs its tasks).
@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 log = logging.getLogger(__name__)
 
@@ -72,61 +72,6 @@ JOB_RUNS = Counter(
     "job deliveries a worker ran to their end, by kind and outcome",
     ["kind", "outcome"],
 )
-
-
-class ServiceCollector(Collector):
-    """Jobs by kind and status (the run log) and the broker's queue depth, read at each scrape; a source
-    that does not answer leaves its metric out and counts in ``ecgssl_scrape_errors``."""
-
-    def __init__(self, queue: str = "gpu"):
-        self.queue = queue
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        from services.db.models import Job, JobStatus
-        from services.db.session import session_scope
-
-        errors = GaugeMetricFamily(
-            "ecgssl_scrape_errors", "sources that failed during this scrape", labels=["source"]
-        )
-        try:
-            with session_scope() as s:
-                rows = s.execute(
-                    select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
-                ).all()
-            jobs = GaugeMetricFamily(
-                "ecgssl_jobs", "jobs in the run log by kind and status", labels=["kind", "status"]
-            )
-            counts = {(str(kind), str(status)): n for kind, status, n in rows}
-            for kind in sorted({k for k, _ in counts} | {"pretrain", "finetune", "evaluate"}):
-                for status in JobStatus:
-                    jobs.add_metric([kind, status.value], counts.get((kind, status.value), 0))
-            yield jobs
-        except Exception as exc:
-            log.warning("metrics: the run log could not be read: %s", exc)
-            errors.add_metric(["database"], 1)
-        try:
-            depth = GaugeMetricFamily(
-                "ecgssl_queue_depth",
-                "messages waiting in the broker queue (not yet taken by a worker)",
-                labels=["queue"],
-            )
-            depth.add_metric([self.queue], queue_depth(self.queue))
-            yield depth
-        except Exception as exc:
-            log.warning("metrics: the broker queue could not be read: %s", exc)
-            errors.add_metric(["broker"], 1)
-        yield errors
-
-
-def queue_depth(queue: str) -> int:
-    """Messages ready in ``queue``, from a (non-passive: Redis deletes an emptied queue's list, which a
-    passive declare would report as a missing queue) declare of it: Redis counts the lists of its
-    priorities, Celery's SQLAlchemy transport its visible rows."""
-    from worker.celery_app import celery_app
-
-    with celery_app.connection_for_read() as conn:
-        conn.ensure_connection(max_retries=1, timeout=2)
-        return int(conn.default_channel.queue_declare(queue=queue, durable=True).message_count)
 
 
 class HeartbeatCollector(Collector):

@@ -193,28 +193,29 @@ def registered_tiny_model(tmp_path_factory: pytest.TempPathFactory, data_dir: Pa
     from services.db.session import session_scope
     from services.ecg.preprocess import InputSpec, preprocess
     from services.ecg.readers import read_wfdb
-    from services.export.onnx import export_encoder, parity_max_abs_diff, sha256_file
     from services.models.st_mem import SIZES, StMemEncoder
     from services.registry import register_model_version
+    from services.registry.publish import publish
 
     torch.manual_seed(0)
     encoder = StMemEncoder(SIZES["tiny"]).eval()
     spec = InputSpec()
     windows = preprocess(read_wfdb(data_dir / "ptbxl-500/records500/00000/00001_hr.hea"), spec)
     path = tmp_path_factory.mktemp("model") / "encoder.onnx"
-    export_encoder(encoder, torch.from_numpy(windows[:1]), path)
     with session_scope() as s:
-        version = register_model_version(
-            s,
-            name=f"test-tiny-{uuid.uuid4().hex[:6]}",
-            method="st_mem",
-            source_job_id=None,
-            onnx_path=str(path),
-            sha256=sha256_file(path),
-            input_spec=spec.to_dict(),
-            embedding_dim=SIZES["tiny"].width,
-            parity_max_abs_diff=parity_max_abs_diff(encoder, path, windows),
-            metrics={},
+        version = publish(
+            encoder,
+            windows,
+            path,
+            spec,
+            lambda published: register_model_version(
+                s,
+                name=f"test-tiny-{uuid.uuid4().hex[:6]}",
+                method="st_mem",
+                source_job_id=None,
+                metrics={},
+                **published.fields(),
+            ),
         )
         return version.ref, encoder
 

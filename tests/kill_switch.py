@@ -16,8 +16,8 @@ import signal
 
 import torch
 
-import services.pretraining
-from services.job_runner import JobReporter
+import services.registry.publish
+from services.jobs.runner import JobReporter
 from worker.celery_app import celery_app
 
 __all__ = ["celery_app"]
@@ -48,13 +48,13 @@ def _arm(kill_at: str) -> None:
 
         torch.save = save_then_die
     elif where == "export":
-        export_checked = services.pretraining.export_checked
+        export_checked = services.registry.publish.export_checked
 
         def export_then_die(*args: object, **kwargs: object) -> float:
             export_checked(*args, **kwargs)
             die()
 
-        services.pretraining.export_checked = export_then_die
+        services.registry.publish.export_checked = export_then_die
     elif where == "registered":
         update = JobReporter.update
 

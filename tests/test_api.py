@@ -23,8 +23,8 @@ from services.db.models import Dataset
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.readers import read_wfdb
+from services.jobs.workers import beat, forget
 from services.models.st_mem import SIZES, StMemEncoder
-from services.workers import beat, forget
 
 HR_RECORD = "ptbxl-500/records500/00000/00001_hr"
 

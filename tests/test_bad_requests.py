@@ -222,6 +222,34 @@ CASES: dict[str, tuple[str, str, dict, int, list[str]]] = {
         422,
         ["seed", "less than or equal to 4294967295"],
     ),
+    "embedding export with an unknown model": (
+        "POST",
+        "/jobs/embed",
+        {"json": {"dataset": "ptbxl-500", "model": "no-such-model"}},
+        404,
+        ["'no-such-model' is not registered"],
+    ),
+    "embedding export with fold 11": (
+        "POST",
+        "/jobs/embed",
+        {"json": {"dataset": "ptbxl-500", "model": "no-such-model", "folds": [11]}},
+        422,
+        ["folds", "strat_fold values 1-10"],
+    ),
+    "embedding export with record_limit 0 and an unknown precision": (
+        "POST",
+        "/jobs/embed",
+        {"json": {"dataset": "ptbxl-500", "model": "m", "record_limit": 0, "precision": "int4"}},
+        422,
+        ["record_limit", "greater than or equal to 1", "precision", "'fp32'"],
+    ),
+    "embedding export without a model": (
+        "POST",
+        "/jobs/embed",
+        {"json": {"dataset": "ptbxl-500"}},
+        422,
+        ["body.model", "Field required"],
+    ),
     "an integer of 5000 digits in a JSON body": (
         "POST",
         "/jobs/pretrain",
@@ -287,13 +315,13 @@ def _failing_job(body) -> tuple[str, str]:  # noqa: ANN001
     """Run a queued job whose body is ``body``; (its stored error, the job's id)."""
     from services.db.models import Job
     from services.db.session import session_scope
-    from services.job_runner import run_job
+    from services.jobs.runner import run_job
 
     class Nothing(BaseModel):
         pass
 
     with session_scope() as s:
-        from services.jobs import create_job
+        from services.jobs.store import create_job
 
         job_id = create_job(s, "pretrain", Nothing(), epochs=1).id
     assert run_job(job_id, "test-worker", body) == "failed"
@@ -309,7 +337,7 @@ def test_a_crashed_job_shows_a_one_line_error_and_logs_the_traceback(
     def body(params: dict, reporter: object) -> None:
         (root / "ptbxl-500" / "no-such-file.npy").open()
 
-    with caplog.at_level(logging.ERROR, logger="services.job_runner"):
+    with caplog.at_level(logging.ERROR, logger="services.jobs.runner"):
         error, job_id = _failing_job(body)
     assert "\n" not in error and "Traceback" not in error, error
     assert str(root) not in error and "/work" not in error, error
@@ -323,7 +351,7 @@ def test_a_crashed_job_shows_a_one_line_error_and_logs_the_traceback(
 
 
 def test_a_job_refused_by_the_worker_shows_a_one_line_error(api: TestClient) -> None:
-    from services.pretraining import PretrainParams
+    from services.jobs.pretrain import PretrainParams
 
     def body(params: dict, reporter: object) -> None:
         PretrainParams.model_validate({"dataset": "x", "epochs": 0, "seed": -1})
@@ -334,7 +362,7 @@ def test_a_job_refused_by_the_worker_shows_a_one_line_error(api: TestClient) -> 
 
 
 def test_a_job_error_never_carries_an_absolute_path() -> None:
-    from services.job_runner import public_error
+    from services.jobs.runner import public_error
 
     settings = get_settings()
     artifacts = Path(settings.artifact_dir).resolve()

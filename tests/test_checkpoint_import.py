@@ -27,12 +27,12 @@ from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import sha256_file
-from services.model_import import import_checkpoint
 from services.models.checkpoints import load_encoder, load_st_mem_encoder
 from services.models.ecg_jepa import INPUT_SPEC as JEPA_SPEC
 from services.models.ecg_jepa import SIZES as JEPA_SIZES
 from services.models.ecg_jepa import EcgJepaEncoder
 from services.models.st_mem import SIZES, StMemEncoder, StMemMae
+from services.registry.checkpoint_import import import_checkpoint
 
 from .conftest import DATA, ROOT, parse_reference
 

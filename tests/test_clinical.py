@@ -240,7 +240,7 @@ def test_a_hybrid_job_registers_its_normaliser_and_embed_appends_the_measurement
 
     from services.db.models import ModelVersion
     from services.db.session import session_scope
-    from services.pretraining import run_pretrain_job
+    from services.jobs.pretrain import run_pretrain_job
 
     settings_env.setenv("ECGSSL_DEVICE", "cpu")
     name = f"hybrid-{uuid.uuid4().hex[:6]}"

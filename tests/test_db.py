@@ -86,3 +86,44 @@ def test_upgrade_keeps_rows_written_by_the_first_schema(empty_database: str) -> 
         assert row[3] in ({}, "{}")
     finally:
         engine.dispose()
+
+
+def test_upgrade_gives_each_model_without_production_alias_one_at_its_newest_version(
+    empty_database: str,
+) -> None:
+    """0005 -> head: a bare name served the newest version of a model without 'production', and serves only
+    'production' after; the upgrade points it there (a model that had one keeps it)."""
+    config = alembic_config(empty_database)
+    command.upgrade(config, "0005")
+    engine = create_engine(empty_database)
+    version = (
+        "INSERT INTO model_versions (id, model_id, version, onnx_path, sha256, input_spec, embedding_dim, "
+        "parity_max_abs_diff, metrics, created_at) "
+        "VALUES (:id, :model, :version, 'x.onnx', 'ab', '{}', 8, 0, '{}', CURRENT_TIMESTAMP)"
+    )
+    try:
+        with engine.begin() as conn:
+            for model_id, name in ((1, "unpromoted"), (2, "promoted")):
+                conn.execute(
+                    text(
+                        "INSERT INTO models (id, name, method, created_at) "
+                        "VALUES (:id, :name, 'st_mem', CURRENT_TIMESTAMP)"
+                    ),
+                    {"id": model_id, "name": name},
+                )
+            for row_id, model_id, number in ((1, 1, 1), (2, 1, 2), (3, 2, 1), (4, 2, 2)):
+                conn.execute(text(version), {"id": row_id, "model": model_id, "version": number})
+            conn.execute(
+                text(
+                    "INSERT INTO model_aliases (model_id, name, version_id, created_at, updated_at) "
+                    "VALUES (2, 'production', 3, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+        command.upgrade(config, "head")
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT model_id, name, version_id FROM model_aliases ORDER BY model_id, name")
+            ).all()
+        assert [tuple(r) for r in rows] == [(1, "production", 2), (2, "production", 3)]
+    finally:
+        engine.dispose()

@@ -281,8 +281,9 @@ def test_a_pretraining_job_starts_itself_under_torchrun(
     process re-opens the same plan: with several datasets too)."""
     from services.db.models import Job, ModelVersion
     from services.db.session import session_scope
-    from services.jobs import PretrainParams, create_job
-    from services.pretraining import run_pretrain_job
+    from services.jobs.params import PretrainParams
+    from services.jobs.pretrain import run_pretrain_job
+    from services.jobs.store import create_job
 
     settings_env.setenv("ECGSSL_DEVICE", "cpu")
     params = PretrainParams(**data, epochs=2, batch_size=8, learning_rate=1e-3, checkpoint_every=1)
@@ -321,9 +322,10 @@ def test_a_several_dataset_plan_reopens_identically(
     re-opens the same caches (not rebuilt) with the same per-dataset hold-outs, in the same order."""
     from services.db.models import Job
     from services.db.session import session_scope
-    from services.job_runner import JobReporter
-    from services.jobs import PretrainParams, create_job
-    from services.pretraining import _plan
+    from services.jobs.params import PretrainParams
+    from services.jobs.pretrain import _plan
+    from services.jobs.runner import JobReporter
+    from services.jobs.store import create_job
 
     params = PretrainParams(
         dataset=[
@@ -351,8 +353,9 @@ def test_a_batch_that_does_not_split_between_processes_fails_the_job_clearly(
 ) -> None:
     from services.db.models import Job
     from services.db.session import session_scope
-    from services.jobs import PretrainParams, create_job
-    from services.pretraining import run_pretrain_job
+    from services.jobs.params import PretrainParams
+    from services.jobs.pretrain import run_pretrain_job
+    from services.jobs.store import create_job
 
     settings_env.setenv("ECGSSL_DEVICE", "cpu")
     settings_env.setenv("ECGSSL_TRAIN_PROCESSES", "2")
@@ -373,8 +376,9 @@ def test_cancelling_a_torchrun_job_stops_every_process(
 
     from services.db.models import Job
     from services.db.session import session_scope
-    from services.jobs import PretrainParams, create_job, request_cancel
-    from services.pretraining import run_pretrain_job
+    from services.jobs.params import PretrainParams
+    from services.jobs.pretrain import run_pretrain_job
+    from services.jobs.store import create_job, request_cancel
 
     settings_env.setenv("ECGSSL_DEVICE", "cpu")
     settings_env.setenv("ECGSSL_TRAIN_PROCESSES", "2")
@@ -396,5 +400,5 @@ def test_cancelling_a_torchrun_job_stops_every_process(
     with session_scope() as s:
         job = s.get(Job, job_id)
         assert job.status == "cancelled" and job.epoch < params.epochs
-    left = subprocess.run(["pgrep", "-f", f"services.pretraining {job_id}"], capture_output=True, text=True)
+    left = subprocess.run(["pgrep", "-f", f"services.jobs.pretrain {job_id}"], capture_output=True, text=True)
     assert left.stdout.strip() == ""  # no training process outlives the job

@@ -17,13 +17,13 @@ from PIL import Image
 from services.config import get_settings
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
-from services.downstream.common import fit_linear_head, head_scores
-from services.downstream.data import crops, features_of, open_labelled, three_crop, torch_fn
 from services.ecg.preprocess import InputSpec, prepare_signal, preprocess, three_crop_starts
 from services.ecg.readers import read_wfdb
 from services.evaluation.metrics import tune_thresholds
 from services.inference.embed import SESSIONS, ServedModel, embed_recordings
-from services.job_runner import JobReporter
+from services.jobs.downstream import fit_linear_head, head_scores
+from services.jobs.labelled import crops, features_of, open_labelled, three_crop, torch_fn
+from services.jobs.runner import JobReporter
 from services.models.checkpoints import load_saved_encoder
 from services.models.heads import DiagnosisModel, LinearHead
 from services.registry import resolve_model_version
@@ -224,9 +224,9 @@ def test_a_column_constant_in_training_is_not_blown_up_at_val_or_serve(tmp_path:
 
 def run_job(job_id: str) -> Job:
     """Run a queued job as the worker would (the task's services function) and return its row."""
-    from services.downstream.evaluate import run_evaluate_job
-    from services.downstream.finetune import run_finetune_job
-    from services.pretraining import run_pretrain_job
+    from services.jobs.evaluate import run_evaluate_job
+    from services.jobs.finetune import run_finetune_job
+    from services.jobs.pretrain import run_pretrain_job
 
     with session_scope() as s:
         kind = s.get(Job, uuid.UUID(job_id)).kind
@@ -545,7 +545,7 @@ def test_vqvae_job_keeps_its_codebook_in_use(client: TestClient, base: str, data
 
 
 def test_cancelled_and_duplicate_deliveries_do_not_run(client: TestClient, base: str) -> None:
-    from services.workers import beat, forget
+    from services.jobs.workers import beat, forget
 
     job_id = post_job(client, "finetune", {**COMMON, "model": base, "method": "linear_probe"})
     assert client.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"

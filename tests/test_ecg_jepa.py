@@ -19,6 +19,7 @@ from services.ecg.preprocess import prepare_signal, preprocess
 from services.ecg.readers import read_wfdb
 from services.errors import ClientError
 from services.export.onnx import INPUT_NAME, OUTPUT_NAME, export_checked
+from services.jobs.pretrain import run_pretrain_job
 from services.models import ecg_jepa
 from services.models.checkpoints import FORMATS, load_ecg_jepa_encoder, load_encoder, load_st_mem_encoder
 from services.models.ecg_jepa import (
@@ -35,7 +36,6 @@ from services.models.ecg_jepa import (
 )
 from services.models.st_mem import SIZES as ST_MEM_SIZES
 from services.models.st_mem import StMemEncoder
-from services.pretraining import run_pretrain_job
 from services.training.loop import CropDataset, TrainConfig, train
 
 from .conftest import checkpoint_key_sections

@@ -13,13 +13,13 @@ from fastapi.testclient import TestClient
 from services.datasets.kinds import open_dataset
 from services.db.models import ModelVersion
 from services.db.session import session_scope
-from services.downstream.common import BestEpoch, LayerDecayLoss
-from services.jobs import FinetuneParams, PretrainParams
+from services.jobs.downstream import BestEpoch, LayerDecayLoss
+from services.jobs.params import FinetuneParams, PretrainParams
+from services.jobs.pretrain import build_objective, input_spec
 from services.models import ecg_jepa, resnet1d, st_mem
 from services.models.checkpoints import load_saved_encoder, save_encoder
 from services.models.families import FAMILIES, family_of
 from services.models.heads import DiagnosisModel, LinearHead
-from services.pretraining import build_objective, input_spec
 from tests.test_api import wfdb_files
 from tests.test_downstream import finished, post_job
 

@@ -22,8 +22,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from services.db.models import Job, JobMetric, ModelVersion
 from services.db.session import get_engine, is_transient, session_scope
-from services.job_runner import JobReporter, run_job
-from services.jobs import FinetuneParams, PretrainParams, job_dir
+from services.jobs.params import FinetuneParams, PretrainParams
+from services.jobs.runner import JobReporter, run_job
+from services.jobs.store import job_dir
 from tests.conftest import PG_ADMIN, SettingsEnv, fresh_postgres_url, needs_servers
 from tests.test_db import alembic_config
 
@@ -317,8 +318,8 @@ TINY_LINEAR_PROBE = {"dataset": "ptbxl-500", "family": "st_mem", "model_size": "
     ],
 )
 def test_a_job_cancelled_in_any_phase_registers_nothing(client: TestClient, kind: str, when: str) -> None:
-    from services.downstream.finetune import finetune
-    from services.pretraining import _pretrain
+    from services.jobs.finetune import finetune
+    from services.jobs.pretrain import _pretrain
 
     name = f"cancel-{uuid.uuid4().hex[:8]}"
     body = {**(TINY_PRETRAIN if kind == "pretrain" else TINY_LINEAR_PROBE), "model_name": name}

@@ -5,7 +5,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.schemas import METHODS_EXAMPLE
-from services.jobs import PretrainParams
+from services.jobs.params import PretrainParams
 from services.models.families import FAMILIES
 
 
@@ -58,7 +58,7 @@ def test_pretrain_recipe_is_what_a_pretraining_job_fills_in(listed: dict) -> Non
 
 
 def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> None:
-    from services.jobs import FinetuneParams
+    from services.jobs.params import FinetuneParams
 
     shown = size_of(listed, "resnet1d", "base")["finetune_recipe"]
     params = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")

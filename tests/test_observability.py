@@ -310,7 +310,7 @@ def test_a_signal_stops_the_gateway_and_its_worker_and_the_job_resumes(
 
 @needs_servers
 def test_queue_depth_counts_the_messages_no_worker_has_taken() -> None:
-    from services.metrics import queue_depth
+    from api.metrics import queue_depth
     from worker.celery_app import celery_app
 
     queue = f"depth-{uuid.uuid4().hex[:8]}"  # a queue of its own on the test run's Redis: no worker reads it

@@ -208,7 +208,7 @@ def test_fuzzing_finds_no_server_error_and_nothing_undocumented(fuzz_server: Ser
     done, report = run_schemathesis(fuzz_server, tmp_path)
     output = (done.stdout + done.stderr)[-12000:]
     assert done.returncode == 0, output
-    operations = 11 if fuzz_server.api_key else 23
+    operations = 12 if fuzz_server.api_key else 26
     assert report["operations"]["tested"] == report["operations"]["selected"] == operations, output
     assert report["failures"] == [] and report["errors"] == [], output
     assert report["test_cases"]["generated"] > operations * MAX_EXAMPLES, output
@@ -419,7 +419,7 @@ def test_registering_a_name_another_request_is_registering_is_a_409() -> None:
     after (a unique violation: was a 500)."""
     from sqlalchemy.orm import Session
 
-    from services.dataset_registry import DatasetRequest, register_dataset
+    from services.datasets.registry import DatasetRequest, register_dataset
     from services.db.session import get_engine
     from services.errors import ConflictError
 

@@ -27,7 +27,8 @@ from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec, preprocess
 from services.ecg.readers import read_wfdb
 from services.errors import ClientError
-from services.export.onnx import OUTPUT_NAME, export_encoder, parity_max_abs_diff, sha256_file
+from services.export.onnx import OUTPUT_NAME
+from services.export.variants import MIN_COSINE, make_variants
 from services.inference import sessions as sessions_module
 from services.inference.batching import MicroBatcher
 from services.inference.sessions import (
@@ -37,9 +38,9 @@ from services.inference.sessions import (
     plan_session,
     resolve_served,
 )
-from services.inference.variants import MIN_COSINE, make_variants
 from services.models.st_mem import SIZES, StMemEncoder
 from services.registry import register_model_version
+from services.registry.publish import publish
 from tests.conftest import needs_servers
 
 RECORDS = [f"ptbxl-500/records500/00000/{i:05d}_hr" for i in range(1, 6)]
@@ -94,19 +95,20 @@ def two_versions(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Tw
         torch.manual_seed(seed)
         encoder = StMemEncoder(SIZES["tiny"]).eval()
         path = tmp_path_factory.mktemp(f"v{seed}") / "encoder.onnx"
-        export_encoder(encoder, torch.from_numpy(windows[:1]), path)
         with session_scope() as s:
-            version = register_model_version(
-                s,
-                name=name,
-                method="st_mem",
-                source_job_id=None,
-                onnx_path=str(path),
-                sha256=sha256_file(path),
-                input_spec=SPEC.to_dict(),
-                embedding_dim=SIZES["tiny"].width,
-                parity_max_abs_diff=parity_max_abs_diff(encoder, path, windows),
-                metrics={"seed": seed},
+            version = publish(
+                encoder,
+                windows,
+                path,
+                SPEC,
+                lambda published, seed=seed: register_model_version(
+                    s,
+                    name=name,
+                    method="st_mem",
+                    source_job_id=None,
+                    metrics={"seed": seed},
+                    **published.fields(),
+                ),
             )
             ids.append(version.id)
         encoders.append(encoder)
@@ -185,17 +187,18 @@ def test_aliases_choose_what_a_reference_serves(
         assert response.status_code == 200, response.text
         return response.json()["version"]
 
-    assert served(name) == 2  # no production alias: the newest version
+    # the first version got 'production' when it was registered; version 2, registered after, did not
+    assert client.get(f"/models/{name}").json()["aliases"] == {"production": 1}
+    assert served(name) == 1 and served(f"{name}@production") == 1 and served(f"{name}@2") == 2
     put = client.put(f"/models/{name}/aliases/production", json={"version": 1})
     assert put.status_code == 200, put.text
     assert (
         put.json()["version"] == 1
         and put.json()["ref"] == f"{name}@1"
-        and put.json()["previous_version"] is None
+        and put.json()["previous_version"] == 1
     )
-    assert served(name) == 1 and served(f"{name}@production") == 1 and served(f"{name}@2") == 2
     assert client.put(f"/models/{name}/aliases/staging", json={"version": 2}).status_code == 200
-    assert served(f"{name}@staging") == 2
+    assert served(f"{name}@staging") == 2 and served(name) == 1
 
     listed = {m["name"]: m for m in client.get("/models").json()["models"]}[name]
     assert listed["aliases"] == {"production": 1, "staging": 2}
@@ -212,8 +215,62 @@ def test_aliases_choose_what_a_reference_serves(
     assert served(name) == 2
     assert client.delete(f"/models/{name}/aliases/staging").status_code == 204
     assert client.get(f"/models/{name}/aliases/staging").status_code == 404
+    assert client.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
+    assert served(name) == 1
+
+
+def test_a_new_version_does_not_change_what_the_name_serves(
+    client: TestClient, two_versions: TwoVersions, data_dir: Path
+) -> None:
+    """A third version of a model with a 'production' alias (as a second pretraining job of the same name
+    registers it): the bare name and the default keep serving the promoted version until it is promoted."""
+    from services.db.models import ModelVersion
+
+    name = f"stable-{uuid.uuid4().hex[:6]}"
+    files = wfdb_files(data_dir / RECORDS[0])
+
+    def served(ref: str) -> int:
+        response = client.post("/embed", params={"model": ref}, files=files)
+        assert response.status_code == 200, response.text
+        return response.json()["version"]
+
+    def register(version_id: int) -> int:
+        with session_scope() as s:  # the two test versions' files again, under a new name
+            row = s.get(ModelVersion, version_id)
+            return register_model_version(
+                s, name=name, method="st_mem", source_job_id=None, onnx_path=row.onnx_path, sha256=row.sha256,
+                input_spec=row.input_spec, embedding_dim=row.embedding_dim,
+                parity_max_abs_diff=row.parity_max_abs_diff, metrics=row.metrics, variants=row.variants,
+            ).version  # fmt: skip
+
+    assert register(two_versions.version_ids[0]) == 1
+    assert client.get(f"/models/{name}").json()["aliases"] == {"production": 1}  # the first version's
+    assert served(name) == 1
+    assert register(two_versions.version_ids[1]) == 2
+    assert served(name) == 1 and client.get(f"/models/{name}").json()["aliases"] == {"production": 1}
+    assert client.put(f"/models/{name}/aliases/production", json={"version": 2}).status_code == 200
+    assert served(name) == 2  # promoted explicitly
+    assert register(two_versions.version_ids[0]) == 3
+    assert served(name) == 2 and client.get(f"/models/{name}").json()["aliases"] == {"production": 2}
+
+
+def test_a_bare_name_without_production_alias_is_refused_naming_the_fix(
+    client: TestClient, two_versions: TwoVersions, data_dir: Path
+) -> None:
+    """Never 'the newest version': with its 'production' alias removed, the bare name serves nothing (404
+    saying how to promote one), while its pinned versions still serve."""
+    name = two_versions.name
+    files = wfdb_files(data_dir / RECORDS[0])
     assert client.delete(f"/models/{name}/aliases/production").status_code == 204
-    assert served(name) == 2  # newest again
+    try:
+        refused = client.post("/embed", params={"model": name}, files=files)
+        assert refused.status_code == 404, refused.text
+        detail = refused.json()["detail"]
+        assert "no 'production' alias" in detail and f"PUT /models/{name}/aliases/production" in detail
+        assert "its versions: 1, 2" in detail
+        assert client.post("/embed", params={"model": f"{name}@2"}, files=files).json()["version"] == 2
+    finally:
+        assert client.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
 
 
 def test_default_model_serves_its_production_alias(
@@ -222,40 +279,50 @@ def test_default_model_serves_its_production_alias(
     name = two_versions.name
     files = wfdb_files(data_dir / RECORDS[0])
     settings_env.setenv("ECGSSL_DEFAULT_MODEL", name)
-    assert client.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
+    assert client.put(f"/models/{name}/aliases/production", json={"version": 2}).status_code == 200
     try:
         response = client.post("/embed", files=files)
         assert response.status_code == 200 and response.json()["model"] == name
-        assert response.json()["version"] == 1
+        assert response.json()["version"] == 2
+        settings_env.setenv("ECGSSL_DEFAULT_MODEL", f"{name}@1")  # or a pinned version
+        assert client.post("/embed", files=files).json()["version"] == 1
     finally:
-        client.delete(f"/models/{name}/aliases/production")
+        client.put(f"/models/{name}/aliases/production", json={"version": 1})
 
 
-def test_without_a_default_model_setting_the_newest_model_serves_its_production_alias(
-    client: TestClient, two_versions: TwoVersions, data_dir: Path, settings_env: pytest.MonkeyPatch
+def test_without_a_default_model_setting_the_shipped_or_first_model_serves_its_production_alias(
+    client: TestClient,
+    two_versions: TwoVersions,
+    data_dir: Path,
+    settings_env: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """ECGSSL_DEFAULT_MODEL unset (the shipped default): a request naming no model gets the model of the
-    newest version, by name: its production alias where set, so an unpromoted newer version does not serve."""
-    from services.db.models import ModelVersion
+    """ECGSSL_DEFAULT_MODEL unset, on a database of its own: a request naming no model gets the first model
+    registered (its 'production' alias), whatever is registered after it; once the shipped model is
+    registered (as on first start), the shipped model. Never the newest model or version."""
+    import subprocess
+    import sys
 
-    settings_env.delenv("ECGSSL_DEFAULT_MODEL", raising=False)
-    name = f"newest-{uuid.uuid4().hex[:6]}"
-    with session_scope() as s:  # the two versions' files again, under a model registered last
-        for version_id in two_versions.version_ids:
-            row = s.get(ModelVersion, version_id)
-            register_model_version(
-                s,
-                name=name,
-                method="st_mem",
-                source_job_id=None,
-                onnx_path=row.onnx_path,
-                sha256=row.sha256,
-                input_spec=row.input_spec,
-                embedding_dim=row.embedding_dim,
-                parity_max_abs_diff=row.parity_max_abs_diff,
-                metrics=row.metrics,
-                variants=row.variants,
+    from services.db.models import ModelVersion
+    from services.registry.shipped import register_shipped_model
+
+    with session_scope() as s:  # the two test versions' files, read from the run's database
+        rows = [s.get(ModelVersion, version_id) for version_id in two_versions.version_ids]
+        fields = [
+            dict(
+                method="st_mem", source_job_id=None, onnx_path=r.onnx_path, sha256=r.sha256,
+                input_spec=r.input_spec, embedding_dim=r.embedding_dim,
+                parity_max_abs_diff=r.parity_max_abs_diff, metrics=r.metrics, variants=r.variants,
             )
+            for r in rows
+        ]  # fmt: skip
+    settings_env.delenv("ECGSSL_DEFAULT_MODEL", raising=False)
+    settings_env.setenv("ECGSSL_DATABASE_URL", f"sqlite:///{tmp_path / 'fresh.db'}")
+    settings_env.setenv("ECGSSL_ARTIFACT_DIR", str(tmp_path / "artifacts"))
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"], cwd=root, check=True, capture_output=True
+    )
     files = wfdb_files(data_dir / RECORDS[0])
 
     def default() -> tuple[str, int]:
@@ -263,11 +330,22 @@ def test_without_a_default_model_setting_the_newest_model_serves_its_production_
         assert response.status_code == 200, response.text
         return response.json()["model"], response.json()["version"]
 
-    assert default() == (name, 2)  # no production alias: the model's newest version
-    assert client.put(f"/models/{name}/aliases/production", json={"version": 1}).status_code == 200
-    assert default() == (name, 1)  # version 2 is newer but not promoted
-    assert client.delete(f"/models/{name}/aliases/production").status_code == 204
-    assert default() == (name, 2)
+    refused = client.post("/embed", files=files)
+    assert refused.status_code == 404 and "no model is registered yet" in refused.json()["detail"]
+    with session_scope() as s:
+        register_model_version(s, name="first", **fields[0])
+    assert default() == ("first", 1)
+    with session_scope() as s:  # a newer version, and a newer model
+        register_model_version(s, name="first", **fields[1])
+        register_model_version(s, name="second", **fields[1])
+    assert default() == ("first", 1)
+    assert client.put("/models/first/aliases/production", json={"version": 2}).status_code == 200
+    assert default() == ("first", 2)  # promoted
+    with session_scope() as s:
+        shipped = register_shipped_model(s)
+        assert shipped is not None
+        shipped_name = shipped.model.name
+    assert default() == (shipped_name, 1)
 
 
 @pytest.mark.parametrize(
@@ -390,7 +468,7 @@ def test_alias_changes_need_the_api_key(
     ok = client.put(path, json={"version": 1}, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert client.get(path).status_code == 200  # reading stays open
-    client.delete(path, headers={"Authorization": "Bearer s3cret"})
+    client.put(path, json={"version": 1}, headers={"Authorization": "Bearer s3cret"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +513,7 @@ def test_promotion_swaps_sessions_while_requests_in_flight_finish_on_the_old_one
         assert old_session.closed and old_session.refs == 0 and old_session.session is None
         assert v1 not in SESSIONS
     finally:
-        client.delete(f"/models/{name}/aliases/production")
+        client.put(f"/models/{name}/aliases/production", json={"version": 1})
 
 
 def test_a_moved_alias_is_followed_by_a_process_that_did_not_move_it(
@@ -492,7 +570,7 @@ def test_a_version_promoted_away_between_look_up_and_lease_is_served_but_not_cac
             assert loaded.version_id == v2
         assert v2 in SESSIONS and not loaded.closed
     finally:
-        client.delete(f"/models/{name}/aliases/production")
+        client.put(f"/models/{name}/aliases/production", json={"version": 1})
 
 
 def test_a_look_up_noted_after_a_later_one_does_not_move_the_reference_back(

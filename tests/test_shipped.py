@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.export.onnx import sha256_file
-from services.shipped import FILES, MANIFEST, SHIPPED_DIR
+from services.registry.shipped import FILES, MANIFEST, SHIPPED_DIR
 from tests.test_api import npy_bytes, wfdb_files
 
 ROOT = Path(__file__).resolve().parents[1]

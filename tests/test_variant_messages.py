@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from services.downstream import finetune
-from services.downstream.finetune import check_head_variants
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
-from services.inference import variants
+from services.export import variants
+from services.export.variants import check_head_variants, check_windows, make_variants, variant_verdict
 from services.inference.sessions import ServedModel, plan_session
-from services.inference.variants import check_windows, make_variants, variant_verdict
-from services.shipped import SHIPPED_DIR
+from services.registry.shipped import SHIPPED_DIR
 
 
 @pytest.fixture
@@ -66,7 +64,7 @@ def test_a_failed_probability_check_does_not_blame_the_cosine(
         and "at least the required 0.999" in passed
     )
     windows, _ = check_windows(spec)
-    monkeypatch.setattr(finetune, "PROBABILITY_TOLERANCE", 0.0)  # any int8 difference fails it
+    monkeypatch.setattr(variants, "PROBABILITY_TOLERANCE", 0.0)  # any int8 difference fails it
     check_head_variants(made, onnx_path, windows)
     int8 = made["int8"]
     assert int8["status"] == "failed" and int8["probabilities_max_abs_diff"] > 0

@@ -16,8 +16,8 @@ from celery.signals import (
 )
 
 from services.config import get_settings
+from services.jobs.workers import beat, claim_orphaned_jobs, forget
 from services.observability import JOB_ID, configure_logging
-from services.workers import beat, claim_orphaned_jobs, forget
 
 settings = get_settings()
 

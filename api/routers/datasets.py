@@ -11,8 +11,8 @@ from api.deps import db_session, require_api_key
 from api.responses import errors, pattern_extra
 from api.schemas import DatasetList, DatasetOut
 from services.config import get_settings
-from services.dataset_registry import DatasetRequest, get_dataset, register_dataset
 from services.datasets import path_text_problem, relative_to_root
+from services.datasets.registry import DatasetRequest, get_dataset, register_dataset
 from services.db.models import Dataset
 from services.errors import ClientError
 

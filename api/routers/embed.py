@@ -82,9 +82,10 @@ def server_timing(response: Response, timing: Timing, started: float) -> None:
 
 FILES_DESCRIPTION = "WFDB .hea plus its .dat/.mat files, or one .zip, .edf, .bdf, .npy, .npz, .csv, .json"
 MODEL_DESCRIPTION = (
-    "'name@version', 'name@alias' or 'name' (its 'production' alias, else its newest version); default: "
-    "the ECGSSL_DEFAULT_MODEL setting, else the model of the newest version, as 'name' (its 'production' "
-    "alias, else its newest version)"
+    "'name@version' (pinned), 'name@alias' or 'name' (its 'production' alias: the first version registered "
+    "under a name gets it, a later one serves only once promoted with PUT /models/{name}/aliases/production; "
+    "never simply the newest version). Default: the ECGSSL_DEFAULT_MODEL setting, else the 'production' "
+    "alias of the shipped model (registered on first start), else of the first model registered"
 )
 PRECISION_DESCRIPTION = (
     "ONNX variant: fp32 (exact), int8 (CPU) or fp16 (CUDA), refused with the reason when the version's "

@@ -5,7 +5,7 @@ from sqlalchemy import text
 
 from api.schemas import HealthOut
 from services.db.session import check_writable, error_text, session_scope
-from services.workers import live_workers
+from services.jobs.workers import live_workers
 
 router = APIRouter(tags=["health"])
 

@@ -1,4 +1,5 @@
-"""Jobs: queue (pretraining, fine-tuning, evaluation), list, inspect, cancel, and their PNG artifacts."""
+"""Jobs: queue (pretraining, fine-tuning, evaluation, embedding export), list, inspect, cancel, and their
+artifacts."""
 
 import uuid
 
@@ -21,10 +22,11 @@ from api.schemas import (
     JobProgress,
     PretrainRequest,
 )
-from services import jobs
-from services.dataset_registry import dataset_for_job
+from services.datasets.registry import dataset_for_job
 from services.db.models import Job, JobStatus
-from services.jobs import ARTIFACT_NAME
+from services.jobs import store as jobs
+from services.jobs.export_embeddings import EmbedDatasetParams
+from services.jobs.store import ARTIFACT_NAME, ARTIFACT_TYPES
 from services.registry import resolve_model_version
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -139,12 +141,42 @@ def submit_evaluate(
     return _enqueue(session, job, request)
 
 
+@router.post(
+    "/embed",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobCreated,
+    dependencies=[Depends(require_api_key)],
+    responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
+    summary="Queue an embedding export: every record of a dataset embedded with a version, as files",
+    description=(
+        "The worker embeds each selected record exactly as POST /embed embeds an upload of it (same "
+        "preprocessing, windowing and ONNX session path) and writes the job's artifacts `embeddings.npy` "
+        "(float32, records x dimension), `records.json` (the version, and per row the record id, fold and "
+        "labels where the dataset has them; the records that could not be embedded, with the reason) and "
+        "`embeddings.parquet` where pyarrow is installed: GET /jobs/{id}/artifacts/{name}."
+    ),
+)
+def submit_embed(
+    body: EmbedDatasetParams, request: Request, session: Session = Depends(db_session)
+) -> JobCreated:
+    resolve_model_version(session, body.model)
+    dataset = dataset_for_job(session, body.dataset)
+    jobs.check_folds_fit_dataset(body.folds, dataset)
+    job = jobs.create_job(session, "embed_dataset", body, epochs=0, dataset=dataset)
+    return _enqueue(session, job, request)
+
+
 def _enqueue(session: Session, job: Job, request: Request) -> JobCreated:
     """Commit the job and send its Celery task (``ecgssl.<kind>``) to the gpu queue."""
     session.commit()  # the worker must find the row as soon as the task arrives
     from worker import tasks
 
-    task = {"pretrain": tasks.pretrain, "finetune": tasks.finetune, "evaluate": tasks.evaluate}[job.kind]
+    task = {
+        "pretrain": tasks.pretrain,
+        "finetune": tasks.finetune,
+        "evaluate": tasks.evaluate,
+        "embed_dataset": tasks.embed_dataset,
+    }[job.kind]
     try:
         task.apply_async(args=[str(job.id)], queue="gpu")
     except Exception as exc:  # broker down: record it on the job and tell the client to retry later
@@ -190,10 +222,13 @@ def cancel_job(job_id: uuid.UUID = JobId, session: Session = Depends(db_session)
     "/{job_id:uuid}/artifacts/{name}",
     response_class=FileResponse,
     responses={
-        200: {"content": {"image/png": {}}, "description": "the PNG file"},
+        200: {
+            "content": {media: {} for media in ARTIFACT_TYPES.values()},
+            "description": "the file: a PNG plot, or an embedding export's .npy, .json or .parquet",
+        },
         **errors((404, "no job has that id, or it has no artifact of that name"), 422),
     },
-    summary="One of a job's PNG artifacts (plots), by the name GET /jobs/{id} lists",
+    summary="One of a job's artifacts (plots; an embedding export's files), by the name GET /jobs/{id} lists",
 )
 def get_artifact(
     job_id: uuid.UUID = JobId,
@@ -201,9 +236,10 @@ def get_artifact(
         ...,
         description="a name from the job's 'artifacts' list (another name: 404)",
         examples=["roc_knn.png"],
-        json_schema_extra={"pattern": ARTIFACT_NAME.pattern, "maxLength": 125},
+        json_schema_extra={"pattern": ARTIFACT_NAME.pattern, "maxLength": 130},
     ),
     session: Session = Depends(db_session),
 ) -> FileResponse:
     jobs.get_job(session, job_id)  # 404 for an unknown job
-    return FileResponse(jobs.artifact_path(job_id, name), media_type="image/png", filename=name)
+    path = jobs.artifact_path(job_id, name)
+    return FileResponse(path, media_type=ARTIFACT_TYPES[path.suffix[1:]], filename=name)

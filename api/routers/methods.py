@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 
 from api.schemas import METHODS_EXAMPLE, MethodList
-from services.methods import catalogue
+from services.models.methods import catalogue
 
 router = APIRouter(tags=["methods"])
 

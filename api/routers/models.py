@@ -162,7 +162,9 @@ def get_alias(
         "Creates the alias or moves it. `?model=name@alias` (and `?model=name` for `production`) then "
         "resolves to the new version: this process loads its session, and the old version's session is "
         "released once the requests already running on it finish. Other API processes follow on their next "
-        "request."
+        "request. This is the only way what a name serves changes: the first version of a model gets "
+        "`production` when it is registered, later versions (a second pretraining job of the same name, "
+        "a fine-tuning) never take it over by themselves."
     ),
 )
 def put_alias(
@@ -195,6 +197,10 @@ def put_alias(
     dependencies=[Depends(require_api_key)],
     responses=errors(401, ALIAS_NOT_FOUND, 422),
     summary="Remove an alias (its version stays registered)",
+    description=(
+        "Removing `production` leaves the bare model name serving nothing (404 saying how to promote a "
+        "version) until a version is promoted again; pinned references (`name@2`) keep serving."
+    ),
 )
 def delete_alias(
     name: str = NamePath, alias: str = AliasPath, session: Session = Depends(db_session)
@@ -231,7 +237,7 @@ def delete_alias(
 )
 def import_model(body: ModelImportRequest, session: Session = Depends(db_session)) -> ModelVersionOut:
     try:  # torch (loading the checkpoint, exporting it): loaded on the first import, not with the gateway
-        from services.model_import import import_checkpoint
+        from services.registry.checkpoint_import import import_checkpoint
     except ModuleNotFoundError as exc:
         if exc.name != "torch":
             raise

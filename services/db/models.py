@@ -147,7 +147,7 @@ class ModelVersion(Base):
     # hybrid models: the fitted clinical-feature normaliser (services.ecg.clinical.FeatureNormaliser); the
     # embedding is then [encoder output, normalised features, missing flags]. None: the encoder alone.
     clinical_normaliser: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    # ONNX variants made at registration (services.inference.variants): name -> file, sha256, and for the
+    # ONNX variants made at registration (services.export.variants): name -> file, sha256, and for the
     # reduced-precision ones the check against fp32 on real records (cosine, passed or not)
     variants: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     # diagnosis models (linear_probe / finetune jobs): the ONNX graph also outputs ``probabilities`` (B, K);

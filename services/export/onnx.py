@@ -15,6 +15,7 @@ from torch import nn
 # the file's names and digest are torch-free (serving reads them); importable from here too
 from services.export.contract import HEAD_OUTPUTS as HEAD_OUTPUTS
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
+from services.export.contract import PARITY_TOLERANCE as PARITY_TOLERANCE
 from services.export.contract import PROBABILITIES_NAME as PROBABILITIES_NAME
 from services.export.contract import sha256_file as sha256_file
 
@@ -54,9 +55,6 @@ def parity_max_abs_diff(
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(list(outputs), {INPUT_NAME: windows.astype(np.float32)})
     return max(float(np.abs(e.numpy() - g).max()) for e, g in zip(expected, got, strict=True))
-
-
-PARITY_TOLERANCE = 1e-3  # largest PyTorch-vs-ONNX difference a registered model version may have
 
 
 def export_checked(

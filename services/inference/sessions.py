@@ -36,8 +36,8 @@ from services.db.models import ModelVersion
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
+from services.export.variants import CUDA, variant_verdict
 from services.inference.batching import BatchTiming, MicroBatcher
-from services.inference.variants import CUDA, variant_verdict
 from services.metrics import SESSION_LOAD_SECONDS, SESSION_LOADS, SESSIONS_CACHED
 from services.registry import resolve_reference
 

@@ -1,7 +1,7 @@
 """The encoder families as the gateway knows them, without torch: each family's spec (names, sizes,
 input, encoder sizes, recipes) and the checkpoint formats that can be imported.
 
-Job parameters (``services.jobs``) and ``GET /methods`` (``services.methods``) read this table;
+Job parameters (``services.jobs.params``) and ``GET /methods`` (``services.models.methods``) read this table;
 ``services.models.families.FAMILIES`` builds each family on its spec here, with its nn.Modules. Adding a
 family: its ``<family>_spec`` module (ending with ``SPEC``) goes below, its ``<family>`` module (ending with
 ``FAMILY = Family.of(SPEC, ...)``) in ``families.py``.

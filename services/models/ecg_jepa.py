@@ -37,9 +37,7 @@ of another scale here (about 5-10x larger).
 
 import copy
 import math
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,27 +47,8 @@ from torch import nn
 from services.models.ecg_jepa_spec import INPUT_SPEC as INPUT_SPEC
 from services.models.ecg_jepa_spec import LEADS as LEADS
 from services.models.ecg_jepa_spec import SIZES as SIZES
-from services.models.ecg_jepa_spec import SPEC, EcgJepaConfig
+from services.models.ecg_jepa_spec import SPEC, EcgJepaConfig, MaskConfig
 from services.models.family import Family
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    """Which time patches to mask: ``random`` (mask int(p*r) patches, r ~ U(scale)) or ``block`` (the union
-    of ``blocks`` runs of int(p*r) patches, r ~ U(scale) each). ``scale`` None: the README recipe of the
-    kind, block (0.175, 0.225), random (0.6, 0.7)."""
-
-    kind: Literal["block", "random"] = "block"
-    scale: tuple[float, float] | None = None
-    blocks: int = 4
-    original_block_starts: bool = False  # starts in 0..p-len-1 as the original: last patch never masked
-
-    @property
-    def ratios(self) -> tuple[float, float]:
-        if self.scale is not None:
-            return self.scale
-        return {"block": (0.175, 0.225), "random": (0.6, 0.7)}[self.kind]
-
 
 # --------------------------------------------------------------------------------------------------
 # masks: positions (time patches) to predict, and CroPA
@@ -409,8 +388,7 @@ class LeadTokens(nn.Module):
 
 
 def _objective(cfg: EcgJepaConfig, params) -> EcgJepa:
-    m = params.jepa_masking
-    return EcgJepa(cfg, MaskConfig(m.kind, m.scale, m.blocks, m.original_block_starts))
+    return EcgJepa(cfg, MaskConfig(**params.jepa_masking.model_dump()))
 
 
 FAMILY = Family.of(

@@ -2,6 +2,7 @@
 holds the model and objective, and builds its ``FAMILY`` on this ``SPEC``)."""
 
 from dataclasses import dataclass
+from typing import Literal
 
 from services.ecg.preprocess import InputSpec
 from services.models.family import FamilySpec, FinetuneRecipe, PretrainRecipe
@@ -30,6 +31,24 @@ class EcgJepaConfig:
     @property
     def num_patches(self) -> int:
         return self.seq_len // self.patch_size
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which time patches to mask: ``random`` (mask int(p*r) patches, r ~ U(scale)) or ``block`` (the union
+    of ``blocks`` runs of int(p*r) patches, r ~ U(scale) each). ``scale`` None: the README recipe of the
+    kind, block (0.175, 0.225), random (0.6, 0.7)."""
+
+    kind: Literal["block", "random"] = "block"
+    scale: tuple[float, float] | None = None
+    blocks: int = 4
+    original_block_starts: bool = False  # starts in 0..p-len-1 as the original: last patch never masked
+
+    @property
+    def ratios(self) -> tuple[float, float]:
+        if self.scale is not None:
+            return self.scale
+        return {"block": (0.175, 0.225), "random": (0.6, 0.7)}[self.kind]
 
 
 SIZES: dict[str, EcgJepaConfig] = {

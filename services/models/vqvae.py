@@ -13,13 +13,14 @@ an epoch (e.g. from the loop's ``on_epoch``) returns the fraction of codes used 
 training assignments since the last call, and resets them.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from sklearn.cluster import kmeans_plusplus
 from torch import nn
+
+# the config lives in vqvae_spec (torch-free); importable here too
+from services.models.vqvae_spec import VqConfig as VqConfig
 
 
 def _distributed() -> bool:
@@ -158,18 +159,6 @@ class CosineCodebook(UsageMeter):
         if _distributed():
             for buffer in (self.codebook, self.ema_sum, self.ema_count):
                 dist.broadcast(buffer, src=0)
-
-
-@dataclass(frozen=True)
-class VqConfig:
-    num_codes: int = 512
-    code_dim: int = 32  # the factorised lookup dimension (ViT-VQGAN): tokens projected to it, then unit-norm
-    commitment: float = 0.25  # beta
-    decay: float = 0.99  # codebook EMA
-    dead_threshold: float = 1.0  # EMA assignments per step under which a code is re-seeded: keep the
-    # tokens per step (all processes) well above num_codes * dead_threshold, or codes churn
-    kmeans_iters: int = 10
-    decoder_hidden: int = 256
 
 
 class VqVae(nn.Module):

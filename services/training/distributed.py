@@ -23,7 +23,7 @@ same RNG state: same seed, same draws) and keeps the rows of its own samples.
 Without torchrun (``WORLD_SIZE`` unset or 1) everything here is a no-op: a ``DistContext`` of one rank.
 
 Jobs start themselves under torchrun: ``run_torchrun`` launches ``python -m torch.distributed.run
---standalone`` from the worker (``services.pretraining`` is the module each process runs).
+--standalone`` from the worker (``services.jobs.pretrain`` is the module each process runs).
 """
 
 import ctypes

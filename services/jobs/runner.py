@@ -38,9 +38,9 @@ from services.config import get_settings
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, ModelVersion, utcnow
 from services.db.session import retry_transient, session_scope
 from services.errors import ClientError
+from services.jobs.workers import live_instances
 from services.observability import log_epoch
 from services.training.loop import Cancelled, Progress
-from services.workers import live_instances
 
 log = logging.getLogger(__name__)
 

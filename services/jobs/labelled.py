@@ -16,14 +16,14 @@ import torch
 from torch.utils.data import Dataset
 
 from services.config import get_settings
-from services.dataset_registry import open_registered
 from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
+from services.datasets.registry import open_registered
 from services.db.models import Dataset as DatasetRow
 from services.ecg.clinical import FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec, segment_crops
 from services.errors import ClientError
-from services.job_runner import JobReporter
+from services.jobs.runner import JobReporter
 from services.models.triplet import LabelledBatch
 
 SPLITS = ("train", "val", "test")

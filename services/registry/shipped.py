@@ -4,7 +4,7 @@
 data, seed and time in its ``version.json`` and ``MODEL_CARD.md``): its ONNX graph, PyTorch weights (what a
 further fine-tuning starts from), kNN reference set and registry fields. ``register_shipped_model`` copies
 the files into the artifact store and registers them like any trained version (variants made and checked
-here, on this machine), then points the ``production`` alias at it, so that ``make run`` and ``docker
+here, on this machine; as a first version it gets the ``production`` alias), so that ``make run`` and ``docker
 compose up`` serve ``/predict`` and ``/embed`` at once. It runs once per database: a model of that name
 already registered (by an earlier start, or a user) is left alone.
 """
@@ -12,6 +12,7 @@ already registered (by an earlier start, or a user) is left alone.
 import json
 import logging
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import select
@@ -19,11 +20,12 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.db.models import Model, ModelVersion
+from services.ecg.preprocess import InputSpec
 from services.export.contract import sha256_file
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
 MANIFEST = "version.json"
 FILES = ("model.onnx", "encoder.pt", "downstream.pt", "knn_reference.npz")
 
@@ -55,7 +57,8 @@ def export_version(version: ModelVersion, folder: Path, provenance: dict, card: 
 
 def register_shipped_model(session: Session, folder: Path = SHIPPED_DIR) -> ModelVersion | None:
     """Register the shipped model unless a model of its name exists; None when there is none to ship."""
-    from services.registry import register_model_version, set_alias  # (imports ONNX Runtime)
+    from services.export.variants import make_variants  # (imports ONNX Runtime)
+    from services.registry import register_model_version
 
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -71,12 +74,14 @@ def register_shipped_model(session: Session, folder: Path = SHIPPED_DIR) -> Mode
     for name in FILES:
         shutil.copyfile(folder / name, target / name)
     reference = {**manifest["knn_reference"], "file": str((target / "knn_reference.npz").resolve())}
+    onnx_path = (target / "model.onnx").resolve()
+    spec = InputSpec.from_dict(manifest["input_spec"])
     version = register_model_version(
         session,
         name=manifest["name"],
         method=manifest["method"],
         source_job_id=None,
-        onnx_path=str((target / "model.onnx").resolve()),
+        onnx_path=str(onnx_path),
         sha256=manifest["sha256"],
         input_spec=manifest["input_spec"],
         embedding_dim=manifest["embedding_dim"],
@@ -84,10 +89,18 @@ def register_shipped_model(session: Session, folder: Path = SHIPPED_DIR) -> Mode
         metrics={**manifest["metrics"], "shipped": manifest["provenance"]},
         head=manifest["head"],
         knn_reference=reference,
+        variants=make_variants(onnx_path, spec, sha256=manifest["sha256"]),
     )
-    set_alias(session, manifest["name"], "production", version.version)
     log.info("registered the shipped model %s (production)", version.ref)
     return version
+
+
+@lru_cache
+def shipped_model_name(folder: Path = SHIPPED_DIR) -> str | None:
+    """The registry name of the shipped model (what a request naming no model serves by default), or None
+    when this checkout ships none."""
+    manifest_path = folder / MANIFEST
+    return json.loads(manifest_path.read_text())["name"] if manifest_path.is_file() else None
 
 
 def register_on_first_start() -> None:

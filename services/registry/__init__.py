@@ -1,16 +1,21 @@
-"""Model registry: versions (with their ONNX variants), aliases, and resolving what a request names.
+"""Model registry: the rows of models, versions (with their ONNX variants) and aliases, and resolving what a
+request names. It reads and writes rows only: ``publish`` makes and checks the files a version is
+registered with, ``checkpoint_import`` and ``shipped`` bring in models from outside.
 
-A request names a model as ``name@version`` (pinned), ``name@alias`` (e.g. ``name@production``), ``name``
-(its ``production`` alias if set, else its newest version) or nothing: the ``default_model`` setting,
-itself any of these; unset, the model of the newest version of any model, named as ``name`` (so its
-``production`` alias where it has one: a newer version serves only once promoted).
+What a reference serves changes only when someone moves an alias (``PUT /models/{name}/aliases/{alias}``):
+
+- ``name@version`` is pinned; ``name@alias`` (e.g. ``name@production``) serves the version it points at;
+- ``name`` serves its ``production`` alias, never "the newest version": the first version registered under a
+  name gets ``production``, later versions serve under the bare name only once promoted; a model whose
+  ``production`` alias was removed is refused (404 saying how to promote one);
+- nothing: the ``default_model`` setting (any of the above), else the ``production`` alias of the shipped
+  model (``services.registry.shipped``, registered on first start), else of the first model registered.
 """
 
 import logging
 import re
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -19,16 +24,15 @@ from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.db.models import Model, ModelAlias, ModelVersion
-from services.ecg.preprocess import InputSpec
 from services.errors import ClientError, NotFoundError
-from services.inference.variants import make_variants
+from services.registry.shipped import shipped_model_name
 
 log = logging.getLogger(__name__)
 
 PRODUCTION = "production"  # the alias a bare model name (and the default model) serves
 NAME_PATTERN = r"[A-Za-z0-9_.\-]{1,100}"
 ALIAS_PATTERN = r"[a-z][a-z0-9_\-]{0,63}"
-RESERVED_ALIASES = frozenset({"latest"})  # would read as "the newest version", which a bare name already is
+RESERVED_ALIASES = frozenset({"latest"})  # would read as "the newest version", which nothing serves by itself
 _REF = re.compile(rf"^(?P<name>{NAME_PATTERN})(?:@(?P<selector>.*))?$")
 _ALIAS = re.compile(rf"^{ALIAS_PATTERN}$")
 _NAME = re.compile(rf"{NAME_PATTERN}\Z")
@@ -47,19 +51,17 @@ def register_model_version(
     embedding_dim: int,
     parity_max_abs_diff: float,
     metrics: dict,
+    variants: dict,
     clinical_normaliser: dict | None = None,
-    variants: dict | None = None,
     head: dict | None = None,
     knn_reference: dict | None = None,
 ) -> ModelVersion:
-    """Add the next version of model ``name`` (created on first use).
-
-    Its ONNX variants (int8, and fp16 where there is CUDA; ``services.inference.variants``) are made and
-    checked against fp32 on real records here, before the row is written, unless ``variants`` is given.
-    ``head``: a diagnosis model's classes and thresholds; ``knn_reference``: its stored kNN reference set.
+    """Add the next version of model ``name`` (created on first use), its files already checked
+    (``services.registry.publish``); the first version of a model gets its ``production`` alias, later ones
+    none (what the bare name serves moves only by promotion). ``variants``: its ONNX variants and their
+    checks; ``head``: a diagnosis model's classes and thresholds; ``knn_reference``: its stored kNN reference
+    set.
     """
-    if variants is None:
-        variants = make_variants(Path(onnx_path), InputSpec.from_dict(input_spec), sha256=sha256)
     model = session.scalar(select(Model).where(Model.name == name))
     if model is None:
         model = Model(name=name, method=method)
@@ -83,6 +85,8 @@ def register_model_version(
     )
     session.add(version)
     session.flush()
+    if version.version == 1:
+        set_alias(session, name, PRODUCTION, 1)
     return version
 
 
@@ -119,23 +123,25 @@ class Resolution:
     moving: str | None
 
 
+def default_model_name(session: Session) -> str:
+    """The model a request naming none serves when the ``default_model`` setting is unset: the shipped model
+    where it is registered, else the first model registered (so registering another never changes it)."""
+    shipped = shipped_model_name()
+    if shipped is not None and session.scalar(select(Model.id).where(Model.name == shipped)) is not None:
+        return shipped
+    first = session.scalar(select(Model.name).order_by(Model.created_at, Model.id))
+    if first is None:
+        raise NotFoundError("no model is registered yet: run a pretraining job first (POST /jobs/pretrain)")
+    return first
+
+
 def resolve_reference(session: Session, ref: str | None) -> Resolution:
-    """``name@version``, ``name@alias``, ``name`` or None: the configured default, else the model of the
-    newest version as ``name`` (its production alias, else its newest version)."""
+    """``name@version``, ``name@alias``, ``name`` (its production alias) or None: the ``default_model``
+    setting, else ``default_model_name`` as ``name``."""
     if not ref:
-        default = get_settings().default_model
-        if default:
-            resolution = resolve_reference(session, default)
-            return Resolution(resolution.version, resolution.moving and f"default:{resolution.moving}")
-        newest = session.scalar(
-            select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
-        )
-        if newest is None:
-            raise NotFoundError(
-                "no model is registered yet: run a pretraining job first (POST /jobs/pretrain)"
-            )
-        # one moving key whichever model is newest, so a default that moves to another model retires the old
-        return Resolution(resolve_reference(session, newest.model.name).version, "default:newest")
+        default = get_settings().default_model or default_model_name(session)
+        resolution = resolve_reference(session, default)
+        return Resolution(resolution.version, resolution.moving and f"default:{resolution.moving}")
     match = _REF.match(ref)
     if match is None or match["selector"] == "":
         raise ClientError(
@@ -146,11 +152,13 @@ def resolve_reference(session: Session, ref: str | None) -> Resolution:
     model = get_model(session, name)
     if selector is None:
         alias = _alias_of(model, PRODUCTION)
-        if alias is not None:
-            return Resolution(alias.version, name)
-        if not model.versions:
-            raise NotFoundError(f"model '{name}' has no version yet")
-        return Resolution(model.versions[-1], name)
+        if alias is None:
+            raise NotFoundError(
+                f"model '{name}' has no '{PRODUCTION}' alias, so its bare name serves no version: name one "
+                f"({name}@1; its versions: {_versions_text(model)}) or promote one (PUT "
+                f'/models/{name}/aliases/{PRODUCTION} with {{"version": N}})'
+            )
+        return Resolution(alias.version, name)
     if _VERSION.match(selector):  # ASCII digits only: '²'.isdigit() is True but int('²') fails
         return Resolution(get_version(session, name, int(selector)), None)
     alias = _alias_of(model, selector)
@@ -183,7 +191,10 @@ def check_alias_name(alias: str) -> str:
             "letter (e.g. production, staging)"
         )
     if alias in RESERVED_ALIASES:
-        raise ClientError(f"alias '{alias}' is reserved: a bare model name already serves its newest version")
+        raise ClientError(
+            f"alias '{alias}' is reserved: nothing serves 'the newest version' by itself; name the version "
+            "(name@3) or point an alias such as 'staging' at it"
+        )
     return alias
 
 

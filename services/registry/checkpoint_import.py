@@ -1,8 +1,8 @@
-"""Import a published encoder checkpoint: load it strictly, export it to ONNX, check parity, register it.
+"""Import a published encoder checkpoint: load it strictly, then publish it as a trained encoder is
+(``services.registry.publish``: export to ONNX, parity, variants, register).
 
 The checkpoint is a file under the data root (like every dataset path). The ONNX file goes to
-``<artifact_dir>/imports/<uuid>/encoder.onnx``; the version is registered with the same functions as a
-trained encoder (``export_encoder``, ``parity_max_abs_diff``, ``register_model_version``).
+``<artifact_dir>/imports/<uuid>/encoder.onnx``.
 
 Parity (PyTorch vs ONNX Runtime) is measured on real ECGs when the data root holds PTB-XL records (any
 folder in PhysioNet's layout, ``<folder>/records500/<block>/<id>_hr.hea``, e.g. ``ptbxl-500``; the 100 Hz
@@ -25,17 +25,17 @@ from sqlalchemy.orm import Session
 from services.config import get_settings
 from services.datasets import resolve_data_path
 from services.db.models import Model, ModelVersion
-from services.ecg.preprocess import InputSpec, preprocess, standardise
-from services.ecg.readers import read_wfdb
-from services.errors import ClientError, ConflictError, DatasetError, EcgInputError
-from services.export.onnx import export_checked, sha256_file
-from services.models.checkpoints import ENCODER_FILE, FORMATS, load_encoder, save_encoder
+from services.ecg.preprocess import InputSpec, standardise
+from services.errors import ClientError, ConflictError, DatasetError
+from services.export.contract import sha256_file
+from services.export.variants import check_windows
+from services.models.checkpoints import FORMATS, load_encoder
 from services.registry import register_model_version
+from services.registry.publish import publish
 
 log = logging.getLogger(__name__)
 
 PARITY_RECORDS = 4  # one centre window each; a ViT-B forward of 4 windows takes ~3 s on 2 CPU cores
-_PTBXL_PATTERNS = ("*/records500/*/*_hr.hea", "*/records100/*/*_lr.hea")
 
 
 def checkpoint_file(data_root: Path, path: str) -> Path:
@@ -47,24 +47,6 @@ def checkpoint_file(data_root: Path, path: str) -> Path:
     if not resolved.is_file():
         raise DatasetError(f"checkpoint path '{path}' is a directory, not a checkpoint file")
     return resolved
-
-
-def ptbxl_records(data_root: Path, limit: int) -> list[Path]:
-    """Up to ``limit`` PTB-XL headers under the data root (PhysioNet layout), resolved inside it."""
-    root = Path(data_root).resolve()
-    if not root.is_dir():
-        return []
-    for pattern in _PTBXL_PATTERNS:
-        found = []
-        for header in sorted(root.glob(pattern)):
-            resolved = header.resolve()
-            if root in resolved.parents:
-                found.append(header)
-            if len(found) == limit:
-                break
-        if found:
-            return found
-    return []
 
 
 def synthetic_windows(spec: InputSpec, n: int = 4) -> np.ndarray:
@@ -85,17 +67,9 @@ def synthetic_windows(spec: InputSpec, n: int = 4) -> np.ndarray:
 
 def parity_windows(spec: InputSpec, data_root: Path) -> tuple[np.ndarray, dict]:
     """Windows for the parity check and where they come from (for the stored metrics)."""
-    root = Path(data_root).resolve()
-    windows, used = [], []
-    for header in ptbxl_records(root, PARITY_RECORDS):
-        try:
-            windows.append(preprocess(read_wfdb(header), spec, "center")[0])
-        except EcgInputError as exc:
-            log.warning("parity record %s skipped: %s", header, exc)
-            continue
-        used.append(str(header.resolve().relative_to(root).with_suffix("")))
-    if windows:
-        return np.stack(windows), {"parity_source": "ptbxl", "parity_records": used}
+    windows, used = check_windows(spec, data_root, PARITY_RECORDS)
+    if windows is not None:
+        return windows, {"parity_source": "ptbxl", "parity_records": used}
     return synthetic_windows(spec), {
         "parity_source": "synthetic: no PTB-XL record under the data root, windows of a generated signal",
         "parity_records": [],
@@ -129,26 +103,27 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
     out_dir = Path(settings.artifact_dir) / "imports" / str(uuid.uuid4())
     onnx_path = out_dir / "encoder.onnx"
     try:
-        parity = export_checked(encoder, windows, onnx_path)
-        save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
-        version = register_model_version(
-            session,
-            name=name,
-            method=fmt,
-            source_job_id=None,
-            onnx_path=str(onnx_path.resolve()),
-            sha256=sha256_file(onnx_path),
-            input_spec=spec.to_dict(),
-            embedding_dim=info.embedding_dim,
-            parity_max_abs_diff=parity,
-            metrics={
-                "imported_from": str(file.relative_to(root)),
-                "format": fmt,
-                "checkpoint_sha256": sha256_file(file),
-                **info.metrics(),
-                "parity_windows": int(len(windows)),
-                **source,
-            },
+        version = publish(
+            encoder,
+            windows,
+            onnx_path,
+            spec,
+            lambda published: register_model_version(
+                session,
+                name=name,
+                method=fmt,
+                source_job_id=None,
+                **published.fields(),
+                metrics={
+                    "imported_from": str(file.relative_to(root)),
+                    "format": fmt,
+                    "checkpoint_sha256": sha256_file(file),
+                    **info.metrics(),
+                    "parity_windows": int(len(windows)),
+                    **source,
+                },
+            ),
+            encoder=encoder,
         )
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -161,6 +136,6 @@ def import_checkpoint(session: Session, fmt: str, path: str, name: str) -> Model
         info.parameters,
         version.ref,
         time.perf_counter() - started,
-        parity,
+        version.parity_max_abs_diff,
     )
     return version

@@ -12,22 +12,21 @@ import torch
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
-from services.dataset_registry import dataset_for_job, open_registered
 from services.datasets.base import EcgDataset
 from services.datasets.cache import PreprocessedCache, preprocessed
+from services.datasets.registry import dataset_for_job, open_registered
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
 from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.evaluation.plots import Caption, Figures, plot_history
-from services.export.onnx import export_checked, sha256_file
-from services.inference.variants import discard_exported, make_variants
-from services.job_runner import JobReporter, run_job
-from services.jobs import PretrainParams, artifacts_dir, list_artifacts
-from services.models.checkpoints import ENCODER_FILE, save_encoder
+from services.jobs.params import PretrainParams
+from services.jobs.runner import JobReporter, run_job
+from services.jobs.store import artifacts_dir, list_artifacts
 from services.models.families import family
 from services.registry import register_model_version
+from services.registry.publish import Published, publish
 from services.training.distributed import die_with_parent, is_main_process, log_tail, run_torchrun
 from services.training.loop import (
     Cancelled,
@@ -43,7 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def run_pretrain_job(job_id: uuid.UUID, worker: str) -> str:
-    """Run one pretraining job to its end and record the outcome (``services.job_runner.run_job``)."""
+    """Run one pretraining job to its end and record the outcome (``services.jobs.runner.run_job``)."""
     return run_job(
         job_id, worker, lambda raw, reporter: _pretrain(job_id, PretrainParams.model_validate(raw), reporter)
     )
@@ -156,7 +155,9 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
         model, result = _fit(plan, params, reporter, device)
         resumed_from = result.resumed_from_epoch
     ref = _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
-    return {"datasets": [p.used() for p in plan.parts], **loss_curve(job_id, params, plan, ref)}
+    # what went in and where it trained (the model card shows both), and the loss curve
+    used = {"datasets": [p.used() for p in plan.parts], "device": device.type, "processes": processes}
+    return {**used, **loss_curve(job_id, params, plan, ref)}
 
 
 def loss_curve(job_id: uuid.UUID, params: PretrainParams, plan: TrainingPlan, ref: str) -> dict:
@@ -314,7 +315,7 @@ def _fit_under_torchrun(
     reporter.phase(f"starting {processes} training processes under torchrun on {device.type}")
     threads = None if device.type == "cuda" else max(1, (os.cpu_count() or 1) // processes)
     log_path = plan.job_dir / "torchrun.log"
-    code = run_torchrun("services.pretraining", [str(job_id)], processes, log_path, threads)
+    code = run_torchrun("services.jobs.pretrain", [str(job_id)], processes, log_path, threads)
     if code != 0:
         if reporter.should_cancel():
             raise Cancelled("cancelled during training under torchrun")
@@ -334,64 +335,50 @@ def _export_and_register(
     resumed_from: int,
     reporter: JobReporter,
 ) -> str:
-    """Export the encoder, check it, make its variants and register it, with a cancel check between the
-    steps and one atomic with the registration; a cancelled job's ONNX files are removed. A job that had
-    registered before its worker died keeps that version (its files are not written again). Returns the
-    version's 'name@version'."""
+    """Publish the encoder (``services.registry.publish``: export, parity, variants), its registration
+    atomic with a last cancel check (``register_unless_cancelled``). A hybrid model's clinical normaliser is
+    fitted first. A job that had registered before its worker died keeps that version (its files are not
+    written again). Returns the version's 'name@version'."""
     registered = reporter.registered_version()
     if registered is not None:
         reporter.phase(f"registered as {registered.ref} before the task was delivered again")
         return registered.ref
-    onnx_path = plan.job_dir / "encoder.onnx"
-    try:
-        reporter.check_cancel("before export")
-        reporter.phase("exporting the encoder to ONNX")
-        encoder = encoder.to("cpu").float().eval()
-        windows = plan.check_windows()  # real records, centre crops
-        parity = export_checked(encoder, windows, onnx_path)
-        save_encoder(encoder, onnx_path.with_name(ENCODER_FILE))  # what fine-tuning starts from
-        embedding_dim = int(encoder(torch.from_numpy(windows[:1])).shape[-1])
-        reporter.check_cancel("after export")
-        normaliser = None
-        if params.clinical_features:
-            normaliser = _fit_clinical_normaliser(plan, reporter)
-            embedding_dim += 2 * len(CLINICAL_FEATURES)
-            reporter.check_cancel("after the clinical measurements")
-        reporter.phase("making and checking the ONNX variants")
-        sha256 = sha256_file(onnx_path)
-        variants = make_variants(onnx_path, plan.spec, sha256=sha256)
-        reporter.check_cancel("after the ONNX variants")
+    normaliser, clinical_dim = None, 0
+    if params.clinical_features:
+        normaliser = _fit_clinical_normaliser(plan, reporter)
+        clinical_dim = 2 * len(CLINICAL_FEATURES)
+        reporter.check_cancel("after the clinical measurements")
 
-        def register(s: Session) -> ModelVersion:
-            history = s.get(Job, job_id).metrics
-            final = {m.name: m.value for m in history if m.epoch == params.epochs}
-            return register_model_version(
-                s,
-                name=params.registry_name,
-                method=params.method,
-                source_job_id=job_id,
-                onnx_path=str(onnx_path.resolve()),
-                sha256=sha256,
-                input_spec=plan.spec.to_dict(),
-                embedding_dim=embedding_dim,
-                clinical_normaliser=normaliser,
-                parity_max_abs_diff=parity,
-                variants=variants,
-                metrics={
-                    **final,
-                    "records": sum(len(p.cache.record_ids) for p in plan.parts),
-                    "train_segments": plan.train_segments,
-                    "skipped_records": sum(len(p.cache.meta["skipped"]) for p in plan.parts),
-                    "datasets": [p.used() for p in plan.parts],
-                    "resumed_from_epoch": resumed_from,
-                    "model_size": params.model_size,
-                },
-            )
+    def register(s: Session, published: Published) -> ModelVersion:
+        history = s.get(Job, job_id).metrics
+        final = {m.name: m.value for m in history if m.epoch == params.epochs}
+        return register_model_version(
+            s,
+            name=params.registry_name,
+            method=params.method,
+            source_job_id=job_id,
+            **{**published.fields(), "embedding_dim": published.embedding_dim + clinical_dim},
+            clinical_normaliser=normaliser,
+            metrics={
+                **final,
+                "records": sum(len(p.cache.record_ids) for p in plan.parts),
+                "train_segments": plan.train_segments,
+                "skipped_records": sum(len(p.cache.meta["skipped"]) for p in plan.parts),
+                "datasets": [p.used() for p in plan.parts],
+                "resumed_from_epoch": resumed_from,
+                "model_size": params.model_size,
+            },
+        )
 
-        return reporter.register_unless_cancelled(register)
-    except Cancelled:
-        discard_exported(onnx_path)
-        raise
+    return publish(
+        encoder,
+        plan.check_windows(),  # real records, centre crops
+        plan.job_dir / "encoder.onnx",
+        plan.spec,
+        lambda published: reporter.register_unless_cancelled(lambda s: register(s, published)),
+        encoder=encoder,
+        steps=reporter,
+    )
 
 
 def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
@@ -416,7 +403,7 @@ def _fit_clinical_normaliser(plan: TrainingPlan, reporter: JobReporter) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """One torchrun process of a job (``torch.distributed.run ... -m services.pretraining <job id>``).
+    """One torchrun process of a job (``torch.distributed.run ... -m services.jobs.pretrain <job id>``).
 
     Every process re-opens the plan (the worker built the cache already) and trains; rank 0 alone writes
     progress, epoch metrics and checkpoints. The worker exports and registers once they have all exited.

@@ -17,10 +17,13 @@ import uuid
 import numpy as np
 
 from services.config import get_settings
-from services.dataset_registry import dataset_for_job
+from services.datasets.registry import dataset_for_job
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
-from services.downstream.common import (
+from services.evaluation.metrics import classification_result
+from services.evaluation.plots import Figures
+from services.inference.sessions import SESSIONS, ServedModel
+from services.jobs.downstream import (
     DOWNSTREAM_BETAS,
     classification_plots,
     clustering_protocol,
@@ -31,18 +34,16 @@ from services.downstream.common import (
     save_reference,
     scores_auroc,
 )
-from services.downstream.data import open_labelled, record_features, split_labels
-from services.evaluation.metrics import classification_result
-from services.evaluation.plots import Figures
-from services.inference.sessions import SESSIONS, ServedModel
-from services.job_runner import JobReporter, run_job
-from services.jobs import EvaluateParams, artifacts_dir, job_dir, list_artifacts
+from services.jobs.labelled import open_labelled, record_features, split_labels
+from services.jobs.params import EvaluateParams
+from services.jobs.runner import JobReporter, run_job
+from services.jobs.store import artifacts_dir, job_dir, list_artifacts
 from services.registry import resolve_model_version
 from services.training.loop import TrainConfig, pick_device
 
 
 def run_evaluate_job(job_id: uuid.UUID, worker: str) -> str:
-    """Run one evaluation job to its end and record the outcome (``services.job_runner.run_job``)."""
+    """Run one evaluation job to its end and record the outcome (``services.jobs.runner.run_job``)."""
     return run_job(
         job_id, worker, lambda raw, reporter: evaluate(job_id, EvaluateParams.model_validate(raw), reporter)
     )

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from services.downstream.data import FeatureRecords
 from services.evaluation.linear_probe import macro_auroc
 from services.evaluation.metrics import (
     ClassificationResult,
@@ -26,7 +25,8 @@ from services.evaluation.plots import (
     plot_history,
     plot_roc_curves,
 )
-from services.job_runner import JobReporter
+from services.jobs.labelled import FeatureRecords
+from services.jobs.runner import JobReporter
 from services.models.heads import LinearHead, MultiLabelLoss
 from services.training.loop import TrainConfig, train
 

@@ -1,9 +1,13 @@
-"""Jobs: what pretraining and downstream jobs take, and the queries behind the jobs API."""
+"""What each job kind takes: the parameters of pretraining, fine-tuning and evaluation jobs, validated by
+the API and again by the worker (torch-free: the gateway imports them).
 
-import re
-import uuid
-from pathlib import Path
-from typing import Annotated, Literal
+``TrainingParams`` holds the settings every training job shares (recipe, registry name, seed,
+checkpoints); options that mirror a model's config (``JepaMasking``, ``VqvaeOptions``) are derived from
+that config (``derived_options``): its fields, types and defaults, with the API's bounds added.
+"""
+
+import dataclasses
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -12,18 +16,15 @@ from pydantic import (
     Field,
     Tag,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from services.config import get_settings
-from services.dataset_registry import dataset_for_job
 from services.datasets import DataPath
-from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
-from services.errors import ClientError, ConflictError, NotFoundError
 from services.models.catalog import BY_METHOD, SPECS
+from services.models.ecg_jepa_spec import MaskConfig
+from services.models.vqvae_spec import VqConfig
 
 
 class Params(BaseModel):
@@ -34,25 +35,89 @@ class Params(BaseModel):
 
 MAX_SEED = 2**32 - 1  # what every random generator of a job takes (numpy's legacy seeds, scikit-learn)
 SEED = Field(0, ge=0, le=MAX_SEED, description=f"random seed, 0 to {MAX_SEED}")
+MODEL_NAME = r"^[A-Za-z0-9_.\-]{1,100}$"
 
 
-class JepaMasking(Params):
+def derived_options(config: type, fields: dict[str, Any]) -> type[Params]:
+    """A parameter model with the fields of the dataclass ``config`` named in ``fields``, in the config's
+    order, of its types and with its defaults; ``fields`` gives each one's bounds and description (a
+    ``Field`` without a default). Subclass it to name the schema and add checks."""
+    declared = {f.name: f for f in dataclasses.fields(config)}
+    unknown = sorted(set(fields) - set(declared))
+    if unknown:
+        raise TypeError(f"{config.__name__} has no field {', '.join(unknown)}")
+    chosen = {
+        name: (Annotated[f.type, fields[name]], f.default) for name, f in declared.items() if name in fields
+    }
+    return create_model(f"{config.__name__}Options", __base__=Params, **chosen)  # type: ignore[call-overload]
+
+
+class TrainingParams(Params):
+    """The settings every training job takes (pretraining, fine-tuning); those left out come from the
+    recipe of the method or family for the size (``GET /methods``)."""
+
+    model_name: str | None = Field(
+        None,
+        pattern=MODEL_NAME,
+        description="registry name; default '<method>-<size>' (pretraining), '<base name>-<method>' "
+        "(fine-tuning)",
+    )
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        le=10_000,
+        description="default: the recipe's (GET /methods; fine-tuning methods other than finetune: 10)",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="records per step (triplet: P x K instead); default: the recipe's (fine-tuning methods "
+        "other than finetune: 32)",
+    )
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1.0,
+        description="peak lr; default: the recipe's, scaled linearly with batch_size (fine-tuning methods "
+        "other than finetune: linear_probe 1e-2, triplet and vqvae 1e-3)",
+    )
+    weight_decay: float | None = Field(
+        None,
+        ge=0,
+        le=1.0,
+        description="AdamW weight decay; default: the recipe's (fine-tuning methods other than finetune: "
+        "0.01)",
+    )
+    warmup_epochs: float | None = Field(
+        None,
+        ge=0,
+        le=10_000,
+        description="default: the recipe's (fine-tuning methods other than finetune: 1)",
+    )
+    seed: int = SEED
+    checkpoint_every: int = Field(5, ge=1, description="epochs between checkpoints")
+
+
+class JepaMasking(
+    derived_options(
+        MaskConfig,
+        {
+            "kind": Field(description="block: union of several runs of patches; random: patches at random"),
+            "scale": Field(
+                description="ratio range (low, high): per block for 'block' (default 0.175-0.225), of all "
+                "patches for 'random' (default 0.6-0.7)"
+            ),
+            "blocks": Field(ge=1, le=16, description="runs per mask ('block' only)"),
+            "original_block_starts": Field(
+                description="the original sampler's block starts, which never mask the last patch"
+            ),
+        },
+    )
+):
     """ECG-JEPA's time masking (the same patches masked in every lead)."""
 
     model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["block", "random"] = Field(
-        "block", description="block: union of several runs of patches; random: patches at random"
-    )
-    scale: tuple[float, float] | None = Field(
-        None,
-        description="ratio range (low, high): per block for 'block' (default 0.175-0.225), of all "
-        "patches for 'random' (default 0.6-0.7)",
-    )
-    blocks: int = Field(4, ge=1, le=16, description="runs per mask ('block' only)")
-    original_block_starts: bool = Field(
-        False, description="the original sampler's block starts, which never mask the last patch"
-    )
 
     @field_validator("scale")
     @classmethod
@@ -96,7 +161,7 @@ DatasetRef = Annotated[
 ]
 
 
-class PretrainParams(Params):
+class PretrainParams(TrainingParams):
     """What a pretraining job needs; validated by the API and again by the worker."""
 
     dataset: DatasetRef = Field(
@@ -117,18 +182,6 @@ class PretrainParams(Params):
         description="tiny (CPU demo), small (ST-MEM only), base (the published encoders); each method's "
         "sizes: GET /methods",
     )
-    model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<method>-<size>'"
-    )
-    epochs: int | None = Field(
-        None, ge=1, le=10_000, description="default: the method's recipe for the size (GET /methods)"
-    )
-    batch_size: int | None = Field(None, ge=1, le=4096, description="default: the recipe's")
-    learning_rate: float | None = Field(
-        None, gt=0, le=1.0, description="peak lr; default: the recipe's, scaled linearly with batch_size"
-    )
-    weight_decay: float | None = Field(None, ge=0, le=1.0, description="AdamW; default: the recipe's")
-    warmup_epochs: float | None = Field(None, ge=0, le=10_000, description="default: the recipe's")
     mask_ratio: float = Field(0.75, gt=0, lt=1, description="ST-MEM: share of each lead's patches masked")
     jepa_masking: JepaMasking = Field(default_factory=JepaMasking, description="ECG-JEPA: time masking")
     clinical_features: bool = Field(
@@ -138,13 +191,11 @@ class PretrainParams(Params):
         "II/V2/V5, QRS axis), standardised with statistics of the job's training records, and one "
         "missing flag each",
     )
-    seed: int = SEED
     record_limit: int | None = Field(None, ge=2, description="use at most this many records")
     folds: list[int] | None = Field(
         None, description="PTB-XL strat_fold values to use (e.g. 1-8 to keep 9/10 unseen); default all"
     )
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="records held out for the per-epoch val_loss")
-    checkpoint_every: int = Field(5, ge=1)
 
     @field_validator("folds")
     @classmethod
@@ -253,19 +304,22 @@ class TripletOptions(Params):
     unfreeze_blocks: int = Field(0, ge=0, le=48, description="train the encoder's last N blocks too")
 
 
-class VqvaeOptions(Params):
+class VqvaeOptions(
+    derived_options(
+        VqConfig,
+        {
+            "num_codes": Field(ge=2, le=65_536, description="codebook size"),
+            "code_dim": Field(ge=2, le=1024, description="dimension of the (unit-norm) codes"),
+            "commitment": Field(ge=0, le=10, description="beta of the commitment term"),
+            "decay": Field(gt=0, lt=1, description="EMA decay of the codebook"),
+            "dead_threshold": Field(ge=0, description="EMA assignments per step below which a code restarts"),
+            "decoder_hidden": Field(ge=2, le=8192),
+        },
+    )
+):
     """Token-level VQ-VAE head (services.models.vqvae) on the frozen encoder's patch tokens."""
 
     model_config = ConfigDict(extra="forbid")
-
-    num_codes: int = Field(256, ge=2, le=65_536, description="codebook size")
-    code_dim: int = Field(32, ge=2, le=1024, description="dimension of the (unit-norm) codes")
-    commitment: float = Field(0.25, ge=0, le=10, description="beta of the commitment term")
-    decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of the codebook")
-    dead_threshold: float = Field(
-        1.0, ge=0, description="EMA assignments per step below which a code restarts"
-    )
-    decoder_hidden: int = Field(256, ge=2, le=8192)
 
 
 class DownstreamCommon(Params):
@@ -285,7 +339,7 @@ class DownstreamCommon(Params):
     knn_metric: Literal["cosine", "euclidean"] = Field("cosine", description="kNN distance")
 
 
-class FinetuneParams(DownstreamCommon):
+class FinetuneParams(DownstreamCommon, TrainingParams):
     """Adapt a registered encoder (or a new one of a family, trained from scratch) to a labelled dataset;
     the result is registered as a new model version."""
 
@@ -311,25 +365,6 @@ class FinetuneParams(DownstreamCommon):
         description="linear_probe: linear head on frozen features (computed once); finetune: encoder + head, "
         "all trained, the best validation epoch kept; triplet: triplet-loss metric head; vqvae: token "
         "VQ-VAE head",
-    )
-    epochs: int | None = Field(
-        None, ge=1, le=10_000, description="default: finetune the family's recipe, others 10"
-    )
-    batch_size: int | None = Field(
-        None, ge=1, le=4096, description="records per step (triplet: P x K instead); default: the recipe's"
-    )
-    learning_rate: float | None = Field(
-        None,
-        gt=0,
-        le=1.0,
-        description="peak lr; default: finetune the family's recipe (scaled with batch_size), linear_probe "
-        "1e-2, triplet and vqvae 1e-3",
-    )
-    weight_decay: float | None = Field(
-        None, ge=0, le=1.0, description="AdamW weight decay; default: finetune the recipe's, others 0.01"
-    )
-    warmup_epochs: float | None = Field(
-        None, ge=0, le=10_000, description="default: finetune the recipe's, others 1"
     )
     layer_decay: float | None = Field(
         None,
@@ -358,10 +393,6 @@ class FinetuneParams(DownstreamCommon):
     )
     triplet: TripletOptions = Field(default_factory=TripletOptions, description="method triplet only")
     vqvae: VqvaeOptions = Field(default_factory=VqvaeOptions, description="method vqvae only")
-    model_name: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_.\-]{1,100}$", description="registry name; default '<base name>-<method>'"
-    )
-    checkpoint_every: int = Field(5, ge=1)
 
     # Checks of one field against the fields declared before it (info.data) report on that field; each is
     # skipped when the field it depends on was itself refused (that field's error says why).
@@ -480,127 +511,3 @@ class EvaluateParams(DownstreamCommon):
     @classmethod
     def _unique(cls, protocols: list[str]) -> list[str]:
         return list(dict.fromkeys(protocols))
-
-
-def check_labelled(dataset: Dataset) -> None:
-    """Downstream jobs need labels: refuse a dataset whose summary shows none."""
-    counts = (dataset.summary or {}).get("label_counts") or {}
-    if not any(counts.values()):
-        raise ClientError(
-            f"dataset '{dataset.name}' has no labels, so it cannot train or evaluate a classifier: use a "
-            "labelled dataset (PTB-XL superclasses, a wfdb_folder with labels_csv, an npz with labels)"
-        )
-
-
-def check_params_fit_dataset(params: PretrainParams, dataset: Dataset) -> None:
-    """Refuse, before queueing, what the dataset's summary already shows cannot work (one dataset)."""
-    check_folds_fit_dataset(params.folds, dataset)
-
-
-def check_folds_fit_dataset(wanted: list[int] | None, dataset: Dataset) -> None:
-    folds = {int(f) for f in (dataset.summary or {}).get("folds", {})}
-    if wanted and not folds:
-        raise ClientError(f"'folds' was given but dataset '{dataset.name}' has no folds")
-    if wanted and not folds & set(wanted):
-        raise ClientError(
-            f"dataset '{dataset.name}' has no record in folds {wanted} (it has {sorted(folds)})"
-        )
-
-
-def pretrain_datasets(session: Session, params: PretrainParams) -> list[Dataset]:
-    """The registered dataset of each entry (a path is registered on first use), each checked against its
-    entry's folds; an error names the entry of a list (index and name). Two entries of the same data
-    (the same kind, path and options, e.g. a name and its path) are refused."""
-    rows: list[Dataset] = []
-    for i, entry in enumerate(params.entries):
-        try:
-            row = dataset_for_job(session, entry.dataset)
-            check_folds_fit_dataset(entry.folds, row)
-        except ClientError as exc:
-            if not isinstance(params.dataset, list):
-                raise
-            raise type(exc)(f"dataset[{i}] '{entry.dataset}': {exc}") from exc
-        for j, earlier in enumerate(rows):
-            if (row.kind, row.path, row.options) == (earlier.kind, earlier.path, earlier.options):
-                raise ClientError(
-                    f"dataset[{i}] '{entry.dataset}' is the same data as dataset[{j}] "
-                    f"'{params.entries[j].dataset}' (registered as '{row.name}'): give each dataset once"
-                )
-        rows.append(row)
-    return rows
-
-
-def create_job(
-    session: Session, kind: str, params: BaseModel, epochs: int, dataset: Dataset | None = None
-) -> Job:
-    job = Job(
-        kind=kind,
-        status=JobStatus.queued,
-        params=params.model_dump(mode="json"),
-        epochs=epochs,
-        dataset_id=dataset.id if dataset else None,
-    )
-    session.add(job)
-    session.flush()
-    return job
-
-
-def get_job(session: Session, job_id: uuid.UUID) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise NotFoundError(f"job {job_id} does not exist")
-    return job
-
-
-def list_jobs(session: Session, status: str | None = None, limit: int = 50) -> list[Job]:
-    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
-    if status is not None:
-        query = query.where(Job.status == status)
-    return list(session.scalars(query))
-
-
-def request_cancel(session: Session, job_id: uuid.UUID) -> Job:
-    """A queued job is cancelled at once; a running one stops at its next step (the worker checks)."""
-    job = get_job(session, job_id)
-    if job.status in FINISHED:
-        raise ConflictError(f"job {job_id} has already finished ({job.status}); nothing to cancel")
-    job.cancel_requested = True
-    if job.status == JobStatus.queued:
-        job.status, job.finished_at, job.phase = JobStatus.cancelled, utcnow(), "cancelled before start"
-    return job
-
-
-def fail_job(session: Session, job_id: uuid.UUID, error: str) -> None:
-    job = get_job(session, job_id)
-    job.status, job.error, job.finished_at, job.phase = JobStatus.failed, error, utcnow(), "failed"
-
-
-# --------------------------------------------------------------------------------------------------
-# a job's files: <artifact_dir>/jobs/<id>/ (checkpoints, ONNX), and its pictures under artifacts/
-
-ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,120}\.png$")
-
-
-def job_dir(job_id: uuid.UUID) -> Path:
-    return Path(get_settings().artifact_dir) / "jobs" / str(job_id)
-
-
-def artifacts_dir(job_id: uuid.UUID) -> Path:
-    """Where a job writes its PNG artifacts (plots)."""
-    return job_dir(job_id) / "artifacts"
-
-
-def list_artifacts(job_id: uuid.UUID) -> list[str]:
-    folder = artifacts_dir(job_id)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.is_file() and ARTIFACT_NAME.match(p.name))
-
-
-def artifact_path(job_id: uuid.UUID, name: str) -> Path:
-    """The file of a job's artifact ``name``; 404 for anything not in its listing (no path is built from a
-    name that is not a plain PNG file name of that folder)."""
-    if not ARTIFACT_NAME.match(name) or name not in list_artifacts(job_id):
-        available = ", ".join(list_artifacts(job_id)) or "none"
-        raise NotFoundError(f"job {job_id} has no artifact '{name}' (its artifacts: {available})")
-    return artifacts_dir(job_id) / name

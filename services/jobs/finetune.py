@@ -32,10 +32,18 @@ import torch
 from torch import nn
 
 from services.config import get_settings
-from services.dataset_registry import dataset_for_job
+from services.datasets.registry import dataset_for_job
 from services.db.models import Job
 from services.db.session import session_scope
-from services.downstream.common import (
+from services.ecg.preprocess import InputSpec
+from services.errors import ClientError
+from services.evaluation.metrics import classification_result, knn_scores
+from services.evaluation.plots import Caption, Figures, plot_history
+from services.export.onnx import (
+    HEAD_OUTPUTS,
+    OUTPUT_NAME,
+)
+from services.jobs.downstream import (
     DOWNSTREAM_BETAS,
     BestEpoch,
     EpochLog,
@@ -48,7 +56,7 @@ from services.downstream.common import (
     save_reference,
     scores_auroc,
 )
-from services.downstream.data import (
+from services.jobs.labelled import (
     LabelledData,
     features_of,
     open_labelled,
@@ -56,38 +64,26 @@ from services.downstream.data import (
     split_labels,
     torch_fn,
 )
-from services.ecg.preprocess import InputSpec
-from services.errors import ClientError
-from services.evaluation.metrics import classification_result, knn_scores
-from services.evaluation.plots import Caption, Figures, plot_history
-from services.export.onnx import (
-    HEAD_OUTPUTS,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    PROBABILITIES_NAME,
-    export_checked,
-    sha256_file,
-)
-from services.inference.variants import CUDA, discard_exported, make_variants, probabilities_verdict
-from services.job_runner import JobReporter, member_prefix, run_job
-from services.jobs import FinetuneParams, artifacts_dir, job_dir, list_artifacts
-from services.models.checkpoints import ENCODER_FILE, load_saved_encoder, save_encoder
+from services.jobs.params import FinetuneParams
+from services.jobs.runner import JobReporter, member_prefix, run_job
+from services.jobs.store import artifacts_dir, job_dir, list_artifacts
+from services.models.checkpoints import ENCODER_FILE, load_saved_encoder
 from services.models.families import FAMILIES, size_of
 from services.models.heads import DiagnosisModel, Embedder, EnsembleDiagnosis, LinearHead
 from services.models.triplet import LabelledRecords, PKBatches, TripletModel
 from services.models.vqvae import VqConfig, VqVae
 from services.registry import register_model_version, resolve_model_version
+from services.registry.publish import Published, publish
 from services.training.augment import Augmented, RandAugment
-from services.training.loop import Cancelled, CropDataset, TrainConfig, pick_device, train
+from services.training.loop import CropDataset, TrainConfig, pick_device, train
 
 log = logging.getLogger(__name__)
 
 VAL_KNN_TRAIN_RECORDS = 1000  # per-epoch kNN check: at most this many training records as neighbours
-PROBABILITY_TOLERANCE = 0.01  # a reduced-precision variant of a diagnosis model serves only this close
 
 
 def run_finetune_job(job_id: uuid.UUID, worker: str) -> str:
-    """Run one fine-tuning job to its end and record the outcome (``services.job_runner.run_job``)."""
+    """Run one fine-tuning job to its end and record the outcome (``services.jobs.runner.run_job``)."""
     return run_job(
         job_id, worker, lambda raw, reporter: finetune(job_id, FinetuneParams.model_validate(raw), reporter)
     )
@@ -142,7 +138,7 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
     reporter.phase("evaluating on the test split")
     figures = Figures(folder)
     result, head, embeddings = _evaluate(trained, data, params, device, figures)
-    result["recipe"] = recipe
+    result["recipe"], result["device"] = recipe, device.type  # (the model card shows both)
     result = _export_and_register(
         job_id, params, base, family, data, trained, result, head, embeddings, reporter
     )
@@ -368,10 +364,7 @@ def _vqvae(
         )
     tokens = FAMILIES[family].tokens(encoder)  # per-lead patch tokens (B, C, N, D)
     o = params.vqvae
-    cfg = VqConfig(
-        num_codes=o.num_codes, code_dim=o.code_dim, commitment=o.commitment, decay=o.decay,
-        dead_threshold=o.dead_threshold, decoder_hidden=o.decoder_hidden,
-    )  # fmt: skip
+    cfg = VqConfig(**o.model_dump())
     model = VqVae(tokens, _width(encoder), encoder.cfg.patch_size, cfg)
     usage: list[dict] = []
 
@@ -494,24 +487,54 @@ def _export_and_register(
     embeddings: dict[str, np.ndarray],
     reporter: JobReporter,
 ) -> dict:
-    """Export, check parity, save the kNN reference, make and check the variants, register; with a cancel
-    check between the steps and one atomic with the registration (a cancelled job's ONNX files are
-    removed). A job that had registered before its worker died keeps that version (nothing written again).
-    Returns the job's result."""
-    work = job_dir(job_id)
-    onnx_path = work / "model.onnx"
+    """Save the model's weights and kNN reference, then publish it (``services.registry.publish``: export,
+    parity, variants, head checks), its registration atomic with a last cancel check. A job that had
+    registered before its worker died keeps that version (nothing written again). Returns the job's
+    result."""
     registered = reporter.registered_version()
     if registered is not None:
         reporter.phase(f"registered as {registered.ref} before the task was delivered again")
         ref, parity = registered.ref, registered.parity_max_abs_diff
     else:
-        try:
-            ref, parity = _export_and_register_new(
-                job_id, params, base, family, data, trained, result, head, embeddings, reporter, onnx_path
+        work = job_dir(job_id)
+        work.mkdir(parents=True, exist_ok=True)
+        exported = trained.exported.cpu().float().eval()
+        weights = {"method": params.method, "params": params.model_dump(mode="json")}
+        torch.save({**weights, "state_dict": exported.state_dict()}, work / "downstream.pt")
+        reference = save_reference(
+            work / "knn_reference.npz", embeddings["train"], data.labels[data.records["train"]],
+            data.cache.record_ids[data.records["train"]], data.class_names, result["knn"], data.name, job_id,
+        )  # fmt: skip
+        final = {k: v for k, v in (trained.history[-1] if trained.history else {}).items() if k != "epoch"}
+        summary = {f"knn_test_{k}": result["knn"][k] for k in ("macro_auroc", "macro_f1")}
+        if head is not None:
+            summary.update({f"test_{k}": head[f"test_{k}"] for k in ("macro_auroc", "macro_f1")})
+        metrics = {**final, **summary, "base_model": base.ref, "encoder_family": family, "dataset": data.name,
+                   "records": data.counts()}  # fmt: skip
+        check = _crops(data, "val", random=False, seed=params.seed)
+        windows = np.stack(
+            [check[i].numpy() for i in range(min(8, len(check)))]
+        )  # real records, centre crops
+
+        def register(published: Published) -> tuple[str, float]:
+            ref = reporter.register_unless_cancelled(
+                lambda s: register_model_version(
+                    s,
+                    name=params.registry_name(base.name),
+                    method=params.method,
+                    source_job_id=job_id,
+                    **published.fields(),
+                    metrics=metrics,
+                    head=head,
+                    knn_reference=reference,
+                )  # fmt: skip
             )
-        except Cancelled:
-            discard_exported(onnx_path)
-            raise
+            return ref, published.parity_max_abs_diff
+
+        ref, parity = publish(
+            exported, windows, work / "model.onnx", base.spec, register,
+            outputs=trained.outputs, encoder=trained.encoder, steps=reporter,
+        )  # fmt: skip
     result.update(
         method=params.method,
         base_model=base.ref,
@@ -526,107 +549,3 @@ def _export_and_register(
     )
     result["artifacts"] = list_artifacts(job_id)
     return result
-
-
-def _export_and_register_new(
-    job_id: uuid.UUID,
-    params: FinetuneParams,
-    base: Base,
-    family: str,
-    data: LabelledData,
-    trained: Trained,
-    result: dict,
-    head: dict | None,
-    embeddings: dict[str, np.ndarray],
-    reporter: JobReporter,
-    onnx_path: Path,
-) -> tuple[str, float]:
-    """The steps of ``_export_and_register`` for a job not registered yet: ('name@version', parity)."""
-    work = onnx_path.parent
-    reporter.check_cancel("before export")
-    reporter.phase("exporting to ONNX and checking parity")
-    check = _crops(data, "val", random=False, seed=params.seed)
-    windows = np.stack([check[i].numpy() for i in range(min(8, len(check)))])  # real records, centre crops
-    exported = trained.exported.cpu().float().eval()
-    parity = export_checked(exported, windows, onnx_path, trained.outputs)
-    save_encoder(trained.encoder, work / ENCODER_FILE)  # what a further fine-tuning starts from
-    torch.save(
-        {
-            "method": params.method,
-            "params": params.model_dump(mode="json"),
-            "state_dict": exported.state_dict(),
-        },
-        work / "downstream.pt",
-    )
-    reference = save_reference(
-        work / "knn_reference.npz", embeddings["train"], data.labels[data.records["train"]],
-        data.cache.record_ids[data.records["train"]], data.class_names, result["knn"], data.name, job_id,
-    )  # fmt: skip
-    with torch.no_grad():
-        first = exported(torch.from_numpy(windows[:1]))
-    embedding_dim = int((first[0] if isinstance(first, tuple) else first).shape[-1])
-    final = {k: v for k, v in (trained.history[-1] if trained.history else {}).items() if k != "epoch"}
-    summary = {
-        "knn_test_macro_auroc": result["knn"]["macro_auroc"],
-        "knn_test_macro_f1": result["knn"]["macro_f1"],
-    }
-    if head is not None:
-        summary.update(test_macro_auroc=head["test_macro_auroc"], test_macro_f1=head["test_macro_f1"])
-    reporter.check_cancel("after export")
-    reporter.phase("making and checking the ONNX variants")
-    sha256 = sha256_file(onnx_path)
-    variants = make_variants(onnx_path, base.spec, sha256=sha256)
-    if head is not None:
-        check_head_variants(variants, onnx_path, windows)
-    reporter.check_cancel("after the ONNX variants")
-    ref = reporter.register_unless_cancelled(
-        lambda s: register_model_version(
-            s,
-            name=params.registry_name(base.name),
-            method=params.method,
-            source_job_id=job_id,
-            onnx_path=str(onnx_path.resolve()),
-            sha256=sha256,
-            input_spec=base.spec.to_dict(),
-            embedding_dim=embedding_dim,
-            parity_max_abs_diff=parity,
-            metrics={
-                **final,
-                **summary,
-                "base_model": base.ref,
-                "encoder_family": family,
-                "dataset": data.name,
-                "records": data.counts(),
-            },
-            head=head,
-            knn_reference=reference,
-            variants=variants,
-        )
-    )
-    return ref, parity
-
-
-def check_head_variants(variants: dict, onnx_path: Path, windows: np.ndarray) -> None:
-    """The int8 / fp16 variants of a diagnosis model are checked on its embedding (cosine, at registration)
-    and here on its probabilities: a variant whose probabilities differ from fp32 by more than
-    ``PROBABILITY_TOLERANCE`` on the check windows is marked failed (then fp32 serves, with the reason).
-
-    (Measured: an int8 linear-probe model kept cosine 0.99997 to fp32 yet moved probabilities by up to
-    0.025, enough to cross a threshold.)"""
-    import onnxruntime as ort
-
-    fp32 = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    reference = fp32.run([PROBABILITIES_NAME], {INPUT_NAME: windows})[0]
-    for name, entry in variants.items():
-        if name == "fp32" or entry.get("status") != "passed":
-            continue
-        providers = [CUDA, "CPUExecutionProvider"] if name == "fp16" else ["CPUExecutionProvider"]
-        available = [p for p in providers if p in ort.get_available_providers()]
-        got = ort.InferenceSession(entry["file"], providers=available).run(
-            [PROBABILITIES_NAME], {INPUT_NAME: windows}
-        )[0]
-        diff = float(np.abs(got - reference).max())
-        entry["probabilities_max_abs_diff"] = diff
-        if not diff <= PROBABILITY_TOLERANCE:
-            entry["status"] = "failed"
-            entry["reason"] = probabilities_verdict(name, entry, PROBABILITY_TOLERANCE, len(windows))

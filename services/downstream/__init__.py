@@ -1,1 +1,0 @@
-"""Downstream jobs: fine-tuning (linear probe, full fine-tune, triplet, VQ-VAE) and evaluation."""
