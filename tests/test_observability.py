@@ -165,7 +165,7 @@ def test_json_logs_carry_request_and_job_ids(observed: Observed) -> None:
     assert any("POST /embed" in r["message"] and r["logger"] == "uvicorn.access" for r in embed_lines)
     job_id = observed.job["id"]
     job_lines = [r for r in records if r.get("job_id") == job_id]
-    assert any(r["logger"] == "services.job_runner" for r in job_lines), "the job's phases carry its id"
+    assert any(r["logger"] == "services.jobs.runner" for r in job_lines), "the job's phases carry its id"
     assert all(r.get("job_id") is None for r in records if r["logger"].startswith("uvicorn"))
 
 
