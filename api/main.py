@@ -12,7 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
+from api import metrics
 from api.guard import RequestGuard
+from api.metrics import RequestMetrics
 from api.responses import install_responses, status_of
 from api.routers import datasets, ecg, embed, health, jobs, methods, model_files, models, predict
 from api.routers.dashboard import install_dashboard
@@ -61,6 +63,7 @@ def create_app() -> FastAPI:
     )
 
     app.add_middleware(RequestGuard)  # the API key and the body-size limit, before the body is read
+    app.add_middleware(RequestMetrics, router=app.router)  # outermost: request ids, counts and latencies
 
     @app.exception_handler(ClientError)
     async def client_error(_request: Request, exc: ClientError) -> JSONResponse:
@@ -97,6 +100,7 @@ def create_app() -> FastAPI:
         predict.router,
         ecg.router,
         health.router,
+        metrics.router,
     ):
         app.include_router(router)
     install_dashboard(app)  # the web dashboard at /, offline /docs and /redoc

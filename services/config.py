@@ -51,6 +51,18 @@ class Settings(BaseSettings):
         description="longest record an upload may hold, in seconds: checked from the file's header or array "
         "shape before its samples are decoded; a longer record is refused with 413",
     )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines of the gateway and the worker: 'text', or 'json' (one object per line: time, "
+        "level, logger, message, request_id, job_id)",
+    )
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="a worker serves its Prometheus metrics (epoch durations, job runs, its heartbeat) at "
+        "http://<host>:<port>/metrics from the process that runs its tasks; 0 = not served",
+    )
     worker_heartbeat_s: float = Field(5.0, description="how often a worker writes its heartbeat")
     worker_stale_s: float = Field(30.0, description="a worker silent for longer counts as gone")
     visibility_timeout_s: int = Field(

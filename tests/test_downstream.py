@@ -3,6 +3,7 @@ PTB-XL records with a tiny ST-MEM: POST through the API, the job run as the work
 PNG artifacts and registered version, and /predict (head and kNN) against PyTorch."""
 
 import io
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,15 +251,29 @@ def finished(client: TestClient, job_id: str) -> dict:
 
 
 def assert_pngs(client: TestClient, job: dict, expected: set[str]) -> None:
+    """The job's PNGs are there, and each names (in its drawn title, stored in the file) the model version,
+    the split with its size and a headline figure; probe and kNN figures say which they are."""
     assert expected <= set(job["artifacts"]), job["artifacts"]
     assert set(job["result"]["artifacts"]) == set(job["artifacts"])
+    titles = job["result"]["figures"]
+    assert set(titles) == set(job["artifacts"])
+    model = job["result"]["model_version"]
     for name in job["artifacts"]:
         response = client.get(f"/jobs/{job['id']}/artifacts/{name}")
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"
         assert response.content.startswith(PNG)
+        with Image.open(io.BytesIO(response.content)) as drawn:
+            assert drawn.text["Title"] == titles[name]
         image = Image.open(io.BytesIO(response.content))
         image.verify()
         assert image.size[0] > 300 and image.size[1] > 300
+        what, rest = titles[name].split("\n")
+        assert what.endswith(f" on {model}"), titles[name]
+        assert re.search(r"\d+ records \| .*\d\.\d{3}", rest), titles[name]  # split size | headline figure
+        if name.endswith("_knn.png"):
+            assert ": kNN (k=" in what, titles[name]
+        if "linear_probe" in name:
+            assert ": linear probe" in what or ": linear_probe" in what, titles[name]
 
 
 def upload(data_dir: Path) -> list:
@@ -304,8 +319,8 @@ def test_evaluate_job_scores_protocols_stores_a_reference_and_serves_knn_predict
     # the linear probe trained through the loop: one metrics row per epoch
     assert [m["epoch"] for m in job["metrics"]] == [1, 2, 3]
     assert {"train_loss", "val_loss", "val_macro_auroc"} <= set(job["metrics"][-1]["values"])
-    assert_pngs(client, job, {"roc_knn.png", "confusion_knn.png", "roc_linear_probe.png",
-                              "confusion_linear_probe.png", "history.png", "embedding_map.png"})  # fmt: skip
+    assert_pngs(client, job, {"roc_knn.png", "confusion_knn.png", "roc_linear_probe.png", "embedding_map.png",
+                              "confusion_linear_probe.png", "history_linear_probe.png"})  # fmt: skip
 
     # the training embeddings became the base model's kNN reference set
     name, version = base.split("@")
@@ -426,8 +441,8 @@ def test_diagnosis_job_registers_a_head_that_predicts_as_it_was_evaluated(
     assert sorted(epochs) == [1, 2] and all(
         "val_macro_auroc" in v and "train_loss" in v for v in epochs.values()
     )
-    assert_pngs(client, job, {f"roc_{method}.png", f"confusion_{method}.png", "roc_knn.png", "history.png",
-                              "embedding_map.png"})  # fmt: skip
+    assert_pngs(client, job, {f"roc_{method}.png", f"confusion_{method}.png", "roc_knn.png",
+                              f"history_{method}.png", "embedding_map.png"})  # fmt: skip
 
     ref = job["model_version"]
     assert ref == result["model_version"] and ref.split("@")[0] == f"{base.split('@')[0]}-{method}"
@@ -498,7 +513,7 @@ def test_triplet_job_registers_a_unit_embedding_model_with_a_knn_predictor(
     assert result["triplet"]["mining"] == "semi_hard" and result["batch_records"] == 12
     assert "test" not in result and 0 <= result["knn"]["macro_auroc"] <= 1
     assert all("val_knn_macro_auroc" in m["values"] for m in job["metrics"])
-    assert_pngs(client, job, {"roc_knn.png", "confusion_knn.png", "embedding_map.png", "history.png"})
+    assert_pngs(client, job, {"roc_knn.png", "confusion_knn.png", "embedding_map.png", "history_triplet.png"})
     ref = job["model_version"]
     embedded = client.post(f"/embed?model={ref}&precision=fp32", files=upload(data_dir)).json()
     assert embedded["dimension"] == 16
@@ -520,7 +535,7 @@ def test_vqvae_job_keeps_its_codebook_in_use(client: TestClient, base: str, data
         assert values["codes_used"] > 16 and values["perplexity"] > 8 and 0 < values["code_usage"] <= 1
     codebook = job["result"]["codebook"]
     assert codebook["num_codes"] == 64 and codebook["last_epoch"]["codes_used"] == per_epoch[-1]["codes_used"]
-    assert_pngs(client, job, {"codebook.png", "roc_knn.png", "embedding_map.png", "history.png"})
+    assert_pngs(client, job, {"codebook.png", "roc_knn.png", "embedding_map.png", "history_vqvae.png"})
     embedded = client.post(f"/embed?model={job['model_version']}", files=upload(data_dir)).json()
     assert embedded["dimension"] == 16
 

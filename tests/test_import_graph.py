@@ -24,6 +24,7 @@ SERVICES_ORDER = [
     "training",
     "models",
     "datasets",
+    "observability",  # logs (configuration, request and job ids, the epoch line) and Prometheus metrics
     "ecg",
     "db",
     grimp.Layer("config", "errors"),

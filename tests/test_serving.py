@@ -771,7 +771,8 @@ def test_variant_that_failed_or_was_not_checked_is_not_served(
     model = ServedModel(**{**served.__dict__, "variants": failed})
     assert plan_session(model, "auto").variant == "fp32"
     assert plan_session(model, "int8").variant == "fp32"  # the setting falls back, logged
-    with pytest.raises(ClientError, match="cosine to fp32 0.990000 < 0.999"):
+    told = r"is failed: int8: lowest cosine to the fp32 embedding over 8 check windows 0\.9900, below the"
+    with pytest.raises(ClientError, match=told + r" required 0\.999 for every window"):
         plan_session(model, "int8", strict=True)  # a request that asked for it is told why
     settings_env.setenv("ECGSSL_SERVE_PRECISION", "fp32")
     get_settings.cache_clear()

@@ -5,10 +5,19 @@ import os
 import threading
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from services.config import get_settings
 from services.jobs.workers import beat, claim_orphaned_jobs, forget
+from services.observability.logs import JOB_ID, configure_logging
 
 settings = get_settings()
 
@@ -91,3 +100,31 @@ def broker_status() -> str:
         return "ok"
     except Exception as exc:
         return f"unreachable: {exc}"
+
+
+@setup_logging.connect
+def _configure_logging(loglevel: int | str | None = None, **_kwargs) -> None:
+    """The service's log configuration (ECGSSL_LOG_FORMAT) instead of Celery's."""
+    configure_logging(loglevel or "INFO")
+
+
+@worker_process_init.connect
+def _serve_metrics(**_kwargs) -> None:
+    """``/metrics`` from the process that runs the tasks (the pool child; the worker itself with -P solo)."""
+    if settings.worker_metrics_port:
+        from services.observability.metrics import start_worker_server
+
+        start_worker_server(settings.worker_metrics_port, worker_instance())
+
+
+@task_prerun.connect
+def _job_id_in_logs(args: tuple | None = None, **_kwargs) -> None:
+    JOB_ID.set(str(args[0]) if args else None)
+
+
+@task_postrun.connect
+def _count_run(task=None, retval: object = None, **_kwargs) -> None:  # noqa: ANN001  (a Celery task)
+    from services.observability.metrics import JOB_RUNS
+
+    JOB_RUNS.labels(kind=task.name.removeprefix("ecgssl."), outcome=str(retval)).inc()
+    JOB_ID.set(None)

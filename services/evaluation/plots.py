@@ -1,9 +1,14 @@
 """Evaluation figures as PNG files (matplotlib, Agg canvas; no pyplot, so no global state and no display).
 
-Every function draws one figure, writes it to ``path`` (folders created) and returns that path.
+Every function draws one figure, writes it to ``path`` (folders created) and returns that path. A figure's
+``title`` is drawn above it and stored in the PNG file itself (its ``Title`` text chunk, read back by
+``png_title``). A job's figures are planned on a ``Figures`` book and drawn together once the model version
+they describe is known, each titled by its ``Caption``: what it shows, the method, the model version, the
+split and its size, and its headline figure.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +30,56 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def _save(figure: Figure, path: Path, title: str = "") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    if title:
+        figure.suptitle(title, fontsize="medium")
+    figure.savefig(path, format="png", metadata={"Title": title} if title else None)
     return path
+
+
+def png_title(path: Path) -> str | None:
+    """The title a figure was saved with (its PNG ``Title`` text chunk), None when it has none."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.text.get("Title")
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What a figure names: the method that made it, the split and its size, and its headline figure."""
+
+    method: str  # e.g. "kNN (k=10, cosine)", "linear probe", "ST-MEM pretraining"
+    split: str  # e.g. "test split: 66 records", "train 26 / val 6 records"
+    headline: str  # e.g. "macro AUROC 0.812"
+
+    def title(self, what: str, model: str) -> str:
+        return f"{what}: {self.method} on {model}\n{self.split} | {self.headline}"
+
+
+class Figures:
+    """A job's figures, planned as its protocols run and drawn by ``draw(model)`` once the model version they
+    describe is known (a fine-tuning job registers its version after evaluating it)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._planned: list[tuple[str, str, Caption, Callable[[Path, str], Path]]] = []
+
+    def add(self, file: str, what: str, caption: Caption, draw: Callable[[Path, str], Path]) -> str:
+        """Plan ``draw(path, title)`` as ``file``; returns the file name."""
+        self._planned.append((file, what, caption, draw))
+        return file
+
+    def draw(self, model: str) -> dict[str, str]:
+        """Draw every planned figure titled for ``model``; returns {file name: title}."""
+        titles = {}
+        for file, what, caption, draw in self._planned:
+            titles[file] = caption.title(what, model)
+            draw(self.folder / file, titles[file])
+        self._planned.clear()
+        return titles
 
 
 def plot_history(history: Sequence[dict[str, float]], path: Path, title: str = "") -> Path:
@@ -41,7 +91,7 @@ def plot_history(history: Sequence[dict[str, float]], path: Path, title: str = "
     epochs = [row["epoch"] for row in history]
     keys = sorted({k for row in history for k in row if k != "epoch"})
     losses = [k for k in keys if "loss" in k]
-    skip = {"lr", "samples_per_s"}
+    skip = {"lr", "samples_per_s", "epoch_s"}
     metrics = [k for k in keys if k not in losses and k not in skip]
     figure = _new_figure(10, 4)
     left, right = figure.subplots(1, 2)
@@ -54,11 +104,12 @@ def plot_history(history: Sequence[dict[str, float]], path: Path, title: str = "
         axis.grid(alpha=0.3)
         if names:
             axis.legend()
-    figure.suptitle(title or "training history")
-    return _save(figure, path)
+    return _save(figure, path, title or "training history")
 
 
-def plot_roc_curves(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str], path: Path) -> Path:
+def plot_roc_curves(
+    labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str], path: Path, title: str = ""
+) -> Path:
     """One ROC curve per class (labels (N, K) multi-hot, scores (N, K)); classes lacking positives or
     negatives are listed but not drawn."""
     figure = _new_figure(5.5, 5)
@@ -72,13 +123,12 @@ def plot_roc_curves(labels: np.ndarray, scores: np.ndarray, class_names: Sequenc
             axis.plot([], [], label=f"{name} (undefined: one outcome only)")
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
-    axis.set_title("ROC per class")
     axis.legend(loc="lower right", fontsize="small")
-    return _save(figure, path)
+    return _save(figure, path, title or "ROC per class")
 
 
 def plot_confusion_matrices(
-    labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str], path: Path
+    labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str], path: Path, title: str = ""
 ) -> Path:
     """Multi-label confusion: one 2x2 matrix (rows true 0/1, columns predicted 0/1) per class in a grid.
 
@@ -98,7 +148,7 @@ def plot_confusion_matrices(
         axis.set(xlabel="predicted", ylabel="true", title=name)
     for axis in axes[len(class_names) :]:
         axis.set_visible(False)
-    return _save(figure, path)
+    return _save(figure, path, title)
 
 
 def embedding_map(embeddings: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
@@ -136,6 +186,6 @@ def plot_embedding_map(
     for k, name in enumerate(class_names):
         if (y == k).any():
             axis.scatter(*points[y == k].T, s=10, c=colours[k % 10], label=f"{name} ({(y == k).sum()})")
-    axis.set(xticks=[], yticks=[], title=title or f"{method.upper()} of the embeddings")
+    axis.set(xticks=[], yticks=[])
     axis.legend(fontsize="small", markerscale=2)
-    return _save(figure, path)
+    return _save(figure, path, title or f"{method.upper()} of the embeddings")

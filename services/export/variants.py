@@ -104,6 +104,58 @@ def compare(reference: np.ndarray, got: np.ndarray) -> dict:
     }
 
 
+def _shown(value: float, bound: float) -> str:
+    """``value`` with the decimals (4 at least) that keep it apart from ``bound`` and from a perfect 1 (a
+    cosine of 0.99995 is not shown as 1.0000, nor 0.99895 as 0.9990 beside a bound of 0.999)."""
+    for decimals in range(4, 10):
+        text = f"{value:.{decimals}f}"
+        if all(
+            (float(text) < mark) == (value < mark) and (float(text) == mark) == (value == mark)
+            for mark in (bound, 1.0)
+        ):
+            return text
+    return repr(value)
+
+
+def cosine_verdict(name: str, entry: dict) -> str:
+    """The embedding check of variant ``name`` in plain words: the figure that decides it (the lowest cosine
+    similarity to the fp32 embedding over the check windows), its bound, and the mean beside it."""
+    bound, worst, mean = entry["threshold"], entry["cosine_min"], entry["cosine_mean"]
+    windows = len(entry.get("check_records") or []) or "the"
+    if worst >= bound:
+        return (
+            f"{name}: lowest cosine to the fp32 embedding over {windows} check windows "
+            f"{_shown(worst, bound)}, at least the required {bound} (mean {_shown(mean, bound)})"
+        )
+    return (
+        f"{name}: lowest cosine to the fp32 embedding over {windows} check windows {_shown(worst, bound)}, "
+        f"below the required {bound} for every window (mean {_shown(mean, bound)})"
+    )
+
+
+def probabilities_verdict(name: str, entry: dict, tolerance: float, windows: int) -> str:
+    """The diagnosis check of variant ``name`` in plain words: the largest difference of its probabilities
+    from fp32's over ``windows`` check windows against ``tolerance`` (its embedding check beside it)."""
+    diff = entry["probabilities_max_abs_diff"]
+    verb = "within the allowed" if diff <= tolerance else "above the allowed"
+    text = f"{name}: probabilities differ from fp32 by up to {diff:.4f} on {windows} check windows, {verb} "
+    text += f"{tolerance}"
+    if "cosine_min" in entry:
+        text += f" (its embedding passed: lowest cosine {_shown(entry['cosine_min'], entry['threshold'])})"
+    return text
+
+
+def variant_verdict(name: str, entry: dict) -> str:
+    """Why variant ``name`` does or does not serve, in plain words (``entry``: its ``variants`` value)."""
+    if entry.get("reason"):
+        return entry["reason"] if entry["reason"].startswith(f"{name}:") else f"{name}: {entry['reason']}"
+    if entry.get("error"):
+        return f"{name}: could not be made: {entry['error']}"
+    if "cosine_min" in entry and "threshold" in entry:
+        return cosine_verdict(name, entry)
+    return f"{name}: {entry.get('status', 'unknown status')}"
+
+
 def quantise_int8(src: Path, dst: Path) -> None:
     """ONNX Runtime dynamic quantisation: int8 weights, uint8 activations quantised per run.
 
@@ -180,13 +232,13 @@ def make_variants(
                 got, provider = _run(path, windows, providers)
                 entry.update(compare(reference, got), checked_on=provider, check_records=records)
                 entry["status"] = "passed" if entry["cosine_min"] >= MIN_COSINE else "failed"
+                if entry["status"] == "failed":
+                    entry["reason"] = cosine_verdict(name, entry)
         except Exception as exc:  # a variant is an optimisation: its failure never fails the registration
             log.warning("the %s variant of %s could not be made: %s", name, onnx_path, exc)
             entry.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
         entry["seconds"] = round(time.perf_counter() - started, 2)
-        log.info(
-            "variant %s of %s: %s (cosine min %s)", name, onnx_path, entry["status"], entry.get("cosine_min")
-        )
+        log.info("variant of %s %s: %s", onnx_path, entry["status"], variant_verdict(name, entry))
         variants[name] = entry
     return variants
 
@@ -212,7 +264,4 @@ def check_head_variants(variants: dict, onnx_path: Path, windows: np.ndarray) ->
         entry["probabilities_max_abs_diff"] = diff
         if not diff <= PROBABILITY_TOLERANCE:
             entry["status"] = "failed"
-            entry["reason"] = (
-                f"probabilities differ from fp32 by up to {diff:.4f} (> {PROBABILITY_TOLERANCE}) on the "
-                "check windows, although the embedding passed"
-            )
+            entry["reason"] = probabilities_verdict(name, entry, PROBABILITY_TOLERANCE, len(windows))

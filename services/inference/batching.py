@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.observability.metrics import BATCH_ITEMS, BATCH_RUN_SECONDS, BATCH_WAIT_SECONDS, BATCH_WINDOWS
+
 log = logging.getLogger(__name__)
 
 RunFn = Callable[[np.ndarray], Sequence[np.ndarray]]  # (B, ...) -> one (B, ...) array per output
@@ -46,6 +48,15 @@ class _Item:
 
 class BatcherClosed(RuntimeError):
     """Submitted to a batcher that was closed (its session was released)."""
+
+
+def observe_run(waits: list[float], windows: int, run_s: float) -> None:
+    """A session run in the metrics: its items and windows, each item's wait, its duration."""
+    BATCH_ITEMS.observe(len(waits))
+    BATCH_WINDOWS.observe(windows)
+    BATCH_RUN_SECONDS.observe(run_s)
+    for wait in waits:
+        BATCH_WAIT_SECONDS.observe(wait)
 
 
 class MicroBatcher:
@@ -163,6 +174,7 @@ class MicroBatcher:
             return
         run_s = time.perf_counter() - started
         total = sum(len(item.rows) for item in batch)
+        observe_run([started - item.submitted for item in batch], total, run_s)
         offset = 0
         for item in batch:
             n = len(item.rows)
@@ -181,4 +193,5 @@ class MicroBatcher:
             item.future.set_exception(exc)
             return
         timing = BatchTiming(started - item.submitted, time.perf_counter() - started, len(item.rows), run_id)
+        observe_run([timing.queued_s], len(item.rows), timing.run_s)
         item.future.set_result((outputs, timing))

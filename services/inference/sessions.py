@@ -36,8 +36,9 @@ from services.db.models import ModelAlias, ModelVersion
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError, UnavailableError
 from services.export.contract import INPUT_NAME, OUTPUT_NAME
-from services.export.variants import CUDA
+from services.export.variants import CUDA, variant_verdict
 from services.inference.batching import BatchTiming, MicroBatcher
+from services.observability.metrics import SESSION_LOAD_SECONDS, SESSION_LOADS, SESSIONS_CACHED
 from services.registry import aliases_pointing_at, delete_alias, resolve_reference, set_alias, version_by_id
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,8 @@ def _variant_state(model: ServedModel, name: str) -> tuple[bool, str]:
     if entry is None:
         return False, f"{model.ref} has no {name} variant"
     if entry.get("status") != "passed":
-        detail = entry.get("reason") or entry.get("error") or ""
-        cosine = entry.get("cosine_min")
-        if cosine is not None:
-            threshold = entry.get("threshold")
-            detail = f"cosine to fp32 {cosine:.6f} < {threshold}" + (f"; {detail}" if detail else "")
-        return False, f"the {name} variant of {model.ref} is {entry.get('status')}" + (
-            f" ({detail})" if detail else ""
-        )
+        status = entry.get("status")
+        return False, f"the {name} variant of {model.ref} is {status}: {variant_verdict(name, entry)}"
     if not Path(entry["file"]).is_file():
         return False, f"the {name} variant file of {model.ref} is missing ({entry['file']})"
     return True, ""
@@ -449,6 +444,8 @@ class SessionCache:
                     return loaded
                 plan = dataclasses.replace(plan, reason=f"{plan.reason}; the {CUDA} did not start ({why})")
             loaded = LoadedModel(model, plan, session)
+            SESSION_LOADS.labels(variant=plan.variant, device=plan.device).inc()
+            SESSION_LOAD_SECONDS.observe(time.perf_counter() - started)
             log.info(
                 "loaded %s %s on %s in %.2f s (%s)",
                 model.ref,
@@ -632,3 +629,6 @@ def remove_alias(session: Session, name: str, alias: str) -> None:
 def serving_state(version: ModelVersion) -> tuple[SessionPlan, bool]:
     """How this process would serve ``version`` (variant, device and why), and whether it has it loaded."""
     return plan_session(ServedModel.from_version(version)), version.id in SESSIONS
+
+
+SESSIONS_CACHED.set_function(SESSIONS.__len__)

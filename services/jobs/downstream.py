@@ -18,6 +18,8 @@ from services.evaluation.metrics import (
     knn_scores,
 )
 from services.evaluation.plots import (
+    Caption,
+    Figures,
     plot_confusion_matrices,
     plot_embedding_map,
     plot_history,
@@ -178,16 +180,33 @@ def head_scores(head: nn.Module, features: np.ndarray) -> np.ndarray:
 
 
 def classification_plots(
-    name: str, result: ClassificationResult, labels: np.ndarray, scores: np.ndarray, folder: Path
+    name: str,
+    method: str,
+    result: ClassificationResult,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    figures: Figures,
 ) -> list[str]:
-    """ROC curves per class and confusion matrices at the result's (validation-tuned) thresholds."""
+    """ROC curves per class and confusion matrices at the result's (validation-tuned) thresholds, planned as
+    ``roc_<name>.png`` and ``confusion_<name>.png``; ``method`` names the protocol in their titles."""
     thresholds = np.array([result.thresholds[c] for c in result.auroc_per_class])
     names = list(result.auroc_per_class)
-    roc = plot_roc_curves(labels, scores, names, folder / f"roc_{name}.png")
-    confusion = plot_confusion_matrices(
-        labels, scores >= thresholds[None, :], names, folder / f"confusion_{name}.png"
+    split = f"test split: {result.n_records} records"
+    roc = figures.add(
+        f"roc_{name}.png",
+        "ROC per class",
+        Caption(method, split, f"macro AUROC {result.macro_auroc:.3f}"),
+        lambda path, title: plot_roc_curves(labels, scores, names, path, title=title),
     )
-    return [roc.name, confusion.name]
+    confusion = figures.add(
+        f"confusion_{name}.png",
+        "Confusion at validation-tuned thresholds",
+        Caption(method, split, f"macro F1 {result.macro_f1:.3f}"),
+        lambda path, title: plot_confusion_matrices(
+            labels, scores >= thresholds[None, :], names, path, title=title
+        ),
+    )
+    return [roc, confusion]
 
 
 def knn_protocol(
@@ -196,7 +215,7 @@ def knn_protocol(
     class_names: tuple[str, ...],
     k: int,
     metric: str,
-    folder: Path,
+    figures: Figures,
 ) -> tuple[dict, list[str]]:
     """kNN fitted on the train split, thresholds tuned on val, read on test (with val's macro AUROC, for
     choosing settings without the test split); its plots."""
@@ -207,17 +226,18 @@ def knn_protocol(
     val_scores = knn_scores(embeddings["train"], labels["train"], embeddings["val"], k, metric)
     scores = knn_scores(embeddings["train"], labels["train"], embeddings["test"], k, metric)
     out = {**result.to_dict(), "val_macro_auroc": scores_auroc(labels["val"], val_scores)}
-    return out, classification_plots("knn", result, labels["test"], scores, folder)
+    method = f"kNN (k={k}, {metric}, {len(labels['train'])} training records)"
+    return out, classification_plots("knn", method, result, labels["test"], scores, figures)
 
 
 def clustering_protocol(
     embeddings: np.ndarray,
     labels: np.ndarray,
     class_names: tuple[str, ...],
-    folder: Path,
+    figures: Figures,
     seed: int,
     map_method: str = "tsne",
-    title: str = "",
+    method: str = "embeddings",
 ) -> tuple[dict, list[str]]:
     """Cluster indices and k-means ARI/NMI of the (test) embeddings, and their 2-D map by superclass.
 
@@ -227,15 +247,52 @@ def clustering_protocol(
     if len(embeddings) < 2:
         result["embedding_map_skipped"] = f"a 2-D map needs at least 2 records, not {len(embeddings)}"
         return result, []
-    path = folder / "embedding_map.png"
-    plot_embedding_map(embeddings, labels, class_names, path, method=map_method, seed=seed, title=title)
-    return result, [path.name]
+    ari = result.get("kmeans_ari")
+    headline = f"k-means ARI {ari:.3f}" if ari is not None else "clustering indices undefined"
+    caption = Caption(method, f"test split: {len(embeddings)} records", headline)
+    file = figures.add(
+        "embedding_map.png",
+        f"{map_method.upper()} of the test embeddings by superclass",
+        caption,
+        lambda path, title: plot_embedding_map(
+            embeddings, labels, class_names, path, method=map_method, seed=seed, title=title
+        ),
+    )
+    return result, [file]
 
 
-def history_plot(history: list[dict[str, float]], folder: Path, name: str, title: str) -> list[str]:
+def history_caption(method: str, history: list[dict[str, float]], records: dict[str, int]) -> Caption:
+    """A training history's caption: its best validation AUROC (epoch), else its last losses."""
+    split = f"train {records.get('train', 0)} / val {records.get('val', 0)} records"
+    scored = [
+        (row[k], row["epoch"], k) for row in history for k in row if k.startswith("val_") and "auroc" in k
+    ]
+    if scored:
+        best, epoch, name = max(scored)
+        headline = f"best {name.replace('_', ' ')} {best:.3f} (epoch {epoch})"
+    else:
+        last = history[-1]
+        headline = f"last train loss {last.get('train_loss', float('nan')):.4f}"
+        if "val_loss" in last:
+            headline += f", val loss {last['val_loss']:.4f}"
+    return Caption(method, split, headline)
+
+
+def history_plot(
+    history: list[dict[str, float]], figures: Figures, file: str, method: str, records: dict[str, int]
+) -> list[str]:
+    """The per-epoch curves of a training run, planned as ``file``."""
     if not history:
         return []
-    return [plot_history(history, folder / f"{name}.png", title=title).name]
+    caption = history_caption(method, history, records)
+    return [
+        figures.add(
+            file,
+            "Per-epoch metrics",
+            caption,
+            lambda path, title: plot_history(history, path, title=title),
+        )
+    ]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from services.datasets.registry import dataset_for_job
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
 from services.evaluation.metrics import classification_result
+from services.evaluation.plots import Figures
 from services.inference.sessions import SESSIONS, ServedModel
 from services.jobs.downstream import (
     DOWNSTREAM_BETAS,
@@ -55,7 +56,7 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
         served = ServedModel.from_version(resolve_model_version(s, params.model))
         row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
     data = open_labelled(row, served.spec, params.record_limit, reporter, params.test_fold)
-    folder = artifacts_dir(job_id)
+    figures = Figures(artifacts_dir(job_id))
     reporter.phase(f"embedding {sum(data.counts().values())} records with {served.ref} (fp32 ONNX, 3 crops)")
     # uncached: a worker must not keep the session (GPU memory) after the job; one the API holds is reused
     with SESSIONS.lease(served, "fp32", strict=True, cache=False) as loaded:
@@ -78,7 +79,7 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
 
     if "knn" in params.protocols:
         reporter.phase("kNN")
-        result["knn"], _ = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, folder)
+        result["knn"], _ = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, figures)
         if params.store_reference:
             reference = save_reference(
                 job_dir(job_id) / "knn_reference.npz", embeddings["train"], labels["train"],
@@ -113,14 +114,15 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
             **probe.to_dict(),
             "val_macro_auroc": scores_auroc(labels["val"], scores["val"]),
         }
-        classification_plots("linear_probe", probe, labels["test"], scores["test"], folder)
-        history_plot(history, folder, "history", f"linear probe on {served.ref}")
+        method = "linear probe (frozen embeddings)"
+        classification_plots("linear_probe", method, probe, labels["test"], scores["test"], figures)
+        history_plot(history, figures, "history_linear_probe.png", method, data.counts())
 
     if "clustering" in params.protocols:
         reporter.phase("clustering")
-        title = f"{served.ref}: test embeddings by superclass"
         result["clustering"], _ = clustering_protocol(
-            embeddings["test"], labels["test"], names, folder, params.seed, params.map_method, title
+            embeddings["test"], labels["test"], names, figures, params.seed, params.map_method, "clustering"
         )
+    result["figures"] = figures.draw(served.ref)
     result["artifacts"] = list_artifacts(job_id)
     return result

@@ -38,7 +38,7 @@ from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
 from services.evaluation.metrics import classification_result, knn_scores
-from services.evaluation.plots import plot_history
+from services.evaluation.plots import Caption, Figures, plot_history
 from services.export.onnx import (
     HEAD_OUTPUTS,
     OUTPUT_NAME,
@@ -136,11 +136,15 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
     reporter.check_cancel("after training")
 
     reporter.phase("evaluating on the test split")
-    result, head, embeddings = _evaluate(trained, data, params, device, folder)
+    figures = Figures(folder)
+    result, head, embeddings = _evaluate(trained, data, params, device, figures)
     result["recipe"], result["device"] = recipe, device.type  # (the model card shows both)
-    return _export_and_register(
+    result = _export_and_register(
         job_id, params, base, family, data, trained, result, head, embeddings, reporter
     )
+    result["figures"] = figures.draw(result["model_version"])  # titled with the version just registered
+    result["artifacts"] = list_artifacts(job_id)
+    return result
 
 
 def _base(session, params: FinetuneParams) -> Base:  # noqa: ANN001  (a SQLAlchemy session)
@@ -411,19 +415,20 @@ METHODS = {"linear_probe": _linear_probe, "finetune": _finetune, "triplet": _tri
 
 
 def _evaluate(
-    trained: Trained, data: LabelledData, params: FinetuneParams, device: torch.device, folder: Path
+    trained: Trained, data: LabelledData, params: FinetuneParams, device: torch.device, figures: Figures
 ) -> tuple[dict, dict | None, dict[str, np.ndarray]]:
-    """(result, head entry or None, embeddings per split) on the test split; plots into ``folder``."""
+    """(result, head entry or None, embeddings per split) on the test split; its plots planned on
+    ``figures`` (drawn once the version is registered)."""
     window, names = data.spec.samples, data.class_names
     labels = split_labels(data)
     trained.exported.to(device).eval()
     embeddings = trained.features or record_features(data, torch_fn(trained.embed, device), window)
     result: dict = {"artifacts": []}
-    result["knn"], plots = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, folder)
+    result["knn"], plots = knn_protocol(embeddings, labels, names, params.knn_k, params.knn_metric, figures)
     result["artifacts"] += plots
-    title = f"{params.method}: test embeddings by superclass"
-    result["clustering"], plots = clustering_protocol(embeddings["test"], labels["test"], names, folder,
-                                                      params.seed, params.map_method, title)  # fmt: skip
+    result["clustering"], plots = clustering_protocol(
+        embeddings["test"], labels["test"], names, figures, params.seed, params.map_method, params.method
+    )
     result["artifacts"] += plots
     head = None
     if trained.probabilities is not None:
@@ -434,7 +439,7 @@ def _evaluate(
         )  # fmt: skip
         result["test"] = {**scores.to_dict(), "val_macro_auroc": scores_auroc(labels["val"], probs["val"])}
         result["artifacts"] += classification_plots(
-            params.method, scores, labels["test"], probs["test"], folder
+            params.method, f"{params.method} (diagnosis head)", scores, labels["test"], probs["test"], figures
         )
         head = {
             "task": "multi-label diagnosis",
@@ -451,12 +456,21 @@ def _evaluate(
     history = [
         {k: v for k, v in row.items() if k not in ("codes_used", "perplexity")} for row in trained.history
     ]
-    result["artifacts"] += history_plot(history, folder, "history", f"{params.method}: per-epoch metrics")
+    records = data.counts()
+    history_file = f"history_{params.method}.png"
+    result["artifacts"] += history_plot(history, figures, history_file, params.method, records)
     if "codebook" in trained.extra:
         keep = ("epoch", "train_loss", "val_loss", "codes_used", "perplexity")  # losses left, usage right
         codebook = [{k: v for k, v in row.items() if k in keep} for row in trained.history]
-        title = f"VQ-VAE: loss and codebook usage ({trained.extra['codebook']['num_codes']} codes)"
-        result["artifacts"].append(plot_history(codebook, folder / "codebook.png", title).name)
+        num_codes = trained.extra["codebook"]["num_codes"]
+        last = codebook[-1] if codebook else {}
+        used, perplexity = last.get("codes_used", float("nan")), last.get("perplexity", float("nan"))
+        headline = f"last epoch: {used:.0f} of {num_codes} codes used, perplexity {perplexity:.3f}"
+        caption = Caption(params.method, f"train {records['train']} records", headline)
+        result["artifacts"].append(figures.add(
+            "codebook.png", "Loss and codebook usage", caption,
+            lambda path, title: plot_history(codebook, path, title=title),
+        ))  # fmt: skip
     trained.exported.cpu()
     return result, head, embeddings
 

@@ -20,8 +20,10 @@ from services.db.session import session_scope
 from services.ecg.clinical import CLINICAL_FEATURES, FeatureNormaliser, clinical_features_for
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
+from services.evaluation.plots import Caption, Figures, plot_history
 from services.jobs.params import PretrainParams
 from services.jobs.runner import JobReporter, run_job
+from services.jobs.store import artifacts_dir, list_artifacts
 from services.models.families import family
 from services.registry import register_model_version
 from services.registry.publish import Published, publish
@@ -137,7 +139,7 @@ def training_processes(requested: int, device: torch.device) -> int:
     return requested
 
 
-def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> None:
+def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> dict:
     settings = get_settings()
     device = pick_device(settings.device)
     processes = training_processes(settings.train_processes, device)
@@ -152,11 +154,37 @@ def _pretrain(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) 
     else:
         model, result = _fit(plan, params, reporter, device)
         resumed_from = result.resumed_from_epoch
-    # what went in and where it trained (the model card shows both)
-    reporter.update(
-        result={"datasets": [p.used() for p in plan.parts], "device": device.type, "processes": processes}
+    ref = _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
+    # what went in and where it trained (the model card shows both), and the loss curve
+    used = {"datasets": [p.used() for p in plan.parts], "device": device.type, "processes": processes}
+    return {**used, **loss_curve(job_id, params, plan, ref)}
+
+
+def loss_curve(job_id: uuid.UUID, params: PretrainParams, plan: TrainingPlan, ref: str) -> dict:
+    """The job's loss-curve PNG (train loss per epoch, and the validation loss where records were held out)
+    from its recorded epoch metrics, titled for the version ``ref``; its {figures, artifacts} result."""
+    history: dict[int, dict[str, float]] = {}
+    with session_scope() as s:
+        for m in s.get(Job, job_id).metrics:
+            if m.name in ("train_loss", "val_loss"):
+                history.setdefault(m.epoch, {"epoch": m.epoch})[m.name] = m.value
+    rows = [history[epoch] for epoch in sorted(history)]
+    if not rows:
+        return {}
+    names = ", ".join(p.name for p in plan.parts)
+    split = f"{names}: train {plan.train_segments} / val {plan.val_segments} segments"
+    headline = f"final train loss {rows[-1]['train_loss']:.4f}"
+    if "val_loss" in rows[-1]:
+        headline += f", val loss {rows[-1]['val_loss']:.4f}"
+    method = f"{params.method} pretraining ({params.model_size}, {len(rows)} epochs)"
+    figures = Figures(artifacts_dir(job_id))
+    figures.add(
+        "loss_curve.png",
+        "Loss per epoch",
+        Caption(method, split, headline),
+        lambda path, title: plot_history(rows, path, title),
     )
-    _export_and_register(job_id, params, plan, model.encoder, resumed_from, reporter)
+    return {"figures": figures.draw(ref), "artifacts": list_artifacts(job_id)}
 
 
 def _plan(job_id: uuid.UUID, params: PretrainParams, reporter: JobReporter) -> TrainingPlan:
@@ -306,15 +334,15 @@ def _export_and_register(
     encoder: torch.nn.Module,
     resumed_from: int,
     reporter: JobReporter,
-) -> None:
+) -> str:
     """Publish the encoder (``services.registry.publish``: export, parity, variants), its registration
     atomic with a last cancel check (``register_unless_cancelled``). A hybrid model's clinical normaliser is
     fitted first. A job that had registered before its worker died keeps that version (its files are not
-    written again)."""
+    written again). Returns the version's 'name@version'."""
     registered = reporter.registered_version()
     if registered is not None:
         reporter.phase(f"registered as {registered.ref} before the task was delivered again")
-        return
+        return registered.ref
     normaliser, clinical_dim = None, 0
     if params.clinical_features:
         normaliser = _fit_clinical_normaliser(plan, reporter)
@@ -342,7 +370,7 @@ def _export_and_register(
             },
         )
 
-    publish(
+    return publish(
         encoder,
         plan.check_windows(),  # real records, centre crops
         plan.job_dir / "encoder.onnx",

@@ -39,6 +39,7 @@ from services.db.models import FINISHED, Job, JobMetric, JobStatus, ModelVersion
 from services.db.session import retry_transient, session_scope
 from services.errors import ClientError
 from services.jobs.workers import live_instances
+from services.observability.logs import log_epoch
 from services.training.loop import Cancelled, Progress
 
 log = logging.getLogger(__name__)
@@ -99,15 +100,17 @@ class JobReporter:
         values = {prefix + name: float(value) for name, value in metrics.items()}
         who = f" ({prefix.rstrip('_')})" if prefix else ""
 
-        def write() -> None:
+        def write() -> tuple[str, int | None]:
             with session_scope() as s:
                 upsert_metrics(s, self.job_id, epoch, values)
                 job = s.get(Job, self.job_id)
                 job.epoch = epoch
                 loss = metrics["train_loss"]
                 job.phase = f"training{who}: epoch {epoch}/{job.epochs} done, train_loss {loss:.4f}"
+                return job.kind, job.epochs
 
-        retry_transient(write, f"job {self.job_id}: epoch {epoch} metrics")
+        kind, epochs = retry_transient(write, f"job {self.job_id}: epoch {epoch} metrics")
+        log_epoch(self.job_id, kind, epoch, epochs, values)
 
     def resumed_from(self, epoch: int, prefix: str = "") -> list[dict[str, float]]:
         """Training resumes from its checkpoint of ``epoch``: the metric rows of ``prefix`` (an ensemble

@@ -34,6 +34,7 @@ from services.export.variants import (
     check_head_variants,
     discard_exported,
     make_variants,
+    variant_verdict,
     variants_to_make,
 )
 from services.models.checkpoints import ENCODER_FILE, save_encoder
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
         spec = InputSpec.from_dict(version.input_spec)
         version.variants = make_variants(Path(version.onnx_path), spec, sha256=version.sha256, which=which)
         for name, entry in version.variants.items():
-            print(f"{version.ref} {name}: {entry['status']} cosine_min={entry.get('cosine_min')}")
+            shown = variant_verdict(name, entry) if name != "fp32" else "fp32: the reference"
+            print(f"{version.ref} {entry['status']}: {shown}")
 
 
 if __name__ == "__main__":

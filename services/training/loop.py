@@ -394,6 +394,7 @@ def _train(
             )
             total, count = ctx.sum(list(sums))
             metrics["val_loss"] = total / count
+        metrics["epoch_s"] = time.perf_counter() - epoch_started  # steps and validation, this rank's clock
         result.history.append({"epoch": epoch, **metrics})
         if on_epoch is not None and ctx.is_main:
             on_epoch(epoch, metrics)
