@@ -275,7 +275,7 @@ def test_a_signal_stops_the_gateway_and_its_worker_and_the_job_resumes(
     api = service.processes[0]
     try:
         with service.client() as client:
-            job = {**TINY_JOB, "epochs": 30, "checkpoint_every": 1}
+            job = {**TINY_JOB, "epochs": 60, "checkpoint_every": 1}
             created = client.post("/jobs/pretrain", json=job)
             assert created.status_code == 202, created.text
             job_id = created.json()["job_id"]
@@ -289,7 +289,8 @@ def test_a_signal_stops_the_gateway_and_its_worker_and_the_job_resumes(
             time.sleep(0.2)
         assert session_processes(api.pid) == [], dump_logs(service)
         status, epoch = job_row(service.database_url, job_id)
-        assert status == "running" and 1 <= epoch < job["epochs"], (status, epoch)  # left to resume
+        # left to resume (on a quiet machine it may be past its last epoch, exporting, when it is stopped)
+        assert status == "running" and 1 <= epoch <= job["epochs"], (status, epoch)
     finally:
         stop_service(service)
     if stop != signal.SIGTERM:
