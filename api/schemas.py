@@ -7,8 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.datasets import DataPath
 from services.ecg.recording import Recording
-from services.jobs.export_embeddings import EmbedDatasetParams
-from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
+from services.jobs.params import EmbedDatasetParams, EvaluateParams, FinetuneParams, PretrainParams
 from services.models.catalog import ImportFormat
 
 # The bodies' examples run, in this order, on a fresh install with ../shared/data: the pretraining job

@@ -16,14 +16,12 @@ import json
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pydantic import ConfigDict, Field, field_validator
 
-from services.datasets import DataPath
 from services.errors import ClientError
-from services.jobs.params import DATASET_REF, Params, check_folds
+from services.jobs.params import EmbedDatasetParams
 
 if TYPE_CHECKING:
     from services.datasets.base import EcgDataset
@@ -31,40 +29,6 @@ if TYPE_CHECKING:
 
 CHUNK = 32  # records read and submitted together (they share batched session runs)
 FILES = ("embeddings.npy", "records.json", "embeddings.parquet")
-
-
-class EmbedDatasetParams(Params):
-    """What an embedding export job needs; validated by the API and again by the worker."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dataset: DataPath = DATASET_REF
-    model: str = Field(
-        ...,
-        min_length=1,
-        description="the version to embed with, as /embed takes it: 'name@version', 'name@alias' or 'name' "
-        "(its 'production' alias); the job's result names the version it used",
-        examples=["ecg-diagnosis@1"],
-    )
-    folds: list[int] | None = Field(None, description="PTB-XL strat_fold values to embed; default all")
-    record_limit: int | None = Field(
-        None, ge=1, description="embed only the first N records of the selection (in the dataset's order)"
-    )
-    precision: Literal["auto", "fp32", "int8", "fp16"] = Field(
-        "fp32",
-        description="ONNX variant, as /embed's precision: fp32 (default: the exported graph), int8 / fp16 "
-        "where the version's variant passed its check, auto as the gateway's setting would choose",
-    )
-    windowing: Literal["sliding", "center"] = Field(
-        "sliding", description="as /embed: mean over sliding windows, or one centre crop"
-    )
-    pad: bool = Field(False, description="as /embed: zero-pad a record shorter than the model's window")
-    interpolate_nan: bool = Field(False, description="as /embed: interpolate NaN samples instead of skipping")
-
-    @field_validator("folds")
-    @classmethod
-    def _folds_in_range(cls, folds: list[int] | None) -> list[int] | None:
-        return check_folds(folds)
 
 
 def selected_records(dataset: "EcgDataset", params: EmbedDatasetParams) -> np.ndarray:

@@ -13,8 +13,7 @@ from services.config import get_settings
 from services.datasets.registry import dataset_for_job
 from services.db.models import FINISHED, Dataset, Job, JobStatus, utcnow
 from services.errors import ClientError, ConflictError, NotFoundError
-from services.jobs.export_embeddings import EmbedDatasetParams
-from services.jobs.params import EvaluateParams, FinetuneParams, PretrainParams
+from services.jobs.params import EmbedDatasetParams, EvaluateParams, FinetuneParams, PretrainParams
 from services.registry import resolve_model_version
 
 
