@@ -255,6 +255,19 @@ def lines() -> dict[str, tuple[str, Callable]]:
         "simclr tiny pretrained, fine-tuned at lr 1e-3 (recipe search)",
         finetune_line(model="simclr", method="finetune", learning_rate=1e-3),
     )
+    for decay in (0.5, 0.7):
+        table[f"simclr-finetune-ld{decay}"] = (
+            f"simclr tiny pretrained, fine-tuned with layer-wise lr decay {decay} (recipe search)",
+            finetune_line(model="simclr", method="finetune", layer_decay=decay),
+        )
+    table["simclr-finetune-lpft"] = (
+        "simclr tiny pretrained, linear probe then fine-tuned (LP-FT, recipe search)",
+        finetune_line(model="simclr", method="finetune", probe_first=True),
+    )
+    table["simclr-finetune-lpft-ld0.7"] = (
+        "simclr tiny pretrained, LP-FT with layer-wise lr decay 0.7 (recipe search)",
+        finetune_line(model="simclr", method="finetune", probe_first=True, layer_decay=0.7),
+    )
     table["simclr-ensemble"] = (
         "3 x simclr tiny pretrained, fine-tuned, averaged (recipe search)",
         finetune_line(model="simclr", method="finetune", ensemble=3),

@@ -78,6 +78,36 @@ def test_finetune_recipe_comes_from_the_family_and_what_was_given_wins() -> None
             FinetuneParams(dataset="x", method="finetune", **bad)
 
 
+def test_layer_decay_and_probe_first_are_off_from_scratch_unless_given() -> None:
+    for family, spec in FAMILIES.items():
+        for size in spec.sizes:
+            scratch = FinetuneParams(family=family, model_size=size, dataset="x", method="finetune")
+            r = scratch.recipe(family, size)
+            assert (r["layer_decay"], r["probe_first"]) == (1.0, False), (family, size)
+            recipe = spec.finetune_recipes.get(size) or next(iter(spec.finetune_recipes.values()))
+            r = FinetuneParams(model="m@1", dataset="x", method="finetune").recipe(family, size)
+            assert (r["layer_decay"], r["probe_first"]) == (recipe.layer_decay, recipe.probe_first)
+    given = {"probe_first": True, "layer_decay": 0.5}
+    r = FinetuneParams(family="resnet1d", dataset="x", method="finetune", **given).recipe("resnet1d", "base")
+    assert (r["layer_decay"], r["probe_first"]) == (0.5, True)
+    probe = FinetuneParams(model="m@1", dataset="x", method="linear_probe").recipe("resnet1d", "tiny")
+    assert probe["probe_first"] is False and probe["learning_rate"] == 1e-2
+
+
+def test_probe_first_starts_fine_tuning_from_a_head_fitted_on_the_frozen_encoder(client: TestClient) -> None:
+    """At a learning rate too small to move anything, the first epoch's validation figure is the head's
+    starting point: LP-FT's (fitted on the frozen features) against a random head's."""
+    body = {"family": "resnet1d", "model_size": "tiny", "dataset": "ptbxl-500", "method": "finetune",
+            "record_limit": 300, "epochs": 1, "learning_rate": 1e-9, "seed": 1}  # fmt: skip
+    plain = finished(client, post_job(client, "finetune", body))
+    lpft = finished(client, post_job(client, "finetune", {**body, "probe_first": True}))
+    assert lpft["result"]["recipe"]["probe_first"] is True and "probe_val_macro_auroc" not in plain["result"]
+    probe = lpft["result"]["probe_val_macro_auroc"]
+    first = {j["id"]: j["metrics"][0]["values"]["val_macro_auroc"] for j in (plain, lpft)}
+    assert first[lpft["id"]] > first[plain["id"]] + 0.1, (first, probe)
+    assert abs(first[lpft["id"]] - probe) < 0.1  # windows of the records the probe saw as 3-crop means
+
+
 def test_cross_validation_folds_test_k_validate_the_next_and_train_on_the_rest(ptbxl_dir: Path) -> None:
     ds = open_dataset("ptbxl", ptbxl_dir)
     default = {s: set(ds.split(s).tolist()) for s in ("train", "val", "test")}

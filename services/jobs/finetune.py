@@ -64,7 +64,7 @@ from services.jobs.labelled import (
     split_labels,
     torch_fn,
 )
-from services.jobs.params import FinetuneParams
+from services.jobs.params import PROBE_RECIPE, FinetuneParams
 from services.jobs.runner import JobReporter, member_prefix, run_job
 from services.jobs.store import artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder
@@ -295,7 +295,10 @@ def _finetune_one(
     encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter, seed: int,
 ) -> tuple[DiagnosisModel, list[dict[str, float]], dict]:  # fmt: skip
-    model = DiagnosisModel(encoder, LinearHead(_width(encoder), len(data.class_names)))
+    head, probe = LinearHead(_width(encoder), len(data.class_names)), {}
+    if recipe["probe_first"]:
+        head, probe = _probe_head(encoder, data, params, recipe, device, checkpoint, reporter)
+    model = DiagnosisModel(encoder, head)
     windows = _crops(data, "train", random=True, seed=seed)
     if recipe["augment"]:
         windows = Augmented(windows, RandAugment(), seed=seed)
@@ -319,10 +322,28 @@ def _finetune_one(
     config = replace(_config(params, recipe), seed=seed)
     _train(objective, _labelled(data, "train", windows), config, device, checkpoint,
            _labelled(data, "val", _crops(data, "val", False, seed)), log, reporter, on_epoch)  # fmt: skip
-    kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch"}
+    kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch", **probe}
     if params.keep_best and best.restore(model):
         kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
     return model.cpu().eval(), log.history, kept
+
+
+def _probe_head(
+    encoder: nn.Module, data: LabelledData, params: FinetuneParams, recipe: dict, device: torch.device,
+    checkpoint: Path, reporter: JobReporter,
+) -> tuple[LinearHead, dict[str, float]]:  # fmt: skip
+    """LP-FT's first stage (Kumar et al. 2022): a linear head fitted on the frozen encoder's record features
+    with the linear_probe job's recipe, so that fine-tuning starts from a head that already fits instead of
+    pushing a random head's gradients into the pretrained features; with the probe's validation figure."""
+    reporter.phase("probe first: a linear head on the frozen encoder's features")
+    encoder.eval().to(device)
+    with torch.no_grad():
+        features = record_features(data, torch_fn(encoder, device), data.spec.samples)
+    encoder.train()
+    config = _config(params, {**recipe, **PROBE_RECIPE})
+    path = checkpoint.with_name(checkpoint.name.replace("checkpoint", "probe-head"))
+    head, history = fit_linear_head(features, split_labels(data), config, device, path, None)
+    return head.train(), {"probe_val_macro_auroc": history[-1]["val_macro_auroc"]}
 
 
 def _triplet(

@@ -339,6 +339,16 @@ class DownstreamCommon(Params):
     knn_metric: Literal["cosine", "euclidean"] = Field("cosine", description="kNN distance")
 
 
+# A linear head on frozen features: the linear_probe job's recipe, and a probe_first fine-tune's first stage.
+PROBE_RECIPE = {
+    "epochs": 10,
+    "batch_size": 32,
+    "learning_rate": 1e-2,
+    "weight_decay": 0.01,
+    "warmup_epochs": 1.0,
+}
+
+
 class FinetuneParams(DownstreamCommon, TrainingParams):
     """Adapt a registered encoder (or a new one of a family, trained from scratch) to a labelled dataset;
     the result is registered as a new model version."""
@@ -374,6 +384,11 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
     )
     augment: bool | None = Field(
         None, description="finetune: ST-MEM's RandAugment on the training windows; default: the recipe's"
+    )
+    probe_first: bool | None = Field(
+        None,
+        description="finetune: LP-FT, fit the linear head on the frozen encoder first (as a linear_probe "
+        "job), then train encoder and head from there; default: the recipe's (off from scratch)",
     )
     ensemble: int | None = Field(
         None,
@@ -468,18 +483,20 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 "layer_decay": r.layer_decay,
                 "augment": r.augment,
                 "ensemble": r.ensemble,
+                "probe_first": r.probe_first,
             }
+            if self.model is None:  # from scratch: no pretrained features to keep or to probe first
+                defaults.update(layer_decay=1.0, probe_first=False)
         else:
-            batch = self.batch_size or 32
-            lr = 1e-2 if self.method == "linear_probe" else 1e-3
+            batch = self.batch_size or PROBE_RECIPE["batch_size"]
+            lr = PROBE_RECIPE["learning_rate"] if self.method == "linear_probe" else 1e-3
             defaults = {
-                "epochs": 10,
+                **{k: v for k, v in PROBE_RECIPE.items() if k != "batch_size"},
                 "learning_rate": lr,
-                "weight_decay": 0.01,
-                "warmup_epochs": 1.0,
                 "layer_decay": 1.0,
                 "augment": False,
                 "ensemble": 1,
+                "probe_first": False,
             }
         given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
         return {**defaults, **given, "batch_size": batch}

@@ -45,8 +45,9 @@ class PretrainRecipe(_LinearLrScaling):
 class FinetuneRecipe(_LinearLrScaling):
     """Fine-tuning defaults (encoder + linear head, all trained) of one size; lr scaled like pretraining.
 
-    ``layer_decay``: layer-wise lr decay for transformers (block i of n trains at lr * decay ** (n - i));
-    1.0 for convolutional encoders. ``augment``: ST-MEM's RandAugment on the training windows.
+    ``layer_decay``: layer-wise lr decay (block i of n trains at lr * decay ** (n - i); a CNN's blocks are its
+    stem and stages). ``augment``: ST-MEM's RandAugment on the training windows. ``layer_decay`` and
+    ``probe_first`` keep pretrained features: a job that trains a family from scratch runs without them.
     """
 
     learning_rate: float
@@ -58,6 +59,7 @@ class FinetuneRecipe(_LinearLrScaling):
     augment: bool
     evidence: str
     ensemble: int = 1  # members (seeds seed, seed + 1, ...) served as the mean of their probabilities
+    probe_first: bool = False  # LP-FT: the head fitted on the frozen encoder first (pretrained encoders only)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ class Family(FamilySpec):
 
     encoder_class: "type[nn.Module]"  # encoder(cfg): (B, C, L) -> (B, cfg.width)
     objective: "Callable[[Any, Any], nn.Module]"  # (config, pretraining params) -> model(batch) -> loss
-    blocks: "Callable[[nn.Module], list[nn.Module]]" = field(default=lambda encoder: [])  # transformer blocks
+    # its blocks from input to output (transformer blocks, a CNN's stem and stages), for layer-wise lr decay
+    blocks: "Callable[[nn.Module], list[nn.Module]]" = field(default=lambda encoder: [])
     tokens: "Callable[[nn.Module], nn.Module] | None" = None  # per-lead patch tokens (B, C, N, D), for VQ-VAE
     cpu_autocast: bool = True  # bf16 autocast on CPUs with native bf16 (False where it measured slower)
 

@@ -156,5 +156,6 @@ FAMILY = Family.of(
     SPEC,
     encoder_class=Resnet1dEncoder,
     objective=lambda cfg, params: SimClr(Resnet1dEncoder(cfg), seed=params.seed),
+    blocks=lambda encoder: [encoder.stem, *encoder.blocks],  # the stages layer-wise lr decay walks
     cpu_autocast=False,  # 1-D convolutions ran slower under bf16 autocast than in fp32 on the 2-core EPYC
 )
