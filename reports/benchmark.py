@@ -260,9 +260,9 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"simclr tiny pretrained, fine-tuned with layer-wise lr decay {decay} (recipe search)",
             finetune_line(model="simclr", method="finetune", layer_decay=decay),
         )
-    table["simclr-finetune-lpft"] = (
-        "simclr tiny pretrained, linear probe then fine-tuned (LP-FT, recipe search)",
-        finetune_line(model="simclr", method="finetune", probe_first=True),
+    table["simclr-finetune-noprobe"] = (
+        "simclr tiny pretrained, fine-tuned without LP-FT (recipe search)",
+        finetune_line(model="simclr", method="finetune", probe_first=False),
     )
     table["simclr-finetune-lpft-ld0.7"] = (
         "simclr tiny pretrained, LP-FT with layer-wise lr decay 0.7 (recipe search)",

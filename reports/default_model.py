@@ -105,8 +105,11 @@ def main() -> None:
     pretraining = "No pretraining: trained from scratch."
     if "model" in fields:
         fields["model"] = pretrained(fields["model"], None, args.work)
+        made = json.loads((args.work / f"pretrained-{BEST['model']}.json").read_text())
         pretraining = (
-            f"Encoder pretrained by a {BEST['model']} job on ptbxl-unlabelled (1,320 other PTB-XL records)."
+            f"Encoder pretrained by a {BEST['model']} job on ptbxl-unlabelled (1,320 other PTB-XL records): "
+            f"{made['params']['epochs']} epochs, batch {made['params']['batch_size']}, lr "
+            f"{made['params']['learning_rate']:g}, {made['seconds'] / 60:.1f} min (not in the minutes below)."
         )
     params = FinetuneParams(dataset=LABELLED, seed=args.seed, model_name=NAME, **fields)
     out = run_job("finetune", params)

@@ -30,7 +30,10 @@ SIZES: dict[str, Resnet1dConfig] = {
 }
 
 _BENCHMARK = "reports/benchmark.py (validation folds of the 10-fold cross-validation)"
-_FINETUNE = FinetuneRecipe(1e-2, 64, 30, 1e-2, 9, 1.0, False, _BENCHMARK)
+# from a pretrained encoder, LP-FT (the probe first): of the recipes tried on SimCLR tiny (plain, LP-FT, layer
+# decay 0.7, both), the highest validation mean over two seeds (0.895 against 0.893 plain, 0.894 decay 0.7);
+# a network trained from scratch runs without it (FinetuneParams.recipe)
+_FINETUNE = FinetuneRecipe(1e-2, 64, 30, 1e-2, 9, 1.0, False, _BENCHMARK, probe_first=True)
 
 SPEC = FamilySpec(
     name="resnet1d",
@@ -40,7 +43,8 @@ SPEC = FamilySpec(
     config_class=Resnet1dConfig,
     input_spec=lambda cfg: INPUT_SPEC,
     pretrain_recipes={
-        "tiny": PretrainRecipe(1e-3, 128, 50, 1e-2, 5, _BENCHMARK),
+        # 150 epochs (7 min on 2 cores) over 50: validation probe 0.861 against 0.856, fine-tune 0.894 / 0.892
+        "tiny": PretrainRecipe(1e-3, 128, 150, 1e-2, 5, _BENCHMARK),
         "base": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
     },
     finetune_recipes={"tiny": _FINETUNE, "base": _FINETUNE},
