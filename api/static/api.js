@@ -40,6 +40,17 @@ export async function api(path, { method = "GET", json, form } = {}) {
   return data;
 }
 
+/** What a page shows, read at once (one answer per path); on a refusal its error box is shown in `view` and
+ * the answer is null. */
+export async function load(view, ...paths) {
+  try {
+    return await Promise.all(paths.map((path) => api(path)));
+  } catch (error) {
+    view.append(errorBox(error));
+    return null;
+  }
+}
+
 let openapi = null;
 
 /** The service's OpenAPI document (fetched once). */

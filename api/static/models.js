@@ -1,7 +1,7 @@
 // Models: the registry (models, versions, aliases), a version's page with promotion, and a sortable
 // comparison of versions by their evaluation figures.
 
-import { api, errorBox, fmt, h, openapiDocument, when } from "./api.js";
+import { api, errorBox, fmt, h, load, openapiDocument, when } from "./api.js";
 
 function versionHref(name, version) {
   return `#/models/${encodeURIComponent(name)}/versions/${version}`;
@@ -19,13 +19,9 @@ export function figures(v) {
 
 export async function modelsPage(view) {
   view.append(h("h1", {}, "Models"));
-  let models;
-  try {
-    ({ models } = await api("/models"));
-  } catch (error) {
-    view.append(errorBox(error));
-    return;
-  }
+  const loaded = await load(view, "/models");
+  if (!loaded) return;
+  const [{ models }] = loaded;
   if (!models.length) view.append(h("p", { class: "muted" }, "No model is registered yet: submit a pretraining job."));
   for (const model of models) {
     view.append(
@@ -129,13 +125,9 @@ function jobResults(jobs) {
 
 export async function comparePage(view) {
   view.append(h("h1", {}, "Compare versions"), h("p", { class: "help" }, "Test-split figures of every version; click a column to sort. Per-class AUROC (and the figures of versions without their own) come from the jobs that made or evaluated a version: the head or linear probe, else kNN."));
-  let models, jobs;
-  try {
-    [{ models }, { jobs }] = await Promise.all([api("/models"), api("/jobs?limit=500")]);
-  } catch (error) {
-    view.append(errorBox(error));
-    return;
-  }
+  const loaded = await load(view, "/models", "/jobs?limit=500");
+  if (!loaded) return;
+  const [{ models }, { jobs }] = loaded;
   const versions = models.flatMap((m) => m.versions);
   const results = jobResults(jobs);
   const perClass = (v) => {

@@ -1,18 +1,14 @@
 // Try it: upload an ECG, see its leads as read and as the model sees them, its diagnosis probabilities
 // against their thresholds, and its nearest reference records.
 
-import { api, errorBox, h } from "./api.js";
+import { api, errorBox, h, load } from "./api.js";
 import { ecgPlot, probabilityChart } from "./charts.js";
 
 export async function tryPage(view) {
   view.append(h("h1", {}, "Try a model on an ECG"));
-  let models;
-  try {
-    ({ models } = await api("/models"));
-  } catch (error) {
-    view.append(errorBox(error));
-    return;
-  }
+  const loaded = await load(view, "/models");
+  if (!loaded) return;
+  const [{ models }] = loaded;
   const versions = {}; // ref -> version
   const options = [];
   for (const model of models) {
