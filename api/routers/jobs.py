@@ -2,6 +2,7 @@
 artifacts."""
 
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request, status
@@ -84,49 +85,49 @@ def _datasets(job: Job) -> list[DatasetUse] | None:
     return used
 
 
-@router.post(
-    "/pretrain",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobCreated,
-    dependencies=[Depends(require_api_key)],
-    responses=errors(*QUEUE_ERRORS),
-    summary="Queue a self-supervised pretraining job",
-)
+def submission(
+    path: str, summary: str, *refusals: int | tuple[int, str], description: str | None = None
+) -> Callable:
+    """The decorator of a job submission route: behind the API key, 202 with where to follow the job;
+    ``refusals`` are its errors beside the queue's."""
+    return router.post(
+        path,
+        status_code=status.HTTP_202_ACCEPTED,
+        response_model=JobCreated,
+        dependencies=[Depends(require_api_key)],
+        responses=errors(*refusals, *QUEUE_ERRORS),
+        summary=summary,
+        description=description,
+    )
+
+
+@submission("/pretrain", "Queue a self-supervised pretraining job")
 def submit_pretrain(session: SessionDep, body: PretrainRequest, request: Request) -> JobCreated:
     return queued(session, jobs.new_pretrain_job(session, body), request)
 
 
-@router.post(
+@submission(
     "/finetune",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobCreated,
-    dependencies=[Depends(require_api_key)],
-    responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
-    summary="Queue a fine-tuning job: linear probe, full fine-tune, triplet head or VQ-VAE head",
+    "Queue a fine-tuning job: linear probe, full fine-tune, triplet head or VQ-VAE head",
+    MODEL_NOT_FOUND,
 )
 def submit_finetune(session: SessionDep, body: FinetuneRequest, request: Request) -> JobCreated:
     return queued(session, jobs.new_finetune_job(session, body), request)
 
 
-@router.post(
+@submission(
     "/evaluate",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobCreated,
-    dependencies=[Depends(require_api_key)],
-    responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
-    summary="Queue an evaluation job: kNN, linear probe and clustering of a version's embeddings",
+    "Queue an evaluation job: kNN, linear probe and clustering of a version's embeddings",
+    MODEL_NOT_FOUND,
 )
 def submit_evaluate(session: SessionDep, body: EvaluateRequest, request: Request) -> JobCreated:
     return queued(session, jobs.new_evaluate_job(session, body), request)
 
 
-@router.post(
+@submission(
     "/embed",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobCreated,
-    dependencies=[Depends(require_api_key)],
-    responses=errors(MODEL_NOT_FOUND, *QUEUE_ERRORS),
-    summary="Queue an embedding export: every record of a dataset embedded with a version, as files",
+    "Queue an embedding export: every record of a dataset embedded with a version, as files",
+    MODEL_NOT_FOUND,
     description=(
         "The worker embeds each selected record exactly as POST /embed embeds an upload of it (same "
         "preprocessing, windowing and ONNX session path) and writes the job's artifacts `embeddings.npy` "
