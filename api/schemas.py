@@ -384,7 +384,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                     "pretrain_recipe": {
                         "learning_rate": 0.001,
                         "batch_size": 128,
-                        "epochs": 50,
+                        "epochs": 150,
                         "weight_decay": 0.01,
                         "warmup_epochs": 5.0,
                         "evidence": _BENCHMARK,
@@ -398,6 +398,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                         "layer_decay": 1.0,
                         "augment": False,
                         "ensemble": 1,
+                        "probe_first": True,
                         "evidence": _BENCHMARK,
                     },
                 }
@@ -429,9 +430,15 @@ class PretrainRecipeOut(BaseModel):
 class FinetuneRecipeOut(PretrainRecipeOut):
     """A fine-tuning job's defaults (method finetune) for the size."""
 
-    layer_decay: float = Field(description="layer-wise lr decay of a transformer's blocks (1.0: none)")
+    layer_decay: float = Field(
+        description="layer-wise lr decay over the encoder's blocks, a CNN's stem and stages (1.0: none; "
+        "a family trained from scratch runs without it)"
+    )
     augment: bool = Field(description="ST-MEM's RandAugment on the training windows")
     ensemble: int = Field(description="members trained (seeds seed, seed + 1, ...), served as their mean")
+    probe_first: bool = Field(
+        description="LP-FT: the head fitted on the frozen encoder first (from a pretrained encoder only)"
+    )
 
 
 class MethodSize(BaseModel):

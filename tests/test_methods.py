@@ -61,9 +61,12 @@ def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> Non
     from services.jobs.params import FinetuneParams
 
     shown = size_of(listed, "resnet1d", "base")["finetune_recipe"]
-    params = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")
-    resolved = params.recipe("resnet1d", params.model_size)
+    from_pretrained = FinetuneParams(dataset="ptbxl-500", method="finetune", model="simclr-base@1")
+    resolved = from_pretrained.recipe("resnet1d", "base")
     assert {k: shown[k] for k in resolved} == pytest.approx(resolved)
+    scratch = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")
+    differs = {k for k, v in scratch.recipe("resnet1d", scratch.model_size).items() if v != resolved[k]}
+    assert differs == {"probe_first"} and shown["probe_first"] is True  # LP-FT only from a pretrained encoder
 
 
 @pytest.mark.parametrize(("family", "size"), [("st_mem", "tiny"), ("ecg_jepa", "tiny"), ("resnet1d", "base")])
