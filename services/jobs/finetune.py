@@ -231,13 +231,11 @@ def _linear_probe(
     encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
-    reporter.phase("embedding every record once with the frozen encoder (3-crop mean)")
-    encoder = encoder.eval().requires_grad_(False).to(device)
-    features = record_features(data, torch_fn(encoder, device), data.spec.samples)
-    reporter.check_cancel("after embedding the records")
-    head, history = fit_linear_head(
-        features, split_labels(data), _config(params, recipe), device, checkpoint, reporter
-    )
+    encoder.requires_grad_(False)
+    head, history, features = _fit_probe(
+        encoder, data, _config(params, recipe), device, checkpoint, reporter,
+        "embedding every record once with the frozen encoder (3-crop mean)", epochs_reported=True,
+    )  # fmt: skip
     model = DiagnosisModel(encoder.cpu(), head)
     return Trained(
         model, HEAD_OUTPUTS, encoder, encoder, history, probabilities=model.probabilities, features=features
@@ -335,15 +333,30 @@ def _probe_head(
     """LP-FT's first stage (Kumar et al. 2022): a linear head fitted on the frozen encoder's record features
     with the linear_probe job's recipe, so that fine-tuning starts from a head that already fits instead of
     pushing a random head's gradients into the pretrained features; with the probe's validation figure."""
-    reporter.phase("probe first: a linear head on the frozen encoder's features")
-    encoder.eval().to(device)
-    with torch.no_grad():
-        features = record_features(data, torch_fn(encoder, device), data.spec.samples)
+    head, history, _ = _fit_probe(
+        encoder, data, _config(params, {**recipe, **PROBE_RECIPE}), device,
+        checkpoint.with_name(checkpoint.name.replace("checkpoint", "probe-head")), reporter,
+        "probe first: a linear head on the frozen encoder's features", epochs_reported=False,
+    )  # fmt: skip
     encoder.train()
-    config = _config(params, {**recipe, **PROBE_RECIPE})
-    path = checkpoint.with_name(checkpoint.name.replace("checkpoint", "probe-head"))
-    head, history = fit_linear_head(features, split_labels(data), config, device, path, None)
     return head.train(), {"probe_val_macro_auroc": history[-1]["val_macro_auroc"]}
+
+
+def _fit_probe(
+    encoder: nn.Module, data: LabelledData, config: TrainConfig, device: torch.device, checkpoint: Path,
+    reporter: JobReporter, phase: str, epochs_reported: bool,
+) -> tuple[LinearHead, list[dict[str, float]], dict[str, np.ndarray]]:  # fmt: skip
+    """A linear head on the encoder's record features (eval mode, 3-crop mean): the head, its history and
+    the features. ``epochs_reported``: the head's epochs are the job's (a linear_probe job), else not
+    written (LP-FT's first stage, before the job's own epochs)."""
+    reporter.phase(phase)
+    encoder.eval().to(device)
+    features = record_features(data, torch_fn(encoder, device), data.spec.samples)
+    reporter.check_cancel("after embedding the records")
+    head, history = fit_linear_head(
+        features, split_labels(data), config, device, checkpoint, reporter if epochs_reported else None
+    )
+    return head, history, features
 
 
 def _triplet(

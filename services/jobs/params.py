@@ -491,7 +491,7 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             batch = self.batch_size or PROBE_RECIPE["batch_size"]
             lr = PROBE_RECIPE["learning_rate"] if self.method == "linear_probe" else 1e-3
             defaults = {
-                **{k: v for k, v in PROBE_RECIPE.items() if k != "batch_size"},
+                **PROBE_RECIPE,
                 "learning_rate": lr,
                 "layer_decay": 1.0,
                 "augment": False,
