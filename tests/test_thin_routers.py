@@ -105,6 +105,13 @@ def test_request_dependencies_are_declared_once_in_deps(path: Path) -> None:
     assert "db_session" not in path.read_text(), f"{path.name}: use api.deps.SessionDep"
 
 
+@pytest.mark.parametrize("path", ROUTERS, ids=lambda p: p.name)
+def test_a_router_leaves_the_transaction_to_its_session(path: Path) -> None:
+    """``SessionDep`` commits when the route returns, before the answer (test_openapi_fuzz checks when)."""
+    for _receiver, name, line in _called(_tree(path)):
+        assert name not in ("commit", "rollback"), f"{path.name}:{line} ends the transaction itself"
+
+
 def test_services_build_no_http() -> None:
     """Services raise ``services.errors`` kinds; status codes and headers are the API's."""
     for path in sorted((ROOT / "services").rglob("*.py")):

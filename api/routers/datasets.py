@@ -76,7 +76,6 @@ def dataset_ref(text: str) -> int | str:
 )
 def create_dataset(session: SessionDep, body: DatasetRequest) -> DatasetOut:
     row = register_dataset(session, body)
-    session.commit()  # before the answer: the session's own commit comes after it is sent
     return dataset_out(row)
 
 

@@ -177,7 +177,6 @@ def get_job(session: SessionDep, job_id: uuid.UUID = JobId) -> JobOut:
 )
 def cancel_job(session: SessionDep, job_id: uuid.UUID = JobId) -> JobOut:
     job = jobs.request_cancel(session, job_id)
-    session.commit()  # before the answer: the session's own commit comes after it is sent
     return job_out(job)
 
 

@@ -209,5 +209,4 @@ def import_model(session: SessionDep, body: ModelImportRequest) -> ModelVersionO
             "(pip install '.[serve]'); install the training dependencies (the Makefile's install) to import",
         ) from exc
     version = import_checkpoint(session, body.format, body.path, body.name)
-    session.commit()  # before the answer: the session's own commit comes after it is sent
     return version_out(version)
