@@ -14,8 +14,10 @@ Lines (``--lines``, comma-separated names; default all):
     supervised-tiny   the same at the tiny size (the network the SimCLR line pretrains)
     ensemble-<size>   several 1-D ResNets from scratch, their probabilities averaged (one served model)
     clinical          clinical measurements + logistic regression (C on the validation fold)
-    random-<family>   that family's encoder at its random initialisation + linear probe
-    <method>-probe    the pretrained encoder, frozen, + linear probe (and its kNN, k=20 cosine, in one job)
+    random-<family>   that family's encoder at its random initialisation + linear probe (random-resnet1d-base:
+                      the base size)
+    <method>-probe    the pretrained encoder, frozen, + linear probe (and its kNN, k=20 cosine, in one job);
+                      <method>-<size>-probe etc.: a further size (``MORE_SSL``)
     <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
     best              the service's best default diagnosis recipe (see ``BEST``)
 
@@ -48,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 LABELLED = "ptbxl-500"
 UNLABELLED = "ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"
 CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
-SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "tiny"}  # pretraining method -> size benchmarked
+SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "tiny"}  # pretraining method -> its lines' size
+MORE_SSL = {"simclr": ("base",)}  # further sizes, as lines "<method>-<size>-..." (model "<method>:<size>")
 RANDOM = {"resnet1d": "tiny", "st_mem": "tiny", "ecg_jepa": "tiny"}  # family -> size
 
 
@@ -98,29 +101,30 @@ def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | Finet
         }
 
 
-def pretrained(method: str, epochs: int | None, work: Path) -> str:
-    """The registered encoder of ``method`` pretrained on ptbxl-unlabelled (made once per ``work``)."""
+def pretrained(model: str, epochs: int | None, work: Path) -> dict:
+    """The encoder ``model`` ("<method>" at its ``SSL`` size, or "<method>:<size>") pretrained on
+    ptbxl-unlabelled (made once per ``work``): its registered version, minutes and pretraining params."""
     from services.jobs.params import PretrainParams
 
-    known = work / f"pretrained-{method}.json"
+    method, _, size = model.partition(":")
+    size = size or SSL[method]
+    suffix = "" if size == SSL[method] else f"-{size}"
+    known = work / f"pretrained-{method}{suffix}.json"
     if known.is_file():
-        return json.loads(known.read_text())["version"]
+        return json.loads(known.read_text())
     params = PretrainParams(
-        dataset=UNLABELLED, method=method, model_size=SSL[method], epochs=epochs, model_name=f"bench-{method}"
+        dataset=UNLABELLED, method=method, model_size=size, epochs=epochs, model_name=f"bench-{method}-{size}"
     )
     print(
-        f"pretraining {method} {SSL[method]} on ptbxl-unlabelled: {params.epochs} epochs, batch "
+        f"pretraining {method} {size} on ptbxl-unlabelled: {params.epochs} epochs, batch "
         f"{params.batch_size}, lr {params.learning_rate:g}",
         flush=True,
     )
     out = run_job("pretrain", params)
-    known.write_text(
-        json.dumps(
-            {"version": out["version"], "seconds": out["seconds"], "params": params.model_dump(mode="json")}
-        )
-    )
+    made = {"version": out["version"], "seconds": out["seconds"], "params": params.model_dump(mode="json")}
+    known.write_text(json.dumps(made))
     print(f"  {out['version']} in {out['seconds'] / 60:.1f} min", flush=True)
-    return out["version"]
+    return made
 
 
 def shared_job(params, work: Path) -> dict:  # noqa: ANN001  (FinetuneParams)
@@ -139,7 +143,7 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
         from services.jobs.params import FinetuneParams
 
         given = {
-            k: (pretrained(v, args.pretrain_epochs, args.work) if k == "model" else v)
+            k: (pretrained(v, args.pretrain_epochs, args.work)["version"] if k == "model" else v)
             for k, v in fields.items()
             if k != "read"
         }
@@ -233,23 +237,25 @@ def lines() -> dict[str, tuple[str, Callable]]:
         ),
         "clinical": ("clinical measurements + logistic regression", clinical_line),
     }
-    for family, size in RANDOM.items():
-        table[f"random-{family}"] = (
+    for family, size in [*RANDOM.items(), ("resnet1d", "base")]:
+        table[f"random-{family}" if RANDOM[family] == size else f"random-{family}-{size}"] = (
             f"{family} {size} at random init + linear probe",
             finetune_line(family=family, model_size=size, method="linear_probe"),
         )
-    for method, size in SSL.items():
-        table[f"{method}-probe"] = (
+    encoders = [(method, size, method, method) for method, size in SSL.items()]
+    encoders += [(m, s, f"{m}-{s}", f"{m}:{s}") for m, sizes in MORE_SSL.items() for s in sizes]
+    for method, size, name, model in encoders:
+        table[f"{name}-probe"] = (
             f"{method} {size} pretrained, frozen + linear probe",
-            finetune_line(model=method, method="linear_probe"),
+            finetune_line(model=model, method="linear_probe"),
         )
-        table[f"{method}-knn"] = (
+        table[f"{name}-knn"] = (
             f"{method} {size} pretrained, frozen + kNN (k=20, cosine)",
-            finetune_line(model=method, method="linear_probe", read="knn"),
+            finetune_line(model=model, method="linear_probe", read="knn"),
         )
-        table[f"{method}-finetune"] = (
+        table[f"{name}-finetune"] = (
             f"{method} {size} pretrained, fine-tuned (default recipe)",
-            finetune_line(model=method, method="finetune"),
+            finetune_line(model=model, method="finetune"),
         )
     table["simclr-finetune-lr1e-3"] = (
         "simclr tiny pretrained, fine-tuned at lr 1e-3 (recipe search)",

@@ -104,21 +104,23 @@ def main() -> None:
     fields = dict(BEST)
     pretraining = "No pretraining: trained from scratch."
     if "model" in fields:
-        fields["model"] = pretrained(fields["model"], None, args.work)
-        made = json.loads((args.work / f"pretrained-{BEST['model']}.json").read_text())
+        made = pretrained(fields["model"], None, args.work)
+        fields["model"] = made["version"]
+        p = made["params"]
         pretraining = (
-            f"Encoder pretrained by a {BEST['model']} job on ptbxl-unlabelled (1,320 other PTB-XL records): "
-            f"{made['params']['epochs']} epochs, batch {made['params']['batch_size']}, lr "
-            f"{made['params']['learning_rate']:g}, {made['seconds'] / 60:.1f} min (not in the minutes below)."
+            f"Encoder pretrained by a {p['method']} {p['model_size']} job on ptbxl-unlabelled (1,320 other "
+            f"PTB-XL records): {p['epochs']} epochs, batch {p['batch_size']}, lr {p['learning_rate']:g}, "
+            f"{made['seconds'] / 60:.1f} min (not in the minutes below)."
         )
     params = FinetuneParams(dataset=LABELLED, seed=args.seed, model_name=NAME, **fields)
     out = run_job("finetune", params)
     minutes = (time.perf_counter() - started) / 60
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     result = out["result"]
-    family = family_named(BEST.get("family") or BEST["model"]).name
-    size = BEST.get("model_size") or SSL[BEST["model"]]
-    pretrained_by = f"pretrained by {BEST['model']} and " if "model" in BEST else ""
+    method, _, size = BEST.get("model", "").partition(":")  # "<method>" or "<method>:<size>"
+    family = family_named(BEST.get("family") or method).name
+    size = BEST.get("model_size") or size or SSL[method]
+    pretrained_by = f"pretrained by {method} and " if "model" in BEST else ""
     provenance = {
         "command": "reports/default_model.py " + " ".join(sys.argv[1:]),
         "params": params.model_dump(mode="json", exclude_defaults=True),
