@@ -17,7 +17,7 @@ from PIL import Image
 from services.config import get_settings
 from services.db.models import Job, ModelVersion
 from services.db.session import session_scope
-from services.ecg.preprocess import InputSpec, prepare_signal, preprocess, three_crop_starts
+from services.ecg.preprocess import InputSpec, Reading, prepare_signal, preprocess, three_crop_starts
 from services.ecg.readers import read_wfdb
 from services.evaluation.metrics import tune_thresholds
 from services.inference.embed import SESSIONS, ServedModel, embed_recordings
@@ -347,8 +347,8 @@ def test_evaluate_job_scores_protocols_stores_a_reference_and_serves_knn_predict
         reference, record_id = stored["embeddings"], str(stored["record_ids"][0])
     record = read_wfdb(data_dir / f"ptbxl-500/records500/00000/{int(record_id):05d}_hr.hea")
     with SESSIONS.lease(served, "fp32", strict=True) as loaded:
-        (embedded,) = embed_recordings(loaded, [record], windowing="three_crop")
-        (sliding,) = embed_recordings(loaded, [record], windowing="sliding")
+        (embedded,) = embed_recordings(loaded, [record], Reading("three_crop"))
+        (sliding,) = embed_recordings(loaded, [record], Reading("sliding"))
     np.testing.assert_allclose(embedded.vector, reference[0], atol=1e-5)
     assert embedded.windows == 3 and np.abs(sliding.vector - reference[0]).max() > 1e-4  # a real check
 

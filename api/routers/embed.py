@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from api.deps import SessionDep, require_api_key, upload_form
 from api.responses import UPLOAD_ERRORS, errors, server_timing, status_of
 from api.schemas import EmbedBatchResponse, EmbedResponse, RecordInfo, RecordResult
+from services.ecg.preprocess import Reading
 from services.ecg.upload import ACCEPTED_UPLOADS
 from services.errors import ClientError
 from services.inference import embed as embedding
@@ -46,7 +47,7 @@ def embed(
     started, timing = time.perf_counter(), Timing()
     try:
         embedded = embedding.embed_upload(
-            session, upload, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+            session, upload, Reading(windowing, pad, interpolate_nan), timing=timing
         )
     except SeveralRecordsError as exc:
         raise HTTPException(
@@ -103,7 +104,7 @@ def embed_batch(
     started, timing = time.perf_counter(), Timing()
     try:
         embedded = embedding.embed_batch(
-            session, upload, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
+            session, upload, Reading(windowing, pad, interpolate_nan), timing=timing
         )
     except NoRecordEmbedded as exc:
         raise no_record_embedded([record_result(i, r) for i, r in enumerate(exc.records)]) from None

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response
 from api.deps import SessionDep, require_api_key, upload_form
 from api.responses import UPLOAD_ERRORS, errors, server_timing, status_of
 from api.schemas import KnnInfo, PredictResponse, RecordInfo
+from services.ecg.preprocess import Reading
 from services.ecg.upload import ACCEPTED_UPLOADS
 from services.inference.predict import PredictMethod, PredictWindowing, predict_upload
 from services.inference.sessions import Timing
@@ -54,13 +55,7 @@ def predict(
     started, timing = time.perf_counter(), Timing()
     try:
         predicted = predict_upload(
-            session,
-            upload,
-            method,
-            windowing=windowing,
-            pad=pad,
-            interpolate_nan=interpolate_nan,
-            timing=timing,
+            session, upload, method, Reading(windowing, pad, interpolate_nan), timing=timing
         )
     except SeveralRecordsError as exc:
         raise HTTPException(status_of(exc), f"{exc}: POST /predict takes one record") from None

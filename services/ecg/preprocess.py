@@ -23,6 +23,17 @@ from services.errors import EcgInputError
 
 Windowing = Literal["sliding", "center", "three_crop"]
 
+
+@dataclass(frozen=True)
+class Reading:
+    """How a served or exported record is read into a model's windows: the windowing, zero-padding of a
+    record shorter than one window, and NaN/inf gaps filled by linear interpolation instead of refused."""
+
+    windowing: Windowing = "sliding"
+    pad: bool = False
+    interpolate_nan: bool = False
+
+
 SEGMENT_S = 10.0  # ST-MEM's segments: the cache cuts records into these, evaluation reads each by 3 crops
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from services.ecg.clinical import FeatureNormaliser, clinical_features
-from services.ecg.preprocess import Windowing, model_recording, preprocess
+from services.ecg.preprocess import Reading, model_recording, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError
 from services.inference.sessions import (
@@ -64,10 +64,7 @@ def _with_clinical(model: ServedModel, recording: Recording, vector: np.ndarray)
 def embed_recordings(
     loaded: LoadedModel,
     recordings: list[Recording | ClientError],
-    *,
-    windowing: Windowing = "sliding",
-    pad: bool = False,
-    interpolate_nan: bool = False,
+    reading: Reading = Reading(),
     timing: Timing | None = None,
 ) -> list[Embedded | ClientError]:
     """Embed several recordings on a leased session: one result or error per recording, in order.
@@ -85,9 +82,9 @@ def embed_recordings(
         try:
             with timing.step("prep") if timing is not None else contextlib.nullcontext():
                 checked = model_recording(
-                    recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
+                    recording, model.spec, interpolate_nan=reading.interpolate_nan, reject_flat=True
                 )
-                windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)
+                windows = preprocess(checked, model.spec, windowing=reading.windowing, pad=reading.pad)
             pending.append((checked, len(windows), loaded.submit(windows)))
         except ClientError as exc:
             pending.append(exc)
@@ -136,20 +133,12 @@ class NoRecordEmbedded(ClientError):
 
 
 def embed_upload(
-    session: Session,
-    upload: Upload,
-    *,
-    windowing: Windowing = "sliding",
-    pad: bool = False,
-    interpolate_nan: bool = False,
-    timing: Timing,
+    session: Session, upload: Upload, reading: Reading = Reading(), *, timing: Timing
 ) -> UploadEmbeddings:
     """The embedding of the one record of ``upload`` by the model it names; the record's error is raised."""
     served = requested_model(session, upload.model, timing)
-    with leased_record(served, upload, windowing, timing) as (loaded, recording):
-        (result,) = embed_recordings(
-            loaded, [recording], windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
-        )
+    with leased_record(served, upload, reading.windowing, timing) as (loaded, recording):
+        (result,) = embed_recordings(loaded, [recording], reading, timing)
     if isinstance(result, ClientError):
         raise result
     return UploadEmbeddings(
@@ -158,23 +147,15 @@ def embed_upload(
 
 
 def embed_batch(
-    session: Session,
-    upload: Upload,
-    *,
-    windowing: Windowing = "sliding",
-    pad: bool = False,
-    interpolate_nan: bool = False,
-    timing: Timing,
+    session: Session, upload: Upload, reading: Reading = Reading(), *, timing: Timing
 ) -> UploadEmbeddings:
     """The embeddings of every record of ``upload``, in upload order, each with its own error where it has
     one; ``NoRecordEmbedded`` when none could be embedded. Limits of the request (its records, their model
     windows, a zip's expanded size) fail it as a whole (``TooLargeError``)."""
     served = requested_model(session, upload.model, timing)
-    groups, recordings = batch_recordings(served, upload, windowing, timing)
+    groups, recordings = batch_recordings(served, upload, reading.windowing, timing)
     with SESSIONS.lease(served, upload.precision, strict=upload.precision is not None) as loaded:
-        results = embed_recordings(
-            loaded, recordings, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
-        )
+        results = embed_recordings(loaded, recordings, reading, timing)
     records = [
         RecordOutcome(group.label, recording if isinstance(recording, Recording) else None, result)
         for group, recording, result in zip(groups, recordings, results, strict=True)

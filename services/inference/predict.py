@@ -28,7 +28,7 @@ import numpy as np
 from sklearn.neighbors import NearestNeighbors
 from sqlalchemy.orm import Session
 
-from services.ecg.preprocess import model_recording, preprocess
+from services.ecg.preprocess import Reading, model_recording, preprocess
 from services.ecg.recording import Recording
 from services.errors import ClientError, ConflictError
 from services.evaluation.metrics import knn_scores
@@ -39,6 +39,7 @@ from services.inference.uploads import Upload, leased_record
 
 PredictMethod = Literal["head", "knn"]
 PredictWindowing = Literal["three_crop"]  # the jobs' test-time reading of a record (module docstring)
+THREE_CROP = Reading("three_crop")
 
 FINETUNE_HINT = "fine-tune it into a diagnosis model (POST /jobs/finetune, method linear_probe or finetune)"
 REFERENCE_HINT = "store a kNN reference set for it (POST /jobs/evaluate with protocols ['knn'])"
@@ -110,17 +111,14 @@ def predict_recordings(
     loaded: LoadedModel,
     recordings: list[Recording | ClientError],
     how: Classifier,
-    *,
-    windowing: PredictWindowing = "three_crop",
-    pad: bool = False,
-    interpolate_nan: bool = False,
+    reading: Reading = THREE_CROP,
     timing: Timing | None = None,
 ) -> list[Predicted | ClientError]:
     """Class probabilities of several recordings on a leased session: one result or error each, in order.
     Both methods read a record as the jobs did (module docstring); head: the mean of its windows'
     probabilities (= the mean over segments of the 3-crop means: every segment has the same crops)."""
     if how.method == "knn":
-        return _knn(loaded, recordings, windowing, pad, interpolate_nan, timing)
+        return _knn(loaded, recordings, reading, timing)
     model, pending = loaded.model, []
     for recording in recordings:  # all submitted before any result is awaited: they share batched runs
         if isinstance(recording, ClientError):
@@ -128,9 +126,11 @@ def predict_recordings(
             continue
         try:
             checked = model_recording(
-                recording, model.spec, interpolate_nan=interpolate_nan, reject_flat=True
+                recording, model.spec, interpolate_nan=reading.interpolate_nan, reject_flat=True
             )
-            windows = preprocess(checked, model.spec, windowing=windowing, pad=pad)  # (n, C, L)
+            windows = preprocess(
+                checked, model.spec, windowing=reading.windowing, pad=reading.pad
+            )  # (n, C, L)
             pending.append((checked.source, len(windows), loaded.submit(windows, (PROBABILITIES_NAME,))))
         except ClientError as exc:
             pending.append(exc)
@@ -153,16 +153,12 @@ def predict_recordings(
 def _knn(
     loaded: LoadedModel,
     recordings: list[Recording | ClientError],
-    windowing: PredictWindowing,
-    pad: bool,
-    interpolate_nan: bool,
+    reading: Reading,
     timing: Timing | None,
 ) -> list[Predicted | ClientError]:
     model, reference = loaded.model, loaded.model.knn_reference
     x, y = load_reference(model)
-    embedded = embed_recordings(
-        loaded, recordings, windowing=windowing, pad=pad, interpolate_nan=interpolate_nan, timing=timing
-    )
+    embedded = embed_recordings(loaded, recordings, reading, timing)
     results: list[Predicted | ClientError] = []
     for item in embedded:
         if not isinstance(item, Embedded):
@@ -195,26 +191,16 @@ def predict_upload(
     session: Session,
     upload: Upload,
     method: PredictMethod | None = None,
+    reading: Reading = THREE_CROP,
     *,
-    windowing: PredictWindowing = "three_crop",
-    pad: bool = False,
-    interpolate_nan: bool = False,
     timing: Timing,
 ) -> Prediction:
     """The class probabilities of the one record of ``upload`` by the model it names (``classifier``: a
     409 before the upload is read when the model cannot predict); the record's error is raised."""
     served = requested_model(session, upload.model, timing)
     how = classifier(served, method)
-    with leased_record(served, upload, windowing, timing) as (loaded, recording):
-        (result,) = predict_recordings(
-            loaded,
-            [recording],
-            how,
-            windowing=windowing,
-            pad=pad,
-            interpolate_nan=interpolate_nan,
-            timing=timing,
-        )
+    with leased_record(served, upload, reading.windowing, timing) as (loaded, recording):
+        (result,) = predict_recordings(loaded, [recording], how, reading, timing)
     if isinstance(result, ClientError):
         raise result
     return Prediction(served, how, recording, result, loaded.variant, loaded.provider)
@@ -238,7 +224,7 @@ def nearest_references(loaded: LoadedModel, recording: Recording, count: int) ->
     x, y = load_reference(model)
     with np.load(model.knn_reference["file"]) as data:
         record_ids = data["record_ids"] if "record_ids" in data.files else np.arange(len(x)).astype(str)
-    (embedded,) = embed_recordings(loaded, [recording], windowing="three_crop")
+    (embedded,) = embed_recordings(loaded, [recording], THREE_CROP)
     if isinstance(embedded, ClientError):
         raise embedded
     if embedded.vector.shape[0] != x.shape[1]:
@@ -260,5 +246,5 @@ def upload_neighbours(
 ) -> tuple[ServedModel, list[Neighbour]]:
     """The model ``upload`` names and the ``count`` reference records nearest to its one record."""
     served = requested_model(session, upload.model, timing)
-    with leased_record(served, upload, "three_crop", timing) as (loaded, recording):
+    with leased_record(served, upload, THREE_CROP.windowing, timing) as (loaded, recording):
         return served, nearest_references(loaded, recording, count)

@@ -56,6 +56,7 @@ def embed_dataset(job_id: uuid.UUID, params: EmbedDatasetParams, reporter: "JobR
     from services.datasets.registry import dataset_for_job, open_registered
     from services.db.models import Job
     from services.db.session import session_scope
+    from services.ecg.preprocess import Reading
     from services.inference.embed import SESSIONS, Embedded, ServedModel, embed_recordings
     from services.jobs.store import artifacts_dir
     from services.registry import resolve_model_version
@@ -89,11 +90,7 @@ def embed_dataset(job_id: uuid.UUID, params: EmbedDatasetParams, reporter: "JobR
                 except Exception as exc:  # a damaged file: skipped too (the export is of what can be read)
                     recordings.append(ClientError(f"could not be read ({type(exc).__name__}: {exc})"))
             results = embed_recordings(
-                loaded,
-                recordings,
-                windowing=params.windowing,
-                pad=params.pad,
-                interpolate_nan=params.interpolate_nan,
+                loaded, recordings, Reading(params.windowing, params.pad, params.interpolate_nan)
             )
             for i, result in zip(chunk, results, strict=True):
                 if isinstance(result, Embedded):
