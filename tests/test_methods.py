@@ -150,6 +150,13 @@ BAD_CHOICES = [  # (id, url, body, the field the error is on (None: the body), w
         ["less than or equal to 10"],
     ),
     (
+        "probe-first-not-a-boolean",
+        "/jobs/finetune",
+        {**FINETUNE, "family": "resnet1d", "probe_first": "maybe"},
+        "probe_first",
+        ["valid boolean"],
+    ),
+    (
         "pretrain-size-the-method-lacks",
         "/jobs/pretrain",
         {"dataset": "ptbxl-500", "method": "simclr", "model_size": "small"},
