@@ -53,6 +53,7 @@ CLASSES = ("NORM", "MI", "STTC", "CD", "HYP")
 SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "tiny"}  # pretraining method -> its lines' size
 MORE_SSL = {"simclr": ("base",)}  # further sizes, as lines "<method>-<size>-..." (model "<method>:<size>")
 RANDOM = {"resnet1d": "tiny", "st_mem": "tiny", "ecg_jepa": "tiny"}  # family -> size
+MORE_RANDOM = {"resnet1d": ("base",)}  # further sizes at random init, as lines "random-<family>-<size>"
 
 
 def environment(work: Path, data: Path, threads: int) -> None:
@@ -237,8 +238,10 @@ def lines() -> dict[str, tuple[str, Callable]]:
         ),
         "clinical": ("clinical measurements + logistic regression", clinical_line),
     }
-    for family, size in [*RANDOM.items(), ("resnet1d", "base")]:
-        table[f"random-{family}" if RANDOM[family] == size else f"random-{family}-{size}"] = (
+    randoms = [(family, size, f"random-{family}") for family, size in RANDOM.items()]
+    randoms += [(f, s, f"random-{f}-{s}") for f, sizes in MORE_RANDOM.items() for s in sizes]
+    for family, size, name in randoms:
+        table[name] = (
             f"{family} {size} at random init + linear probe",
             finetune_line(family=family, model_size=size, method="linear_probe"),
         )
