@@ -353,6 +353,31 @@ def test_evaluate_job_scores_protocols_stores_a_reference_and_serves_knn_predict
     assert embedded.windows == 3 and np.abs(sliding.vector - reference[0]).max() > 1e-4  # a real check
 
 
+@pytest.mark.parametrize("kind", ["finetune", "evaluate"])
+def test_a_linear_probe_follows_from_the_job_seed_not_from_what_the_worker_ran_before(
+    client: TestClient, base: str, kind: str
+) -> None:
+    # the same job twice, each after the worker process's torch RNG was left in a different state: the
+    # probe head's initialisation, so every epoch's figures, come out the same
+    body = {"model": base, "dataset": "ptbxl-500", "record_limit": 100, "knn_k": 5}
+    body |= (
+        {"method": "linear_probe", "epochs": 3}
+        if kind == "finetune"
+        else {"probe_epochs": 3, "store_reference": False}
+    )
+    runs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        job = finished(client, post_job(client, kind, body))
+        probe = job["result"]["test" if kind == "finetune" else "linear_probe"]
+        learnt = [
+            {k: m["values"][k] for k in ("train_loss", "val_loss", "val_macro_auroc")} for m in job["metrics"]
+        ]
+        runs.append((learnt, probe["auroc_per_class"]))
+    assert len(runs[0][0]) == 3 and any(v is not None for v in runs[0][1].values())
+    assert runs[0] == runs[1], runs
+
+
 def test_evaluate_job_on_a_test_split_of_one_class_reports_why_there_are_no_cluster_indices(
     client: TestClient, base: str
 ) -> None:

@@ -15,6 +15,7 @@ Protocols, all fitted on the train split, tuned on val and read on test:
 import uuid
 
 import numpy as np
+import torch
 
 from services.config import get_settings
 from services.datasets.registry import dataset_for_job
@@ -102,6 +103,7 @@ def evaluate(job_id: uuid.UUID, params: EvaluateParams, reporter: JobReporter) -
             checkpoint_every=params.probe_epochs,
         )
         device = pick_device(get_settings().device)
+        torch.manual_seed(params.seed)  # the head's initialisation follows from the job's seed
         head, history = fit_linear_head(
             embeddings, labels, cfg, device, job_dir(job_id) / "probe_checkpoint.pt", reporter
         )

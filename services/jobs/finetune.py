@@ -163,11 +163,13 @@ def _base(session, params: FinetuneParams) -> Base:  # noqa: ANN001  (a SQLAlche
 
 
 def _encoder(base: Base, params: FinetuneParams) -> tuple[nn.Module, str]:
-    """(encoder, family name): the base version's weights, or a family's encoder at its initialisation."""
+    """(encoder, family name): the base version's weights, or a family's encoder at its initialisation.
+    Seeds torch first, so that what is initialised after it (the encoder, a linear probe's head) follows from
+    the job's seed, not from whatever the worker process ran before."""
+    torch.manual_seed(params.seed)
     if base.encoder_path is not None:
         return load_saved_encoder(base.encoder_path)
     f = FAMILIES[params.family]
-    torch.manual_seed(params.seed)
     return f.encoder_class(f.sizes[params.model_size]), f.name
 
 
