@@ -47,7 +47,7 @@ def test_every_family_builds_its_encoder_objective_and_round_trips_its_saved_wei
 
 def test_pretraining_defaults_are_the_recipe_of_the_method_and_size() -> None:
     tiny = PretrainParams(dataset="x", method="st_mem", model_size="tiny")
-    assert (tiny.learning_rate, tiny.batch_size, tiny.epochs) == (3e-3, 32, 240)  # was 1.9e-5 at batch 32
+    assert (tiny.learning_rate, tiny.batch_size, tiny.epochs) == (3e-3, 32, 480)  # was 1.9e-5 at batch 32
     assert PretrainParams(dataset="x", method="st_mem", batch_size=64).learning_rate == pytest.approx(6e-3)
     jepa = PretrainParams(dataset="x", method="ecg_jepa")
     assert (jepa.learning_rate, jepa.weight_decay, jepa.epochs) == (1e-3, 0.05, 120)  # was 30: probe 0.759
