@@ -18,6 +18,7 @@ Lines (``--lines``, comma-separated names; default all):
                       the base size)
     <method>-probe    the pretrained encoder, frozen, + linear probe (and its kNN, k=20 cosine, in one job);
                       <method>-<size>-probe etc.: a further size (``MORE_SSL``)
+    <line>-probe40    random-<family> or <method>, the probe head trained 40 epochs (``PROBE_EPOCHS_SEARCH``)
     <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
     best              the service's best default diagnosis recipe (see ``BEST``)
 
@@ -54,6 +55,7 @@ SSL = {"st_mem": "tiny", "ecg_jepa": "tiny", "simclr": "tiny"}  # pretraining me
 MORE_SSL = {"simclr": ("base",)}  # further sizes, as lines "<method>-<size>-..." (model "<method>:<size>")
 RANDOM = {"resnet1d": "tiny", "st_mem": "tiny", "ecg_jepa": "tiny"}  # family -> size
 MORE_RANDOM = {"resnet1d": ("base",)}  # further sizes at random init, as lines "random-<family>-<size>"
+PROBE_EPOCHS_SEARCH = (40,)  # probe heads trained longer than the job's default: lines "<line>-probe<epochs>"
 
 
 def environment(work: Path, data: Path, threads: int) -> None:
@@ -260,6 +262,17 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{method} {size} pretrained, fine-tuned (default recipe)",
             finetune_line(model=model, method="finetune"),
         )
+    for epochs in PROBE_EPOCHS_SEARCH:
+        for family, size, name in randoms:
+            table[f"{name}-probe{epochs}"] = (
+                f"{family} {size} at random init + linear probe, {epochs} epochs (recipe search)",
+                finetune_line(family=family, model_size=size, method="linear_probe", epochs=epochs),
+            )
+        for method, size, name, model in encoders:
+            table[f"{name}-probe{epochs}"] = (
+                f"{method} {size} pretrained, frozen + linear probe, {epochs} epochs (recipe search)",
+                finetune_line(model=model, method="linear_probe", epochs=epochs),
+            )
     table["simclr-finetune-lr1e-3"] = (
         "simclr tiny pretrained, fine-tuned at lr 1e-3 (recipe search)",
         finetune_line(model="simclr", method="finetune", learning_rate=1e-3),
