@@ -275,7 +275,9 @@ def test_a_signal_stops_the_gateway_and_its_worker_and_the_job_resumes(
     api = service.processes[0]
     try:
         with service.client() as client:
-            job = {**TINY_JOB, "epochs": 60, "checkpoint_every": 1}
+            # long enough to outlast the gateway's stop (uvicorn's shutdown, then WORKER_GRACE_S) on a fast
+            # CPU, where 60 epochs of it ended within that window
+            job = {**TINY_JOB, "epochs": 200, "checkpoint_every": 1}
             created = client.post("/jobs/pretrain", json=job)
             assert created.status_code == 202, created.text
             job_id = created.json()["job_id"]
