@@ -242,18 +242,21 @@ def lines() -> dict[str, tuple[str, Callable]]:
     }
     randoms = [(family, size, f"random-{family}") for family, size in RANDOM.items()]
     randoms += [(f, s, f"random-{f}-{s}") for f, sizes in MORE_RANDOM.items() for s in sizes]
-    for family, size, name in randoms:
-        table[name] = (
-            f"{family} {size} at random init + linear probe",
-            finetune_line(family=family, model_size=size, method="linear_probe"),
-        )
     encoders = [(method, size, method, method) for method, size in SSL.items()]
     encoders += [(m, s, f"{m}-{s}", f"{m}:{s}") for m, sizes in MORE_SSL.items() for s in sizes]
+    for epochs in (None, *PROBE_EPOCHS_SEARCH):  # the job's default probe length, then the searched ones
+        longer = "" if epochs is None else f", {epochs} epochs (recipe search)"
+        for family, size, name in randoms:
+            table[name if epochs is None else f"{name}-probe{epochs}"] = (
+                f"{family} {size} at random init + linear probe{longer}",
+                finetune_line(family=family, model_size=size, method="linear_probe", epochs=epochs),
+            )
+        for method, size, name, model in encoders:
+            table[f"{name}-probe{epochs or ''}"] = (
+                f"{method} {size} pretrained, frozen + linear probe{longer}",
+                finetune_line(model=model, method="linear_probe", epochs=epochs),
+            )
     for method, size, name, model in encoders:
-        table[f"{name}-probe"] = (
-            f"{method} {size} pretrained, frozen + linear probe",
-            finetune_line(model=model, method="linear_probe"),
-        )
         table[f"{name}-knn"] = (
             f"{method} {size} pretrained, frozen + kNN (k=20, cosine)",
             finetune_line(model=model, method="linear_probe", read="knn"),
@@ -262,17 +265,6 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{method} {size} pretrained, fine-tuned (default recipe)",
             finetune_line(model=model, method="finetune"),
         )
-    for epochs in PROBE_EPOCHS_SEARCH:
-        for family, size, name in randoms:
-            table[f"{name}-probe{epochs}"] = (
-                f"{family} {size} at random init + linear probe, {epochs} epochs (recipe search)",
-                finetune_line(family=family, model_size=size, method="linear_probe", epochs=epochs),
-            )
-        for method, size, name, model in encoders:
-            table[f"{name}-probe{epochs}"] = (
-                f"{method} {size} pretrained, frozen + linear probe, {epochs} epochs (recipe search)",
-                finetune_line(model=model, method="linear_probe", epochs=epochs),
-            )
     table["simclr-finetune-lr1e-3"] = (
         "simclr tiny pretrained, fine-tuned at lr 1e-3 (recipe search)",
         finetune_line(model="simclr", method="finetune", learning_rate=1e-3),
