@@ -24,7 +24,6 @@ encoders (speed does not depend on the weights); the int8 cosine figure is for t
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,16 +41,6 @@ PTBXL = DATA / "ptbxl-500"
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> str:
@@ -346,6 +335,7 @@ def main() -> None:
     from services.inference.sessions import ServedModel, SessionPlan, _load
     from services.models.st_mem import SIZES, StMemEncoder
     from services.registry import register_model_version
+    from services.training.loop import machine_description
 
     if not (PTBXL / "ptbxl_database.csv").is_file():
         sys.exit(f"the real PTB-XL records are not at {PTBXL}")
@@ -353,7 +343,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     providers = ", ".join(ort.get_available_providers())
     print(
-        f"machine: {cpu_name()}, {threads} logical CPUs; torch {torch.__version__}, onnxruntime "
+        f"machine: {machine_description()}; torch {torch.__version__}, onnxruntime "
         f"{ort.__version__} ({providers}); load average {load_average()}"
     )
 

@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -388,7 +387,9 @@ def main() -> None:
         )
 
     minutes = (time.perf_counter() - started) / 60
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    from services.training.loop import machine_description
+
+    machine = machine_description()
     command = (
         f"Command: `.venv/bin/python reports/benchmark.py {' '.join(sys.argv[1:])}`; {machine}; "
         f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, seed {args.seed}."

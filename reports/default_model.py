@@ -12,7 +12,6 @@ commit) and the model card are written to ``--out``.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -99,6 +98,7 @@ def main() -> None:
     from services.models.families import family as family_named
     from services.registry import resolve_model_version
     from services.registry.shipped import export_version
+    from services.training.loop import machine_description
 
     started = time.perf_counter()
     fields = dict(BEST)
@@ -133,7 +133,7 @@ def main() -> None:
         "test": {k: result["test"][k] for k in ("macro_auroc", "auroc_per_class", "macro_f1")},
         "seed": args.seed,
         "minutes": round(minutes, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
+        "machine": machine_description(),
         "date": time.strftime("%Y-%m-%d"),
         "commit": commit.stdout.strip(),
     }

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from services.training.loop import (
     amp_dtype,
     cpu_has_native_bf16,
     lr_at,
+    machine_description,
     train,
 )
 
@@ -245,6 +247,17 @@ def test_amp_dtype(monkeypatch: pytest.MonkeyPatch):
     assert amp_dtype(cuda, amp=True) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert amp_dtype(cuda, amp=True) == torch.float16
+
+
+def test_the_machine_description_names_the_cpu_and_the_precision_autocast_trains_in(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    own = machine_description()
+    assert f"{os.cpu_count()} logical CPUs" in own and loop.cpu_name() in own
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    assert machine_description().endswith("native bf16: autocast trains in bf16")
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    assert machine_description().endswith("no native bf16: fp32")
 
 
 def test_amp_trains_like_fp32(signals: np.ndarray, tmp_path: Path):

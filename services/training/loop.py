@@ -16,6 +16,8 @@ Two optional hooks on the model (the plain module, never its compiled or DDP wra
 
 import logging
 import math
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -159,6 +161,25 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
 def cpu_has_native_bf16() -> bool:
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_description() -> str:
+    """What a figure was measured on, as reports and benchmarks print it: the CPU, its logical CPUs and
+    whether it has native bf16. That last decides whether autocasting families train in bf16 or fp32
+    (``amp_dtype``), so the same pretraining recipe gives a different encoder on CPUs that differ in it."""
+    bf16 = "native bf16: autocast trains in bf16" if cpu_has_native_bf16() else "no native bf16: fp32"
+    return f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} logical CPUs, {bf16}"
 
 
 class TrainStep:
