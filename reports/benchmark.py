@@ -318,17 +318,27 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+ROWS_NOTE = "Each row is from the last of these runs that ran its line:"
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """The rows of a table this script wrote (in Markdown ``text``), by line name, in their order."""
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "(`" in line]
+    return {line.rsplit("(`", 1)[1].split("`)", 1)[0]: line for line in rows}
+
+
+def table_commands(text: str) -> list[str]:
+    """The ``Command: ...`` lines of a table this script wrote: the runs its rows come from."""
+    return [line for line in text.splitlines() if line.startswith("Command: ")]
+
+
 def merged_table(previous: str, command: str, rows: list[dict]) -> str:
     """``previous`` (a table this script wrote) with this run's rows in place of the same lines' rows (new
     lines appended) and this run's command added to its list: one table grown over several runs."""
-    commands = [line for line in previous.splitlines() if line.startswith("Command: ")]
-    kept = [line for line in previous.splitlines() if line.startswith("| ") and "(`" in line]
     fresh = {r["line"]: line for r, line in zip(rows, table_markdown(rows).splitlines()[2:], strict=True)}
-    order = [line.rsplit("(`", 1)[1].split("`)", 1)[0] for line in kept]
-    merged = [fresh.pop(name, line) for name, line in zip(order, kept, strict=True)] + list(fresh.values())
+    merged = [fresh.pop(name, line) for name, line in table_rows(previous).items()] + list(fresh.values())
     head = table_markdown([]).splitlines()
-    note = "Each row is from the last of these runs that ran its line:"
-    return "\n".join([note, *commands, command, "", *head, *merged])
+    return "\n".join([ROWS_NOTE, *table_commands(previous), command, "", *head, *merged])
 
 
 def main() -> None:

@@ -1,6 +1,11 @@
 """The benchmark's table grows over runs: a run's rows replace the same lines' rows, others are kept."""
 
-from reports.benchmark import CLASSES, merged_table, table_markdown
+import json
+from pathlib import Path
+
+from reports.benchmark import CLASSES, merged_table, table_markdown, table_rows
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def row(line: str, mean: float) -> dict:
@@ -29,3 +34,24 @@ def test_a_run_replaces_its_lines_and_keeps_the_others_in_order() -> None:
     # merging again keeps both commands and adds the third
     again = merged_table(text, "Command: `run three`", [row("a", 0.85)])
     assert sum(line.startswith("Command: ") for line in again.splitlines()) == 3
+
+
+def test_the_readme_shows_the_benchmark_table_as_reports_benchmark_md_holds_it() -> None:
+    benchmark = table_rows((ROOT / "reports" / "benchmark.md").read_text())
+    text = (ROOT / "README.md").read_text()
+    quality = text[text.index(table_markdown([]).splitlines()[0]) :].split("\n\n", 1)[0]  # its quality table
+    readme = table_rows(quality)
+    assert len(benchmark) >= 10
+    assert readme == benchmark  # the same lines, in the same order, with the same figures
+
+
+def test_the_shipped_model_card_carries_the_current_benchmark_rows_of_its_lines() -> None:
+    from reports.default_model import CARD_LINES, benchmark_table, card
+
+    benchmark = table_rows((ROOT / "reports" / "benchmark.md").read_text())
+    rows = table_rows(benchmark_table() or "")
+    assert rows == {name: row for name, row in benchmark.items() if name in CARD_LINES} and "best" in rows
+    folder = ROOT / "models" / "default"
+    provenance = json.loads((folder / "version.json").read_text())["provenance"]
+    # what `reports/default_model.py --card-only` writes: a card left behind by a benchmark run fails here
+    assert (folder / "MODEL_CARD.md").read_text() == card(provenance, benchmark_table())
