@@ -26,7 +26,7 @@ It prints, per line, the mean and standard deviation over the test folds of the 
 validation folds' mean, the figure to choose recipes by), and the per-class means; writes a Markdown table
 (``--out``). Results of each (line, fold) are kept in ``--work`` so an interrupted run resumes.
 
-    .venv/bin/python reports/benchmark.py                  # all lines, 10 folds (~1 h on a 2-core CPU)
+    .venv/bin/python reports/benchmark.py                  # all lines, 10 folds (about 3 h on a 2-core CPU)
     .venv/bin/python reports/benchmark.py --quick          # folds 1-3, 10 pretraining epochs
     .venv/bin/python reports/benchmark.py --lines supervised,simclr-finetune --folds 1,2 --work /tmp/b
 """
