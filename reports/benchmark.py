@@ -352,7 +352,12 @@ def main() -> None:
     parser.add_argument("--work", help="working folder (kept: resumes; default a new temporary one)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the fine-tuning jobs' seed (pretraining keeps its default seed, 0: one encoder per --work)",
+    )
     parser.add_argument("--out", help="write the Markdown table here (e.g. reports/benchmark.md)")
     parser.add_argument(
         "--merge", action="store_true", help="keep --out's rows of the lines not run now (one growing table)"
