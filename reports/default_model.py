@@ -72,7 +72,9 @@ treatment decisions.
 **Limitations.** Trained on 353 records of the oldest PTB-XL block (1984-87, two device types): HYP is rare
 (40 records in all) and its figures are the least certain; other populations, devices and paediatric ECGs
 are untested. It knows 5 coarse superclasses only; a record outside them gets probabilities that mean
-nothing. Thresholds come from 81 validation records.
+nothing. Thresholds come from 81 validation records. The cross-validated figures come from one pretraining
+run of the encoder: the same recipe pretrained again on another CPU gave an encoder whose `best` line read
+0.867, not 0.886 (`reports/cnn_pretraining_runs.md`).
 """
 
 
