@@ -44,7 +44,7 @@ from services.ecg.preprocess import InputSpec  # noqa: E402
 from services.models import ecg_jepa  # noqa: E402
 from services.models.ecg_jepa import EcgJepa  # noqa: E402
 from services.models.st_mem import SIZES, StMemMae  # noqa: E402
-from services.training.loop import TrainConfig, TrainStep, pick_device  # noqa: E402
+from services.training.loop import TrainConfig, TrainStep, machine_description, pick_device  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptbxl-500"
 METHODS = {"st_mem": "ST-MEM MAE", "ecg_jepa": "ECG-JEPA"}
@@ -178,7 +178,7 @@ def bench_method(method: str, args: argparse.Namespace, cfg: TrainConfig, device
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
+        else f"{machine_description()}; {torch.get_num_threads()} threads"
     )
     title = f"{METHODS[method]} '{args.size}'"
     print(f"{title} ({params / 1e6:.2f} M trainable params), batch {args.batch}, {device.type} ({name})")

@@ -93,14 +93,14 @@ CARD_LINES = (
 )
 
 
-def benchmark_table(lines: tuple[str, ...] = CARD_LINES) -> str | None:
-    """The rows of ``lines`` from ``reports/benchmark.md``, with the commands of the runs that ran any of
+def benchmark_table() -> str | None:
+    """The rows of ``CARD_LINES`` from ``reports/benchmark.md``, with the commands of the runs that ran any of
     them (the full table, with the transformer families and recipe searches, stays in that file)."""
     path = ROOT / "reports" / "benchmark.md"
     if not path.is_file():
         return None
     text = path.read_text()
-    rows = {name: row for name, row in table_rows(text).items() if name in lines}
+    rows = {name: row for name, row in table_rows(text).items() if name in CARD_LINES}
     ran = [
         command
         for command in table_commands(text)
