@@ -30,6 +30,7 @@ from services.models.ecg_jepa import (
     EcgJepaEncoder,
     MaskConfig,
     block_time_mask,
+    cropa_attention,
     cropa_mask,
     random_time_mask,
     sincos_2d,
@@ -168,6 +169,19 @@ def test_cropa_mask_of_the_visible_subset():
         tokens = keep.repeat(8)  # (400,) lead-major
         n = int(keep.sum())
         assert torch.equal(cropa_mask(8, n, CPU), full[tokens][:, tokens]), seed
+
+
+@pytest.mark.parametrize("kept", [50, 39, 1])  # all time patches, the context encoder's visible ones, one
+def test_cropa_attention_equals_attention_under_the_mask(kept: int):
+    torch.manual_seed(kept)
+    q, k, v = (torch.randn(3, 4, 8 * kept, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    masked = F.scaled_dot_product_attention(q, k, v, attn_mask=cropa_mask(8, kept, CPU))
+    factored = cropa_attention(q, k, v, num_leads=8)
+    torch.testing.assert_close(factored, masked, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(masked)
+    ours = torch.autograd.grad(factored, (q, k, v), grad)
+    for got, expected in zip(ours, torch.autograd.grad(masked, (q, k, v), grad), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_a_token_sees_only_its_lead_and_its_time_patch(real_windows: torch.Tensor):
@@ -524,8 +538,8 @@ def test_onnx_export_keeps_cropa(tmp_path: Path, real_windows: torch.Tensor, mon
     got = session.run([OUTPUT_NAME], {INPUT_NAME: windows})[0]
     assert got.shape == (4, 64)
     # the mask matters: the same weights attending everywhere give different embeddings
-    monkeypatch.setattr(ecg_jepa, "cropa_mask", lambda c, n, device: None)
-    monkeypatch.setattr(ecg_jepa, "cropa_bias", lambda c, n, device: None)
+    attend_everywhere = lambda q, k, v, leads: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    monkeypatch.setattr(ecg_jepa, "cropa_attention", attend_everywhere)
     with torch.no_grad():
         unmasked = encoder(real_windows).numpy()
     assert np.abs(unmasked - got).max() > 100 * parity + 1e-3

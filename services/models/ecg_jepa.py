@@ -20,8 +20,10 @@ Differences from the original, deliberate:
   patch is never masked); ``MaskConfig(original_block_starts=True)`` restores the original;
 - the context encoder projects only the visible patches (the original projects all 400, then slices);
   the predictor normalises and projects only the masked tokens (it keeps only those). Same results.
-- CroPA reaches the attention as an additive float mask (0 / -inf) built once per shape (``cropa_bias``),
-  not a 0/1 mask rebuilt with Python loops at every call and applied with ``masked_fill``. Same results.
+- CroPA is computed by its two patterns (``cropa_attention``): each query scores the n keys of its lead and
+  the C keys of its time patch, 58 logits in one softmax, not 400 logits with all but 57 masked (the original
+  rebuilds a 0/1 mask with Python loops at every call and applies it with ``masked_fill``). Same results
+  (``cropa_mask`` is the reference the tests check it against); attention 2.5x faster on the CPU.
 - the ``tiny`` size (ours, for CPUs) draws the patch projection ``W_P`` at std 0.4, not 0.02 (``base``
   keeps 0.02). At 0.02 the fixed sin-cos table (rms 0.7 per feature, added before every block) dwarfs the
   patch tokens of a standardised window (rms 0.14), so the masked targets are predictable from position
@@ -94,14 +96,26 @@ def cropa_mask(num_leads: int, num_patches: int, device: torch.device) -> torch.
         return (lead[:, None] == lead[None, :]) | (time[:, None] == time[None, :])
 
 
-@lru_cache(maxsize=64)
-def cropa_bias(num_leads: int, num_patches: int, device: torch.device) -> torch.Tensor:
-    """(C*n, C*n) float32: ``cropa_mask`` as the additive mask of the attention logits, 0 where a token may
-    attend, -inf elsewhere. ``scaled_dot_product_attention`` takes it faster than the boolean mask on the
-    CPU (tiny pretraining steps 1.08x, bench/pretrain_throughput.py). Built once per shape and device."""
-    with torch.inference_mode(False):
-        allowed = cropa_mask(num_leads, num_patches, device)
-        return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+def cropa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_leads: int) -> torch.Tensor:
+    """Attention under ``cropa_mask``, by its two patterns: q, k, v (B, H, C*n, dh), lead-major -> the same.
+
+    Query (lead i, patch a) scores the n keys of lead i and the C keys of patch a; the second pattern drops
+    (i, a) itself, already in the first, so one softmax runs over its n + C - 1 allowed logits. Equal to
+    ``scaled_dot_product_attention`` with the mask, at (n + C) / (C*n) of its logits (58 of 400).
+    """
+    b, h, tokens, dh = q.shape
+    c, n = num_leads, tokens // num_leads
+    q = q.reshape(b, h, c, n, dh) * dh**-0.5
+    k, v = k.reshape(b, h, c, n, dh), v.reshape(b, h, c, n, dh)
+    by_lead = q @ k.transpose(-1, -2)  # (B, H, C, n, n): within each lead
+    q_t, k_t, v_t = q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)  # (B, H, n, C, dh)
+    lead = torch.arange(c, device=q.device)
+    self_key = lead[:, None] == lead[None, :]  # (C, C) (not torch.eye: ONNX Runtime has no boolean EyeLike)
+    by_time = (q_t @ k_t.transpose(-1, -2)).masked_fill(self_key, float("-inf"))  # (B, H, n, C, C)
+    weights = torch.cat([by_lead, by_time.transpose(2, 3)], dim=-1).softmax(dim=-1)  # (B, H, C, n, n + C)
+    w_lead, w_time = weights.split([n, c], dim=-1)
+    out = w_lead @ v + (w_time.transpose(2, 3) @ v_t).transpose(2, 3)  # (B, H, C, n, dh)
+    return out.reshape(b, h, tokens, dh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,13 +147,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cropa_leads: int | None = None) -> torch.Tensor:
+        """``cropa_leads``: the tokens are that many leads' patches, lead-major, under CroPA; None: full
+        attention (the predictor's per-lead sequences)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, n, dh) each
-        if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
-            mask = mask.to(q.dtype)  # an additive mask under autocast: the dtype of the logits
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, n, dh)
+        if cropa_leads is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, n, dh)
+        else:
+            out = cropa_attention(q, k, v, cropa_leads)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -178,8 +195,8 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.attn = Attention(dim, heads, qkv_bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), mask))
+    def forward(self, x: torch.Tensor, cropa_leads: int | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), cropa_leads))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -191,9 +208,9 @@ class Blocks(nn.Module):
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear, 0 .. drop_path
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias, rate) for rate in rates)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, cropa_leads: int | None = None) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x + pos, mask)
+            x = block(x + pos, cropa_leads)
         return x
 
 
@@ -248,7 +265,7 @@ class EcgJepaEncoder(nn.Module):
             x, pos = x[:, :, visible], pos[:, visible]  # (B, C, n, D), (C, n, D)
         n = x.shape[2]
         x = x.reshape(b, c * n, cfg.width)
-        x = self.encoder_blocks(x, pos.reshape(1, c * n, cfg.width), cropa_bias(c, n, x.device))
+        x = self.encoder_blocks(x, pos.reshape(1, c * n, cfg.width), cropa_leads=c)
         return self.norm(x)
 
     def forward(self, series: torch.Tensor) -> torch.Tensor:
