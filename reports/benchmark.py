@@ -103,23 +103,29 @@ def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | Finet
         }
 
 
-def pretrained(model: str, epochs: int | None, work: Path) -> dict:
+def pretrained(model: str, epochs: int | None, work: Path, seed: int = 0) -> dict:
     """The encoder ``model`` ("<method>" at its ``SSL`` size, or "<method>:<size>") pretrained on
-    ptbxl-unlabelled (made once per ``work``): its registered version, minutes and pretraining params."""
+    ptbxl-unlabelled with ``seed`` (made once per ``work`` and seed): its registered version, minutes and
+    pretraining params."""
     from services.jobs.params import PretrainParams
 
     method, _, size = model.partition(":")
     size = size or SSL[method]
-    suffix = "" if size == SSL[method] else f"-{size}"
+    suffix = ("" if size == SSL[method] else f"-{size}") + (f"-seed{seed}" if seed else "")
     known = work / f"pretrained-{method}{suffix}.json"
     if known.is_file():
         return json.loads(known.read_text())
     params = PretrainParams(
-        dataset=UNLABELLED, method=method, model_size=size, epochs=epochs, model_name=f"bench-{method}-{size}"
+        dataset=UNLABELLED,
+        method=method,
+        model_size=size,
+        epochs=epochs,
+        seed=seed,
+        model_name=f"bench-{method}-{size}",
     )
     print(
         f"pretraining {method} {size} on ptbxl-unlabelled: {params.epochs} epochs, batch "
-        f"{params.batch_size}, lr {params.learning_rate:g}",
+        f"{params.batch_size}, lr {params.learning_rate:g}, seed {seed}",
         flush=True,
     )
     out = run_job("pretrain", params)
@@ -145,7 +151,11 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
         from services.jobs.params import FinetuneParams
 
         given = {
-            k: (pretrained(v, args.pretrain_epochs, args.work)["version"] if k == "model" else v)
+            k: (
+                pretrained(v, args.pretrain_epochs, args.work, args.pretrain_seed)["version"]
+                if k == "model"
+                else v
+            )
             for k, v in fields.items()
             if k != "read"
         }
@@ -356,7 +366,13 @@ def main() -> None:
         "--seed",
         type=int,
         default=0,
-        help="the fine-tuning jobs' seed (pretraining keeps its default seed, 0: one encoder per --work)",
+        help="the fine-tuning jobs' seed (pretraining has its own, --pretrain-seed)",
+    )
+    parser.add_argument(
+        "--pretrain-seed",
+        type=int,
+        default=0,
+        help="the pretraining jobs' seed (default 0, as the jobs): another seed, another pretraining run",
     )
     parser.add_argument("--out", help="write the Markdown table here (e.g. reports/benchmark.md)")
     parser.add_argument(
@@ -382,7 +398,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
     for fold in folds:  # fold after fold, so that an interrupted run has every line on the same folds
         for name in chosen:
-            done = args.work / f"result-{name}-fold{fold}-seed{args.seed}.json"
+            pretrain_seed = f"-pretrain-seed{args.pretrain_seed}" if args.pretrain_seed else ""
+            done = args.work / f"result-{name}-fold{fold}-seed{args.seed}{pretrain_seed}.json"
             if not done.is_file():
                 done.write_text(json.dumps(available[name][1](fold, args)))
             runs[name].append(json.loads(done.read_text()))
@@ -407,7 +424,8 @@ def main() -> None:
     machine = machine_description()
     command = (
         f"Command: `.venv/bin/python reports/benchmark.py {' '.join(sys.argv[1:])}`; {machine}; "
-        f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, seed {args.seed}."
+        f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, seed {args.seed}"
+        f"{f', pretraining seed {args.pretrain_seed}' if args.pretrain_seed else ''}."
     )
     if args.merge and args.out and Path(args.out).is_file():
         text = merged_table(Path(args.out).read_text(), command, rows)
