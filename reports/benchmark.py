@@ -9,7 +9,8 @@ is a real fine-tuning job (``services.jobs.finetune``: train, evaluate, export t
 register) run in this process on a temporary embedded database, except the clinical-features baseline
 (the service's NeuroKit2 measurements, ``services.ecg.clinical``, with scikit-learn's logistic regression).
 
-Lines (``--lines``, comma-separated names; default all):
+Lines (``--lines``, comma-separated names, or ``all``; default the core lines, ``core_lines()``: the
+baselines, every method's probe, kNN and fine-tune at its default size, and ``best``):
     supervised        1-D ResNet (resnet1d_wang) trained from scratch: the field's strong simple baseline
     supervised-tiny   the same at the tiny size (the network the SimCLR line pretrains)
     ensemble-<size>   several 1-D ResNets from scratch, their probabilities averaged (one served model)
@@ -21,12 +22,15 @@ Lines (``--lines``, comma-separated names; default all):
     <line>-probe40    random-<family> or <method>, the probe head trained 40 epochs (``PROBE_EPOCHS_SEARCH``)
     <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
     best              the service's best default diagnosis recipe (see ``BEST``)
+    and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-3, -ld0.5, -ld0.7, -noprobe,
+    -lpft-ld0.7, simclr-ensemble, ensemble-base
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' mean, the figure to choose recipes by), and the per-class means; writes a Markdown table
 (``--out``). Results of each (line, fold) are kept in ``--work`` so an interrupted run resumes.
 
-    .venv/bin/python reports/benchmark.py                  # all lines, 10 folds (about 3 h on a 2-core CPU)
+    .venv/bin/python reports/benchmark.py                  # the core lines, 10 folds
+    .venv/bin/python reports/benchmark.py --lines all      # every line, the recipe searches too
     .venv/bin/python reports/benchmark.py --quick          # folds 1-3, 10 pretraining epochs
     .venv/bin/python reports/benchmark.py --lines supervised,simclr-finetune --folds 1,2 --work /tmp/b
 """
@@ -300,6 +304,16 @@ def lines() -> dict[str, tuple[str, Callable]]:
     return table
 
 
+def core_lines() -> list[str]:
+    """The lines a default run prints: the supervised baselines from scratch, the clinical features, each
+    family at random init + probe, each method's probe, kNN and fine-tune at its ``SSL`` size, and ``best``
+    (not the recipe searches, the further sizes or the longer probes)."""
+    baselines = ["supervised", "supervised-tiny", "ensemble-tiny", "clinical"]
+    randoms = [f"random-{family}" for family in RANDOM]
+    methods = [f"{method}-{line}" for method in SSL for line in ("probe", "knn", "finetune")]
+    return [*baselines, *randoms, *methods, "best"]
+
+
 def summary(name: str, description: str, runs: list[dict]) -> dict:
     test = np.array([r["macro_auroc"] for r in runs])
     val = np.array([r["val_macro_auroc"] for r in runs if r.get("val_macro_auroc") is not None])
@@ -355,7 +369,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--lines", help="comma-separated line names (default: all)")
+    parser.add_argument("--lines", help="comma-separated line names, or all (default: the core lines)")
     parser.add_argument("--folds", default="1,2,3,4,5,6,7,8,9,10", help="test folds")
     parser.add_argument("--quick", action="store_true", help="folds 1-3 and 10 pretraining epochs")
     parser.add_argument("--pretrain-epochs", type=int, help="override the methods' default epochs")
@@ -389,7 +403,7 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     available = lines()
-    chosen = args.lines.split(",") if args.lines else list(available)
+    chosen = list(available) if args.lines == "all" else args.lines.split(",") if args.lines else core_lines()
     unknown = [n for n in chosen if n not in available]
     if unknown:
         raise SystemExit(f"unknown line(s) {unknown}: one of {', '.join(available)}")

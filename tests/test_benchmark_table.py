@@ -56,3 +56,16 @@ def test_the_shipped_model_card_carries_the_current_benchmark_rows_of_its_lines(
     provenance = json.loads((folder / "version.json").read_text())["provenance"]
     # what `reports/default_model.py --card-only` writes: a card left behind by a benchmark run fails here
     assert (folder / "MODEL_CARD.md").read_text() == card(provenance, benchmark_table())
+
+
+def test_a_default_run_has_the_baselines_and_every_method_and_leaves_the_recipe_searches_out() -> None:
+    from reports.benchmark import RANDOM, SSL, core_lines, lines
+
+    core, every = core_lines(), lines()
+    assert set(core) <= set(every) and len(set(core)) == len(core)
+    assert {"supervised", "supervised-tiny", "ensemble-tiny", "clinical", "best"} <= set(core)
+    assert {f"random-{family}" for family in RANDOM} <= set(core)
+    for method in SSL:
+        assert {f"{method}-probe", f"{method}-knn", f"{method}-finetune"} <= set(core), method
+    assert not [name for name in core if "search" in every[name][0] or "probe40" in name or "-base" in name]
+    assert [name for name in every if "search" in every[name][0]]  # the searches exist, run by --lines all
