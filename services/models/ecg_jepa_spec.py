@@ -71,7 +71,7 @@ SPEC = FamilySpec(
     config_class=EcgJepaConfig,
     input_spec=lambda cfg: INPUT_SPEC,
     pretrain_recipes={
-        # 120 epochs (about 37 min on 2 cores): 10-fold validation probe 0.805, against 0.759 at 30 epochs
+        # 120 epochs (37-45 min on 2 cores): 10-fold validation probe 0.799, against 0.759 at 30 epochs
         # (reports/benchmark.py)
         "tiny": PretrainRecipe(1e-3, 32, 120, 0.05, 3, _SEARCHED),
         "base": PretrainRecipe(5.5e-5 * 32 / 64, 32, 100, 0.05, 5, _PAPER),
