@@ -410,9 +410,9 @@ def main() -> None:
 
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
+    pretrain_seed = f"-pretrain-seed{args.pretrain_seed}" if args.pretrain_seed else ""
     for fold in folds:  # fold after fold, so that an interrupted run has every line on the same folds
         for name in chosen:
-            pretrain_seed = f"-pretrain-seed{args.pretrain_seed}" if args.pretrain_seed else ""
             done = args.work / f"result-{name}-fold{fold}-seed{args.seed}{pretrain_seed}.json"
             if not done.is_file():
                 done.write_text(json.dumps(available[name][1](fold, args)))
