@@ -23,7 +23,8 @@ Differences from the original, deliberate:
 - CroPA is computed by its two patterns (``cropa_attention``): each query scores the n keys of its lead and
   the C keys of its time patch, 58 logits in one softmax, not 400 logits with all but 57 masked (the original
   rebuilds a 0/1 mask with Python loops at every call and applies it with ``masked_fill``). Same results
-  (``cropa_mask`` is the reference the tests check it against); attention 2.5x faster on the CPU.
+  (``cropa_mask`` is the reference the tests check it against); tiny pretraining steps 1.85x faster on the
+  CPU (bench/pretrain_throughput.py).
 - the ``tiny`` size (ours, for CPUs) draws the patch projection ``W_P`` at std 0.4, not 0.02 (``base``
   keeps 0.02). At 0.02 the fixed sin-cos table (rms 0.7 per feature, added before every block) dwarfs the
   patch tokens of a standardised window (rms 0.14), so the masked targets are predictable from position
