@@ -174,6 +174,10 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
             "val_macro_auroc": None
             if read == "knn"
             else out["result"].get("test", {}).get("val_macro_auroc"),
+            # a fine-tuning job's epoch chosen on half the validation records, read on the other half
+            "crossfit_val_macro_auroc": None
+            if read == "knn"
+            else out["result"].get("crossfit_val_macro_auroc"),
             "seconds": out["seconds"],
             "recipe": out["result"].get("recipe"),
         }
@@ -317,6 +321,7 @@ def core_lines() -> list[str]:
 def summary(name: str, description: str, runs: list[dict]) -> dict:
     test = np.array([r["macro_auroc"] for r in runs])
     val = np.array([r["val_macro_auroc"] for r in runs if r.get("val_macro_auroc") is not None])
+    crossfit = [r.get("crossfit_val_macro_auroc") for r in runs]
     per_class = {c: float(np.nanmean([r["per_class"][c] for r in runs])) for c in CLASSES}
     return {
         "line": name,
@@ -325,19 +330,32 @@ def summary(name: str, description: str, runs: list[dict]) -> dict:
         "mean": float(test.mean()),
         "std": float(test.std()),
         "val_mean": float(val.mean()) if len(val) else None,
+        "crossfit_mean": float(np.mean(crossfit)) if None not in crossfit else None,  # only over every fold
         "per_class": per_class,
         "minutes": sum(r["seconds"] for r in runs) / 60,
     }
 
 
+TABLE_HEAD = (
+    "| line | folds | test macro AUROC (mean ± sd) | val mean | val cross-fit | "
+    + " | ".join(CLASSES)
+    + " | min |"
+)
+
+
 def table_markdown(rows: list[dict]) -> str:
-    head = "| line | folds | test macro AUROC (mean ± sd) | val mean | " + " | ".join(CLASSES) + " | min |"
-    out = [head, "|" + "---|" * (5 + len(CLASSES))]
+    """The table: per line, test mean ± sd, the validation means (at the kept epoch; and for fine-tuning, the
+    cross-fit figure: ``crossfit_selected_auroc``), per-class test means and minutes."""
+    out = [TABLE_HEAD, "|" + "---|" * (6 + len(CLASSES))]
     for r in rows:
-        val = "" if r["val_mean"] is None else f"{r['val_mean']:.3f}"
+        val, crossfit = (
+            "" if r.get(key) is None else f"{r[key]:.3f}" for key in ("val_mean", "crossfit_mean")
+        )
         out.append(
             f"| {r['description']} (`{r['line']}`) | {r['folds']} | {r['mean']:.3f} ± {r['std']:.3f} | "
-            f"{val} | " + " | ".join(f"{r['per_class'][c]:.3f}" for c in CLASSES) + f" | {r['minutes']:.1f} |"
+            f"{val} | {crossfit} | "
+            + " | ".join(f"{r['per_class'][c]:.3f}" for c in CLASSES)
+            + f" | {r['minutes']:.1f} |"
         )
     return "\n".join(out)
 
@@ -346,9 +364,17 @@ ROWS_NOTE = "Each row is from the last of these runs that ran its line:"
 
 
 def table_rows(text: str) -> dict[str, str]:
-    """The rows of a table this script wrote (in Markdown ``text``), by line name, in their order."""
+    """The rows of a table this script wrote (in Markdown ``text``), by line name, in their order; a row
+    written before the cross-fit column gets it empty."""
     rows = [line for line in text.splitlines() if line.startswith("| ") and "(`" in line]
+    columns = TABLE_HEAD.count("|")
+    rows = [row if row.count("|") == columns else _with_empty_crossfit(row) for row in rows]
     return {line.rsplit("(`", 1)[1].split("`)", 1)[0]: line for line in rows}
+
+
+def _with_empty_crossfit(row: str) -> str:
+    cells = row.split(" | ")  # "| description", folds, test, val mean, NORM ..., "min |"
+    return " | ".join([*cells[:4], "", *cells[4:]])
 
 
 def table_commands(text: str) -> list[str]:
@@ -418,16 +444,20 @@ def main() -> None:
                 done.write_text(json.dumps(available[name][1](fold, args)))
             runs[name].append(json.loads(done.read_text()))
             r = runs[name][-1]
-            val = r.get("val_macro_auroc") or float("nan")
+            val, crossfit = (
+                r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc")
+            )
             print(
-                f"  fold {fold} {name}: test {r['macro_auroc']:.3f}, val {val:.3f} ({r['seconds']:.0f} s)",
+                f"  fold {fold} {name}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
+                f"{crossfit:.3f} ({r['seconds']:.0f} s)",
                 flush=True,
             )
     rows = [summary(name, available[name][0], runs[name]) for name in chosen]
     for r in rows:
         print(
             f"{r['line']:<18} {r['mean']:.3f} ± {r['std']:.3f} ({r['folds']} folds, "
-            f"val {'n/a' if r['val_mean'] is None else format(r['val_mean'], '.3f')}) "
+            f"val {'n/a' if r['val_mean'] is None else format(r['val_mean'], '.3f')}, cross-fit "
+            f"{'n/a' if r['crossfit_mean'] is None else format(r['crossfit_mean'], '.3f')}) "
             + " ".join(f"{c} {r['per_class'][c]:.3f}" for c in CLASSES),
             flush=True,
         )

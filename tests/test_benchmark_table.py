@@ -17,6 +17,7 @@ def row(line: str, mean: float) -> dict:
         "mean": mean,
         "std": 0.04,
         "val_mean": mean + 0.02,
+        "crossfit_mean": mean + 0.01,
         "per_class": dict.fromkeys(CLASSES, mean),
         "minutes": 1.0,
     }
@@ -35,6 +36,24 @@ def test_a_run_replaces_its_lines_and_keeps_the_others_in_order() -> None:
     # merging again keeps both commands and adds the third
     again = merged_table(text, "Command: `run three`", [row("a", 0.85)])
     assert sum(line.startswith("Command: ") for line in again.splitlines()) == 3
+
+
+def test_rows_written_before_the_cross_fit_column_keep_their_figures_under_the_right_heads() -> None:
+    old_head = "| line | folds | test macro AUROC (mean ± sd) | val mean | " + " | ".join(CLASSES)
+    old_head += " | min |"
+    old = "\n".join([
+        "Command: `an old run`", "", old_head, "|" + "---|" * 10,
+        "| the a line (`a`) | 10 | 0.800 ± 0.040 | 0.820 | 0.1 | 0.2 | 0.3 | 0.4 | 0.5 | 1.0 |",
+        "| the k line (`k`) | 10 | 0.790 ± 0.030 |  | 0.1 | 0.2 | 0.3 | 0.4 | 0.5 | 0.2 |",
+    ])  # fmt: skip
+    text = merged_table(old, "Command: `a new run`", [row("b", 0.90)])
+    head, _, *body = [line for line in text.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in [head, *body]]
+    assert all(len(c) == len(cells[0]) for c in cells)
+    by_head = [dict(zip(cells[0], c, strict=True)) for c in cells[1:]]
+    assert [r["val mean"] for r in by_head] == ["0.820", "", "0.920"]
+    assert [r["val cross-fit"] for r in by_head] == ["", "", "0.910"]
+    assert [r["NORM"] for r in by_head] == ["0.1", "0.1", "0.900"] and by_head[1]["min"] == "0.2"
 
 
 def test_the_readme_shows_the_benchmark_table_as_reports_benchmark_md_holds_it() -> None:

@@ -183,6 +183,7 @@ def test_a_resnet1d_trained_from_scratch_by_a_finetune_job_is_served_by_predict(
     epochs = [m["values"]["val_macro_auroc"] for m in job["metrics"]]
     assert len(epochs) == 3 and result["best_epoch"] == int(np.argmax(epochs)) + 1
     assert result["kept"].startswith("best validation epoch")
+    assert 0.0 <= result["crossfit_val_macro_auroc"] <= 1.0  # the epoch chosen and read on different halves
     ref = job["model_version"]
     with session_scope() as s:
         version = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one()
@@ -232,6 +233,7 @@ def test_an_ensemble_finetune_serves_the_mean_of_its_members(client: TestClient,
     job = finished(client, post_job(client, "finetune", body))
     result = job["result"]
     assert result["recipe"]["ensemble"] == 2 and len(result["members"]) == 2
+    assert 0.0 <= result["crossfit_val_macro_auroc"] <= 1.0  # of the members' average
     names = {name for m in job["metrics"] for name in m["values"]}
     assert {"val_macro_auroc", "member2_val_macro_auroc"} <= names
     with session_scope() as s:

@@ -14,9 +14,11 @@ from sklearn.neighbors import KNeighborsClassifier
 from services.datasets.cache import preprocessed
 from services.datasets.ptbxl import SUPERCLASSES, PtbxlDataset
 from services.ecg.preprocess import InputSpec
+from services.evaluation.linear_probe import macro_auroc
 from services.evaluation.metrics import (
     classification_result,
     clustering_evaluation,
+    crossfit_selected_auroc,
     f1_at,
     knn_evaluation,
     knn_scores,
@@ -89,6 +91,33 @@ def test_class_without_positives_is_never_predicted_and_json_has_no_nan() -> Non
 
 # --------------------------------------------------------------------------------------------------
 # kNN
+
+
+def test_crossfit_validation_does_not_reward_the_luckiest_of_many_noisy_epochs(real: Embedded) -> None:
+    labels = real.labels[real.val]  # a real validation fold (fold 9)
+    rng = np.random.default_rng(0)
+    noise = rng.random((30, len(labels), labels.shape[1]))  # 30 epochs that know nothing
+    best_epoch_figure = max(macro_auroc(labels, epoch)[0] for epoch in noise)
+    crossfit = crossfit_selected_auroc(labels, [noise])
+    assert best_epoch_figure > 0.56  # read on the records that chose it: flattered
+    assert abs(crossfit - 0.5) < 0.04 and crossfit < best_epoch_figure - 0.05
+
+
+def test_crossfit_validation_finds_the_epoch_that_learned_and_credits_the_ensemble(real: Embedded) -> None:
+    labels = real.labels[real.val]
+    rng = np.random.default_rng(1)
+    learned = labels + rng.normal(0, 0.8, labels.shape)  # (N, K): informative scores
+    epochs = rng.random((12, *labels.shape))
+    epochs[7] = learned  # one good epoch among noise
+    full = macro_auroc(labels, learned)[0]
+    assert full > 0.75
+    assert abs(crossfit_selected_auroc(labels, [epochs]) - full) < 0.03
+    # one epoch, no choice: the halves read the same scores
+    assert abs(crossfit_selected_auroc(labels, [learned[None]]) - full) < 0.03
+    # two members with independent errors: their average beats each
+    other = labels + rng.normal(0, 0.8, labels.shape)
+    single = max(crossfit_selected_auroc(labels, [m[None]]) for m in (learned, other))
+    assert crossfit_selected_auroc(labels, [learned[None], other[None]]) > single + 0.01
 
 
 def test_knn_scores_are_neighbour_votes() -> None:

@@ -37,7 +37,7 @@ from services.db.models import Job
 from services.db.session import session_scope
 from services.ecg.preprocess import InputSpec
 from services.errors import ClientError
-from services.evaluation.metrics import classification_result, knn_scores
+from services.evaluation.metrics import classification_result, crossfit_selected_auroc, knn_scores
 from services.evaluation.plots import Caption, Figures, plot_history
 from services.export.onnx import (
     HEAD_OUTPUTS,
@@ -251,7 +251,7 @@ def _finetune(
     """Encoder + linear head trained together; with ``ensemble`` K > 1, K such members (seeds seed..seed+K-1;
     a family trained from scratch is also initialised anew per member) served as one model."""
     initial = copy.deepcopy(encoder.state_dict())
-    members, histories, extra = [], [], {"members": []}
+    members, histories, extra, val_scores = [], [], {"members": []}, []
     for i in range(recipe["ensemble"]):
         torch.manual_seed(params.seed + i)
         if i and params.model is None:  # from scratch: each member its own initialisation
@@ -261,15 +261,19 @@ def _finetune(
             encoder.load_state_dict(initial)
         suffix = "" if i == 0 else f"-{i + 1}"
         member_reporter = reporter if i == 0 else MemberReporter(reporter, member_prefix(i + 1))
-        model, history, kept = _finetune_one(
+        model, history, kept, scores = _finetune_one(
             encoder, family, data, params, recipe, device, checkpoint.with_name(f"checkpoint{suffix}.pt"),
             member_reporter, seed=params.seed + i,
         )  # fmt: skip
         members.append(model)
         histories.append(history)
         extra["members"].append(kept)
+        val_scores.append(scores if params.keep_best else scores[-1:])
         reporter.check_cancel(f"after ensemble member {i + 1}")
     extra.update(extra["members"][0])
+    if all(len(scores) for scores in val_scores):  # the figure to compare recipes by (validation only)
+        val_labels = data.labels[data.records["val"]]
+        extra["crossfit_val_macro_auroc"] = crossfit_selected_auroc(val_labels, val_scores)
     model = members[0] if len(members) == 1 else EnsembleDiagnosis(members)
     return Trained(model, HEAD_OUTPUTS, model.embed, members[0].encoder, histories[0], model.probabilities,
                    extra=extra)  # fmt: skip
@@ -294,7 +298,9 @@ class MemberReporter:
 def _finetune_one(
     encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter, seed: int,
-) -> tuple[DiagnosisModel, list[dict[str, float]], dict]:  # fmt: skip
+) -> tuple[DiagnosisModel, list[dict[str, float]], dict, np.ndarray]:  # fmt: skip
+    """One member: the model (its best validation epoch's weights with ``keep_best``), its history, what
+    was kept, and its validation scores at each epoch this run scored, (E, val records, classes)."""
     head, probe = LinearHead(_width(encoder), len(data.class_names)), {}
     if recipe["probe_first"]:
         head, probe = _probe_head(encoder, data, params, recipe, device, checkpoint, reporter)
@@ -304,11 +310,13 @@ def _finetune_one(
         windows = Augmented(windows, RandAugment(), seed=seed)
     val_labels = data.labels[data.records["val"]]
     best = BestEpoch(checkpoint.with_name(checkpoint.name.replace("checkpoint", "best")), "val_macro_auroc")
+    val_scores: list[np.ndarray] = []  # per epoch, (val records, classes)
 
     def val_auroc() -> dict[str, float]:
         probs = features_of(
             data, torch_fn(model.probabilities, device), data.spec.samples, data.records["val"]
         )
+        val_scores.append(probs)
         return {"val_macro_auroc": scores_auroc(val_labels, probs)}
 
     blocks = FAMILIES[family].blocks(encoder)
@@ -325,7 +333,7 @@ def _finetune_one(
     kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch", **probe}
     if params.keep_best and best.restore(model):
         kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
-    return model.cpu().eval(), log.history, kept
+    return model.cpu().eval(), log.history, kept, np.array(val_scores)
 
 
 def _probe_head(
