@@ -33,6 +33,8 @@ validation folds' mean, the figure to choose recipes by), and the per-class mean
     .venv/bin/python reports/benchmark.py --lines all      # every line, the recipe searches too
     .venv/bin/python reports/benchmark.py --quick          # folds 1-3, 10 pretraining epochs
     .venv/bin/python reports/benchmark.py --lines supervised,simclr-finetune --folds 1,2 --work /tmp/b
+    .venv/bin/python reports/benchmark.py --lines supervised-tiny,simclr-finetune --paired supervised-tiny
+                                                           # + differences fold by fold, with standard errors
 """
 
 import argparse
@@ -361,6 +363,33 @@ def table_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def paired_markdown(reference: str, runs: dict[str, list[dict]]) -> str:
+    """Each line against ``reference`` fold by fold (the same test and validation folds): the mean
+    difference of the test macro AUROC ± its standard error (sd / sqrt(folds)), the folds where the line is
+    higher, and the same difference of the cross-fit validation figure where both lines have it."""
+
+    def differences(name: str, key: str) -> np.ndarray | None:
+        pairs = [(r.get(key), b.get(key)) for r, b in zip(runs[name], runs[reference], strict=True)]
+        return None if any(None in p for p in pairs) else np.array([a - b for a, b in pairs])
+
+    def mean_se(d: np.ndarray | None) -> str:
+        return "" if d is None else f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+
+    out = [
+        f"| line | test minus `{reference}` (mean ± se) | folds higher | val cross-fit minus `{reference}` |",
+        "|---|---|---|---|",
+    ]
+    for name in runs:
+        if name == reference or len(runs[name]) != len(runs[reference]) or len(runs[name]) < 2:
+            continue
+        test = differences(name, "macro_auroc")
+        out.append(
+            f"| `{name}` | {mean_se(test)} | {int((test > 0).sum())} of {len(test)} | "
+            f"{mean_se(differences(name, 'crossfit_val_macro_auroc'))} |"
+        )
+    return "\n".join(out)
+
+
 ROWS_NOTE = "Each row is from the last of these runs that ran its line:"
 
 
@@ -417,6 +446,9 @@ def main() -> None:
     )
     parser.add_argument("--out", help="write the Markdown table here (e.g. reports/benchmark.md)")
     parser.add_argument(
+        "--paired", metavar="LINE", help="also print each line's fold-by-fold difference from this line"
+    )
+    parser.add_argument(
         "--merge", action="store_true", help="keep --out's rows of the lines not run now (one growing table)"
     )
     args = parser.parse_args()
@@ -434,6 +466,8 @@ def main() -> None:
     unknown = [n for n in chosen if n not in available]
     if unknown:
         raise SystemExit(f"unknown line(s) {unknown}: one of {', '.join(available)}")
+    if args.paired and args.paired not in chosen:
+        raise SystemExit(f"--paired {args.paired}: not one of this run's lines ({', '.join(chosen)})")
 
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
@@ -476,6 +510,8 @@ def main() -> None:
         text = merged_table(Path(args.out).read_text(), command, rows)
     else:
         text = "\n".join([command, "", table_markdown(rows)])
+    if args.paired:
+        print("\n" + paired_markdown(args.paired, runs))
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -4,7 +4,7 @@ README and the shipped model's card show its rows as it holds them."""
 import json
 from pathlib import Path
 
-from reports.benchmark import CLASSES, merged_table, table_markdown, table_rows
+from reports.benchmark import CLASSES, merged_table, paired_markdown, table_markdown, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +88,27 @@ def test_a_default_run_has_the_baselines_and_every_method_and_leaves_the_recipe_
         assert {f"{method}-probe", f"{method}-knn", f"{method}-finetune"} <= set(core), method
     assert not [name for name in core if "search" in every[name][0] or "probe40" in name or "-base" in name]
     assert [name for name in every if "search" in every[name][0]]  # the searches exist, run by --lines all
+
+
+def test_paired_differences_are_fold_by_fold_with_their_standard_error() -> None:
+    def runs(test: list[float], crossfit: list[float | None]) -> list[dict]:
+        return [
+            {"macro_auroc": t, "crossfit_val_macro_auroc": c} for t, c in zip(test, crossfit, strict=True)
+        ]
+
+    table = paired_markdown(
+        "scratch",
+        {
+            "scratch": runs([0.80, 0.90, 0.70, 0.85], [0.8, 0.8, 0.8, 0.8]),
+            "pretrained": runs([0.82, 0.91, 0.69, 0.87], [0.81, 0.83, 0.80, 0.84]),
+            "probe": runs([0.76, 0.96, 0.70, 0.87], [None] * 4),  # a line without the validation figure
+            "short": runs([0.9], [0.9]),  # fewer folds: no pairs
+        },
+    )
+    rows = {
+        line.split("`")[1]: [c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]
+    }
+    assert set(rows) == {"pretrained", "probe"}
+    # differences 0.02, 0.01, -0.01, 0.02: mean 0.01, sd 0.01414, se 0.00707
+    assert rows["pretrained"][1:] == ["+0.010 ± 0.007", "3 of 4", "+0.020 ± 0.009"]
+    assert rows["probe"][1:] == ["+0.010 ± 0.021", "2 of 4", ""]  # -0.04, 0.06, 0, 0.02
