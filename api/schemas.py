@@ -390,7 +390,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                         "evidence": _BENCHMARK,
                     },
                     "finetune_recipe": {
-                        "learning_rate": 0.01,
+                        "learning_rate": 0.001,
                         "batch_size": 64,
                         "epochs": 30,
                         "weight_decay": 0.01,
@@ -399,6 +399,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                         "augment": False,
                         "ensemble": 1,
                         "probe_first": True,
+                        "scratch_learning_rate": 0.01,
                         "evidence": _BENCHMARK,
                     },
                 }
@@ -438,6 +439,10 @@ class FinetuneRecipeOut(PretrainRecipeOut):
     ensemble: int = Field(description="members trained (seeds seed, seed + 1, ...), served as their mean")
     probe_first: bool = Field(
         description="LP-FT: the head fitted on the frozen encoder first (from a pretrained encoder only)"
+    )
+    scratch_learning_rate: float | None = Field(
+        description="peak lr at this batch_size for the family trained from scratch (no base model); "
+        "null: learning_rate"
     )
 
 

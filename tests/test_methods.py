@@ -67,6 +67,13 @@ def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> Non
     scratch = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")
     differs = {k for k, v in scratch.recipe("resnet1d", scratch.model_size).items() if v != resolved[k]}
     assert differs == {"probe_first"} and shown["probe_first"] is True  # LP-FT only from a pretrained encoder
+    # tiny: a pretrained encoder fine-tunes at a tenth of the from-scratch lr, both shown, both per batch
+    shown = size_of(listed, "resnet1d", "tiny")["finetune_recipe"]
+    tiny = {"dataset": "ptbxl-500", "method": "finetune", "batch_size": 32}
+    pretrained = FinetuneParams(**tiny, model="simclr@1").recipe("resnet1d", "tiny")
+    scratch = FinetuneParams(**tiny, family="resnet1d", model_size="tiny").recipe("resnet1d", "tiny")
+    assert (shown["learning_rate"], shown["scratch_learning_rate"], shown["batch_size"]) == (1e-3, 1e-2, 64)
+    assert (pretrained["learning_rate"], scratch["learning_rate"]) == pytest.approx((5e-4, 5e-3))
 
 
 @pytest.mark.parametrize(("family", "size"), [("st_mem", "tiny"), ("ecg_jepa", "tiny"), ("resnet1d", "base")])

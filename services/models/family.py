@@ -47,7 +47,8 @@ class FinetuneRecipe(_LinearLrScaling):
 
     ``layer_decay``: layer-wise lr decay (block i of n trains at lr * decay ** (n - i); a CNN's blocks are its
     stem and stages). ``augment``: ST-MEM's RandAugment on the training windows. ``layer_decay`` and
-    ``probe_first`` keep pretrained features: a job that trains a family from scratch runs without them.
+    ``probe_first`` keep pretrained features: a job that trains a family from scratch runs without them, and
+    at ``scratch_learning_rate`` where one is given.
     """
 
     learning_rate: float
@@ -60,6 +61,11 @@ class FinetuneRecipe(_LinearLrScaling):
     evidence: str
     ensemble: int = 1  # members (seeds seed, seed + 1, ...) served as the mean of their probabilities
     probe_first: bool = False  # LP-FT: the head fitted on the frozen encoder first (pretrained encoders only)
+    scratch_learning_rate: float | None = None  # peak lr at batch_size from scratch (None: learning_rate)
+
+    def scratch_lr_for(self, batch_size: int) -> float:
+        """The peak lr of a network trained from scratch, scaled linearly with the batch like ``lr_for``."""
+        return (self.scratch_learning_rate or self.learning_rate) * batch_size / self.batch_size
 
 
 @dataclass(frozen=True)
