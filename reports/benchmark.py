@@ -27,7 +27,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' mean, the figure to choose recipes by), and the per-class means; writes a Markdown table
-(``--out``). Results of each (line, fold) are kept in ``--work`` so an interrupted run resumes.
+(``--out``). Each job's output is kept in ``--work``, so an interrupted run resumes; a kept job runs again
+when the recipe its parameters resolve to has changed (a family's new default).
 
     .venv/bin/python reports/benchmark.py                  # the core lines, 10 folds
     .venv/bin/python reports/benchmark.py --lines all      # every line, the recipe searches too
@@ -141,12 +142,16 @@ def pretrained(model: str, epochs: int | None, work: Path, seed: int = 0) -> dic
     return made
 
 
-def shared_job(params, work: Path) -> dict:  # noqa: ANN001  (FinetuneParams)
-    """A fine-tuning job's output, run once per distinct parameters in ``work``."""
+def shared_job(params, work: Path, recipe: dict) -> dict:  # noqa: ANN001  (FinetuneParams)
+    """A fine-tuning job's output, run once per distinct parameters in ``work``: run again when the recipe
+    the parameters resolve to now (``recipe``: a family's defaults may have changed) is not the one it ran."""
     key = hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
     path = work / f"job-{key}.json"
-    if not path.is_file():
-        path.write_text(json.dumps(run_job("finetune", params)))
+    if path.is_file():
+        ran = json.loads(path.read_text())
+        if {k: ran["result"].get("recipe", {}).get(k) for k in recipe} == recipe:
+            return ran
+    path.write_text(json.dumps(run_job("finetune", params)))
     return json.loads(path.read_text())
 
 
@@ -155,6 +160,7 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
 
     def run(fold: int, args: argparse.Namespace) -> dict:
         from services.jobs.params import FinetuneParams
+        from services.models.families import family as family_named
 
         given = {
             k: (
@@ -166,7 +172,10 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
             if k != "read"
         }
         params = FinetuneParams(dataset=LABELLED, test_fold=fold, seed=args.seed, **given)
-        out = shared_job(params, args.work)  # e.g. a probe line and its kNN line read one job
+        method, _, size = fields.get("model", "").partition(":")  # a pretrained "<method>[:<size>]", or none
+        family = fields.get("family") or family_named(method).name
+        size = fields.get("model_size") or size or SSL[method]
+        out = shared_job(params, args.work, params.recipe(family, size))  # e.g. a probe and its kNN: one job
         read = fields.get("read", "test")
         scores = out["result"][read]
         return {
@@ -473,10 +482,9 @@ def main() -> None:
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
     pretrain_seed = f"-pretrain-seed{args.pretrain_seed}" if args.pretrain_seed else ""
     for fold in folds:  # fold after fold, so that an interrupted run has every line on the same folds
-        for name in chosen:
+        for name in chosen:  # each line reads its jobs' cache (``shared_job``), so an interrupted run resumes
             done = args.work / f"result-{name}-fold{fold}-seed{args.seed}{pretrain_seed}.json"
-            if not done.is_file():
-                done.write_text(json.dumps(available[name][1](fold, args)))
+            done.write_text(json.dumps(available[name][1](fold, args)))
             runs[name].append(json.loads(done.read_text()))
             r = runs[name][-1]
             val, crossfit = (

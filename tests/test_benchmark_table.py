@@ -112,3 +112,28 @@ def test_paired_differences_are_fold_by_fold_with_their_standard_error() -> None
     # differences 0.02, 0.01, -0.01, 0.02: mean 0.01, sd 0.01414, se 0.00707
     assert rows["pretrained"][1:] == ["+0.010 ± 0.007", "3 of 4", "+0.020 ± 0.009"]
     assert rows["probe"][1:] == ["+0.010 ± 0.021", "2 of 4", ""]  # -0.04, 0.06, 0, 0.02
+
+
+def test_a_cached_job_runs_again_when_the_recipe_its_parameters_resolve_to_has_changed(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A family's default recipe changed since the job ran (its parameters, which leave the default out, did
+    not): the cached result is stale and the job runs again; an unchanged recipe reads the cache."""
+    import reports.benchmark as benchmark
+    from services.jobs.params import FinetuneParams
+
+    ran: list[float] = []
+
+    def run_job(kind: str, params: FinetuneParams) -> dict:
+        recipe = params.recipe("resnet1d", "tiny") | {"learning_rate": current["learning_rate"]}
+        ran.append(recipe["learning_rate"])
+        return {"result": {"recipe": {**recipe, "amp": None}}, "version": "v@1", "seconds": 1.0}
+
+    monkeypatch.setattr(benchmark, "run_job", run_job)
+    params = FinetuneParams(dataset="ptbxl-500", method="finetune", model="simclr@1", test_fold=3)
+    current = params.recipe("resnet1d", "tiny")
+    assert benchmark.shared_job(params, tmp_path, current)["result"]["recipe"]["learning_rate"] == 1e-3
+    assert benchmark.shared_job(params, tmp_path, current) and ran == [1e-3]  # cached
+    current = current | {"learning_rate": 1e-2}  # the default moved
+    assert benchmark.shared_job(params, tmp_path, current)["result"]["recipe"]["learning_rate"] == 1e-2
+    assert ran == [1e-3, 1e-2] and len(list(tmp_path.glob("job-*.json"))) == 1
