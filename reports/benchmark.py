@@ -22,8 +22,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     <line>-probe40    random-<family> or <method>, the probe head trained 40 epochs (``PROBE_EPOCHS_SEARCH``)
     <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
     best              the service's best default diagnosis recipe (see ``BEST``)
-    and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-3, -lr3e-3, -ld0.5, -ld0.7,
-    -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble-base
+    and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -ld0.5,
+    -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble-base
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' mean, the figure to choose recipes by), and the per-class means; writes a Markdown table
@@ -300,7 +300,7 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{method} {size} pretrained, fine-tuned (default recipe)",
             finetune_line(model=model, method="finetune"),
         )
-    for lr in ("1e-3", "3e-3"):
+    for lr in ("1e-2", "3e-3", "1e-3"):
         table[f"simclr-finetune-lr{lr}"] = (
             f"simclr tiny pretrained, fine-tuned at lr {lr} (recipe search)",
             finetune_line(model="simclr", method="finetune", learning_rate=float(lr)),
