@@ -26,9 +26,10 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble-base
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
-validation folds' mean, the figure to choose recipes by), and the per-class means; writes a Markdown table
-(``--out``). Each job's output is kept in ``--work``, so an interrupted run resumes; a kept job runs again
-when the recipe its parameters resolve to has changed (a family's new default).
+validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
+to choose fine-tuning recipes by), and the per-class means; writes a Markdown table (``--out``). Each job's
+output is kept in ``--work``, so an interrupted run resumes; a kept job runs again when the recipe its
+parameters resolve to has changed (a family's new default).
 
     .venv/bin/python reports/benchmark.py                  # the core lines, 10 folds
     .venv/bin/python reports/benchmark.py --lines all      # every line, the recipe searches too
