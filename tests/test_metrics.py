@@ -22,6 +22,7 @@ from services.evaluation.metrics import (
     f1_at,
     knn_evaluation,
     knn_scores,
+    macro_auroc_by_epoch,
     single_label,
     tune_thresholds,
 )
@@ -91,6 +92,17 @@ def test_class_without_positives_is_never_predicted_and_json_has_no_nan() -> Non
 
 # --------------------------------------------------------------------------------------------------
 # kNN
+
+
+def test_macro_auroc_by_epoch_is_scikit_learns_macro_auroc_of_each_epoch(real: Embedded) -> None:
+    labels = real.labels[real.val].copy()
+    labels[:, 4] = 0  # a class without positives is left out, as macro_auroc leaves it out
+    rng = np.random.default_rng(2)
+    scores = np.round(rng.random((6, *labels.shape)), 1)  # ties, counted as half
+    scores[3] = labels + rng.normal(0, 0.5, labels.shape)
+    expected = [macro_auroc(labels, epoch)[0] for epoch in scores]
+    np.testing.assert_allclose(macro_auroc_by_epoch(labels, scores), expected, rtol=0, atol=1e-12)
+    assert np.isnan(macro_auroc_by_epoch(np.zeros_like(labels), scores)).all()  # no class scores at all
 
 
 def test_crossfit_validation_does_not_reward_the_luckiest_of_many_noisy_epochs(real: Embedded) -> None:

@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.cluster import KMeans
 from sklearn.metrics import (
     adjusted_rand_score,
@@ -148,7 +149,7 @@ def crossfit_selected_auroc(
     """
 
     def best_epoch(scores: np.ndarray, rows: np.ndarray) -> int:  # the first best; the last if none scores
-        by_epoch = np.array([macro_auroc(labels[rows], epoch[rows])[0] for epoch in scores])
+        by_epoch = macro_auroc_by_epoch(labels[rows], scores[:, rows])
         return int(np.nanargmax(by_epoch)) if np.isfinite(by_epoch).any() else len(scores) - 1
 
     rng = np.random.default_rng(seed)
@@ -158,8 +159,28 @@ def crossfit_selected_auroc(
         halves = order[: len(labels) // 2], order[len(labels) // 2 :]
         for choose, read in (halves, halves[::-1]):
             picked = [scores[best_epoch(scores, choose)] for scores in member_scores]  # (N, K) per member
-            values.append(macro_auroc(labels[read], np.mean(picked, axis=0)[read])[0])
+            values.append(macro_auroc_by_epoch(labels[read], np.mean(picked, axis=0)[None, read])[0])
     return float(np.nanmean(values))
+
+
+def macro_auroc_by_epoch(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """(E,) ``macro_auroc`` of each of E score sets at once: (E, N, K) scores, (N, K) labels.
+
+    Per class, AUROC is the Mann-Whitney U of the positives' mid-ranks over P * (N - P), which is
+    scikit-learn's ROC AUC with ties counted as half; classes without both outcomes are left out (NaN when
+    none has them). ``crossfit_selected_auroc`` scores thousands of (epoch, half) pairs per job: one rank
+    pass instead of a ``roc_auc_score`` call per class and epoch.
+    """
+    positives = labels.sum(axis=0)  # (K,)
+    negatives = len(labels) - positives
+    ranks = rankdata(scores, axis=1)  # (E, N, K), ties at their mid-rank
+    u = (ranks * labels).sum(axis=1) - positives * (positives + 1) / 2  # (E, K)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = np.where((positives > 0) & (negatives > 0), u / (positives * negatives), np.nan)
+    defined = np.isfinite(per_class).any(axis=1)
+    out = np.full(len(scores), np.nan)
+    out[defined] = np.nanmean(per_class[defined], axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
