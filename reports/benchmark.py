@@ -156,12 +156,20 @@ def shared_job(params, work: Path, recipe: dict) -> dict:  # noqa: ANN001  (Fine
     return json.loads(path.read_text())
 
 
+def family_and_size(fields: dict) -> tuple[str, str]:
+    """The family and size a line's fields (or ``BEST``) train: a pretrained "<method>[:<size>]"'s (its
+    ``SSL`` size by default), else the given family at its given size."""
+    from services.models.families import family as family_named
+
+    method, _, size = fields.get("model", "").partition(":")
+    return family_named(fields.get("family") or method).name, fields.get("model_size") or size or SSL[method]
+
+
 def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noqa: ANN003
     """A line that runs one fine-tuning job per fold and reads its test (and kNN) figures."""
 
     def run(fold: int, args: argparse.Namespace) -> dict:
         from services.jobs.params import FinetuneParams
-        from services.models.families import family as family_named
 
         given = {
             k: (
@@ -173,10 +181,8 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
             if k != "read"
         }
         params = FinetuneParams(dataset=LABELLED, test_fold=fold, seed=args.seed, **given)
-        method, _, size = fields.get("model", "").partition(":")  # a pretrained "<method>[:<size>]", or none
-        family = fields.get("family") or family_named(method).name
-        size = fields.get("model_size") or size or SSL[method]
-        out = shared_job(params, args.work, params.recipe(family, size))  # e.g. a probe and its kNN: one job
+        recipe = params.recipe(*family_and_size(fields))  # what the job runs with now
+        out = shared_job(params, args.work, recipe)  # e.g. a probe line and its kNN line read one job
         read = fields.get("read", "test")
         scores = out["result"][read]
         return {
@@ -488,13 +494,10 @@ def main() -> None:
 
     started = time.perf_counter()
     runs: dict[str, list[dict]] = {name: [] for name in chosen}
-    pretrain_seed = f"-pretrain-seed{args.pretrain_seed}" if args.pretrain_seed else ""
     for fold in folds:  # fold after fold, so that an interrupted run has every line on the same folds
         for name in chosen:  # each line reads its jobs' cache (``shared_job``), so an interrupted run resumes
-            done = args.work / f"result-{name}-fold{fold}-seed{args.seed}{pretrain_seed}.json"
-            done.write_text(json.dumps(available[name][1](fold, args)))
-            runs[name].append(json.loads(done.read_text()))
-            r = runs[name][-1]
+            r = available[name][1](fold, args)
+            runs[name].append(r)
             val, crossfit = (
                 r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc")
             )

@@ -25,8 +25,8 @@ from reports.benchmark import (  # noqa: E402
     BEST,
     LABELLED,
     ROWS_NOTE,
-    SSL,
     environment,
+    family_and_size,
     pretrained,
     run_job,
     table_commands,
@@ -137,7 +137,6 @@ def main() -> None:
 
     from services.db.session import session_scope
     from services.jobs.params import FinetuneParams
-    from services.models.families import family as family_named
     from services.registry import resolve_model_version
     from services.registry.shipped import export_version
     from services.training.loop import machine_description
@@ -159,9 +158,8 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     result = out["result"]
-    method, _, size = BEST.get("model", "").partition(":")  # "<method>" or "<method>:<size>"
-    family = family_named(BEST.get("family") or method).name
-    size = BEST.get("model_size") or size or SSL[method]
+    method = BEST.get("model", "").partition(":")[0]  # "<method>" or "<method>:<size>"
+    family, size = family_and_size(BEST)
     trained = f"pretrained by {method} and fine-tuned" if "model" in BEST else "trained from scratch"
     provenance = {
         "command": "reports/default_model.py " + " ".join(sys.argv[1:]),
