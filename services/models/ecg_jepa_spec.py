@@ -71,8 +71,8 @@ SPEC = FamilySpec(
     config_class=EcgJepaConfig,
     input_spec=lambda cfg: INPUT_SPEC,
     pretrain_recipes={
-        # 120 epochs (37-45 min on 2 cores): 10-fold validation probe 0.799, against 0.759 at 30 epochs
-        # (reports/benchmark.py)
+        # 120 epochs (10.9 min on a 2-core Intel Xeon in bf16, 37-45 on a 2-core AMD EPYC in fp32): 10-fold
+        # validation probe 0.799, against 0.759 at 30 epochs (reports/benchmark.py)
         "tiny": PretrainRecipe(1e-3, 32, 120, 0.05, 3, _SEARCHED),
         "base": PretrainRecipe(5.5e-5 * 32 / 64, 32, 100, 0.05, 5, _PAPER),
     },
