@@ -90,10 +90,6 @@ def test_class_without_positives_is_never_predicted_and_json_has_no_nan() -> Non
     assert encoded["auroc_per_class"]["B"] is None and encoded["thresholds"]["B"] is None
 
 
-# --------------------------------------------------------------------------------------------------
-# kNN
-
-
 def test_macro_auroc_by_epoch_is_scikit_learns_macro_auroc_of_each_epoch(real: Embedded) -> None:
     labels = real.labels[real.val].copy()
     labels[:, 4] = 0  # a class without positives is left out, as macro_auroc leaves it out
@@ -130,6 +126,10 @@ def test_crossfit_validation_finds_the_epoch_that_learned_and_credits_the_ensemb
     other = labels + rng.normal(0, 0.8, labels.shape)
     single = max(crossfit_selected_auroc(labels, [m[None]]) for m in (learned, other))
     assert crossfit_selected_auroc(labels, [learned[None], other[None]]) > single + 0.01
+
+
+# --------------------------------------------------------------------------------------------------
+# kNN
 
 
 def test_knn_scores_are_neighbour_votes() -> None:
