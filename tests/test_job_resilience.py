@@ -9,6 +9,7 @@ drills that kill real workers are in test_e2e.py.
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,12 +20,14 @@ from alembic import command
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
-from services.db.models import Job, JobMetric, ModelVersion
+from services.db.models import Job, JobMetric, Model, ModelVersion
 from services.db.session import get_engine, is_transient, session_scope
 from services.jobs.params import FinetuneParams, PretrainParams
 from services.jobs.runner import JobReporter, run_job
 from services.jobs.store import job_dir
+from services.registry import register_model_version
 from tests.conftest import PG_ADMIN, SettingsEnv, fresh_postgres_url, needs_servers
 from tests.test_db import alembic_config
 
@@ -119,6 +122,46 @@ def test_two_writers_of_the_same_epoch_metrics_do_not_collide(database: str) -> 
     rows = metric_rows(job_id)
     assert len(rows) == len({(e, n) for e, n, _ in rows}) == 20
     assert {v for _, _, v in rows} <= {0.0, 1.0, 2.0}
+
+
+@pytest.mark.parametrize("first_use", [True, False], ids=["new name", "registered name"])
+def test_jobs_registering_one_name_at_once_get_consecutive_versions(database: str, first_use: bool) -> None:
+    """Two jobs finishing together (two workers, e.g. ``--scale worker=2``) publish under one name: each
+    registers, with the next number; neither fails on the unique constraint after its training.
+
+    Each registration holds its transaction open a while after writing its row, so the other one reads
+    the model's versions before the first commits: the race is there every run, not by chance."""
+    name = "race-model"
+    fields = {"method": "finetune", "onnx_path": "model.onnx", "sha256": "ab" * 32, "input_spec": {},
+              "embedding_dim": 8, "parity_max_abs_diff": 0.0, "metrics": {}, "variants": {}}  # fmt: skip
+    if not first_use:
+        with session_scope() as s:
+            register_model_version(s, name=name, source_job_id=new_job("finetune"), **fields)
+    start, refs, errors = threading.Barrier(3), [], []
+
+    def register(job_id: uuid.UUID) -> None:
+        def holding(s: Session) -> ModelVersion:
+            version = register_model_version(s, name=name, source_job_id=job_id, **fields)
+            time.sleep(0.5)  # still uncommitted: the other job registers now
+            return version
+
+        start.wait()
+        try:
+            refs.append(JobReporter(job_id).register_unless_cancelled(holding))
+        except Exception as exc:  # reported below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    threads = [threading.Thread(target=register, args=(new_job("finetune"),)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    first = 1 if first_use else 2
+    assert sorted(refs) == [f"{name}@{v}" for v in range(first, first + 3)]
+    with session_scope() as s:
+        numbers = s.scalars(select(ModelVersion.version).join(Model).where(Model.name == name)).all()
+    assert sorted(numbers) == list(range(1, first + 3))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -62,11 +62,7 @@ def register_model_version(
     checks; ``head``: a diagnosis model's classes and thresholds; ``knn_reference``: its stored kNN reference
     set.
     """
-    model = session.scalar(select(Model).where(Model.name == name))
-    if model is None:
-        model = Model(name=name, method=method)
-        session.add(model)
-        session.flush()
+    model = _locked_model(session, name, method)
     latest = session.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.model_id == model.id))
     version = ModelVersion(
         model=model,
@@ -88,6 +84,25 @@ def register_model_version(
     if version.version == 1:
         set_alias(session, name, PRODUCTION, 1)
     return version
+
+
+def _locked_model(session: Session, name: str, method: str) -> Model:
+    """Model ``name``'s row (created on first use), locked until the transaction ends: registrations of one
+    name by two jobs at once take their version numbers one after the other. Insert-if-absent, then lock: in
+    PostgreSQL the second waits for the first's commit, then reads its version; SQLite lets one writer in."""
+    dialect = session.get_bind().dialect.name
+    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(dialect)
+    if insert is not None:
+        statement = insert(Model).values(name=name, method=method)
+        session.execute(statement.on_conflict_do_nothing(index_elements=["name"]))
+    model = session.scalar(
+        select(Model).where(Model.name == name).with_for_update().execution_options(populate_existing=True)
+    )
+    if model is None:  # another database: the plain ORM insert
+        model = Model(name=name, method=method)
+        session.add(model)
+        session.flush()
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
