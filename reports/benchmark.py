@@ -29,7 +29,11 @@ It prints, per line, the mean and standard deviation over the test folds of the 
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
 to choose fine-tuning recipes by), and the per-class means; writes a Markdown table (``--out``). Each job's
 output is kept in ``--work``, so an interrupted run resumes; a kept job runs again when the recipe its
-parameters resolve to has changed (a family's new default).
+parameters resolve to has changed (a family's new default). Jobs run ``--processes`` at a time (default 2),
+each process with its share of the cores as torch threads (``--threads``): the encoders' pretraining first,
+then the lines fold after fold (``run_all``); ``--processes 1`` runs one job after the other in this
+process. A job's figures depend on the torch threads it ran with (it repeats exactly on one CPU with the
+same number), so compare lines within one run or with ``--paired``.
 
     .venv/bin/python reports/benchmark.py                  # the core lines, 10 folds
     .venv/bin/python reports/benchmark.py --lines all      # every line, the recipe searches too
@@ -40,14 +44,20 @@ parameters resolve to has changed (a family's new default).
 """
 
 import argparse
+import fcntl
 import hashlib
 import json
+import logging
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +96,22 @@ def environment(work: Path, data: Path, threads: int) -> None:
     command.upgrade(config, "head")
 
 
+class Busy(Exception):
+    """What a unit of a run makes (an encoder, a job's output) is being made by another of its processes."""
+
+
+@contextmanager
+def claimed(made: Path) -> Iterator[None]:
+    """Hold the lock of the file ``made`` while making it (``Busy`` if another process holds it), so that two
+    processes of a run never make one thing twice; the lock goes with its process, whatever ends it."""
+    with made.with_suffix(".lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(made.name) from None
+        yield
+
+
 def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | FinetuneParams)
     """Queue-less: write the job row and run it as the worker would; its row's result (exit on failure)."""
     from services.datasets.registry import dataset_for_job
@@ -115,14 +141,21 @@ def pretrained(model: str, epochs: int | None, work: Path, seed: int = 0) -> dic
     """The encoder ``model`` ("<method>" at its ``SSL`` size, or "<method>:<size>") pretrained on
     ptbxl-unlabelled with ``seed`` (made once per ``work`` and seed): its registered version, minutes and
     pretraining params."""
-    from services.jobs.params import PretrainParams
-
     method, _, size = model.partition(":")
     size = size or SSL[method]
     suffix = ("" if size == SSL[method] else f"-{size}") + (f"-seed{seed}" if seed else "")
     known = work / f"pretrained-{method}{suffix}.json"
     if known.is_file():
         return json.loads(known.read_text())
+    with claimed(known):
+        if known.is_file():  # made meanwhile by another process
+            return json.loads(known.read_text())
+        return _pretrain(method, size, epochs, seed, known)
+
+
+def _pretrain(method: str, size: str, epochs: int | None, seed: int, known: Path) -> dict:
+    from services.jobs.params import PretrainParams
+
     params = PretrainParams(
         dataset=UNLABELLED,
         method=method,
@@ -148,12 +181,19 @@ def shared_job(params, work: Path, recipe: dict) -> dict:  # noqa: ANN001  (Fine
     the parameters resolve to now (``recipe``: a family's defaults may have changed) is not the one it ran."""
     key = hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
     path = work / f"job-{key}.json"
-    if path.is_file():
-        ran = json.loads(path.read_text())
-        if {k: ran["result"].get("recipe", {}).get(k) for k in recipe} == recipe:
-            return ran
-    path.write_text(json.dumps(run_job("finetune", params)))
-    return json.loads(path.read_text())
+
+    def kept() -> dict | None:
+        ran = json.loads(path.read_text()) if path.is_file() else None
+        fresh = ran and {k: ran["result"].get("recipe", {}).get(k) for k in recipe} == recipe
+        return ran if fresh else None
+
+    if (ran := kept()) is not None:
+        return ran
+    with claimed(path):
+        if (ran := kept()) is None:  # (not run meanwhile by another process)
+            path.write_text(json.dumps(run_job("finetune", params)))
+            ran = json.loads(path.read_text())
+    return ran
 
 
 def family_and_size(fields: dict) -> tuple[str, str]:
@@ -165,10 +205,19 @@ def family_and_size(fields: dict) -> tuple[str, str]:
     return family_named(fields.get("family") or method).name, fields.get("model_size") or size or SSL[method]
 
 
-def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noqa: ANN003
-    """A line that runs one fine-tuning job per fold and reads its test (and kNN) figures."""
+class FinetuneLine:
+    """A line that runs one fine-tuning job per fold (``fields``: the job's parameters; a "model" names a
+    method, pretrained first) and reads its test (and kNN) figures."""
 
-    def run(fold: int, args: argparse.Namespace) -> dict:
+    def __init__(self, **fields) -> None:  # noqa: ANN003
+        self.fields = fields
+
+    @property
+    def encoder(self) -> str | None:
+        """The pretrained encoder ("<method>[:<size>]") its jobs start from, if any."""
+        return self.fields.get("model")
+
+    def __call__(self, fold: int, args: argparse.Namespace) -> dict:
         from services.jobs.params import FinetuneParams
 
         given = {
@@ -177,13 +226,13 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
                 if k == "model"
                 else v
             )
-            for k, v in fields.items()
+            for k, v in self.fields.items()
             if k != "read"
         }
         params = FinetuneParams(dataset=LABELLED, test_fold=fold, seed=args.seed, **given)
-        recipe = params.recipe(*family_and_size(fields))  # what the job runs with now
+        recipe = params.recipe(*family_and_size(self.fields))  # what the job runs with now
         out = shared_job(params, args.work, recipe)  # e.g. a probe line and its kNN line read one job
-        read = fields.get("read", "test")
+        read = self.fields.get("read", "test")
         scores = out["result"][read]
         return {
             "macro_auroc": scores["macro_auroc"],
@@ -200,12 +249,20 @@ def finetune_line(**fields) -> Callable[[int, argparse.Namespace], dict]:  # noq
             "recipe": out["result"].get("recipe"),
         }
 
-    return run
-
 
 def clinical_line(fold: int, args: argparse.Namespace) -> dict:
     """The service's clinical measurements (normalised on the training folds, missing flags) + logistic
     regression per class, C in 0.01 / 0.1 / 1 chosen by the validation fold's macro AUROC."""
+    done = args.work / f"clinical-fold{fold}.json"  # kept, as a job's output is
+    if done.is_file():
+        return json.loads(done.read_text())
+    with claimed(done):
+        if not done.is_file():
+            done.write_text(json.dumps(_clinical(fold)))
+    return json.loads(done.read_text())
+
+
+def _clinical(fold: int) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from services.config import get_settings
@@ -217,9 +274,6 @@ def clinical_line(fold: int, args: argparse.Namespace) -> dict:
     from services.jobs.runner import JobReporter
     from services.models.resnet1d import INPUT_SPEC
 
-    done = args.work / f"clinical-fold{fold}.json"  # kept, as a job's output is
-    if done.is_file():
-        return json.loads(done.read_text())
     started = time.perf_counter()
     with session_scope() as s:
         row = dataset_for_job(s, LABELLED)
@@ -249,7 +303,6 @@ def clinical_line(fold: int, args: argparse.Namespace) -> dict:
         "seconds": time.perf_counter() - started,
         "recipe": {"C": c},
     }
-    done.write_text(json.dumps(result))
     return result
 
 
@@ -267,23 +320,23 @@ def lines() -> dict[str, tuple[str, Callable]]:
     table: dict[str, tuple[str, Callable]] = {
         "supervised": (
             "1-D ResNet from scratch (supervised baseline)",
-            finetune_line(family="resnet1d", model_size="base", method="finetune"),
+            FinetuneLine(family="resnet1d", model_size="base", method="finetune"),
         ),
         "supervised-tiny": (
             "1-D ResNet tiny from scratch (the SSL CNN's network)",
-            finetune_line(family="resnet1d", model_size="tiny", method="finetune"),
+            FinetuneLine(family="resnet1d", model_size="tiny", method="finetune"),
         ),
         "ensemble-tiny": (
             "3 x 1-D ResNet tiny from scratch, averaged",
-            finetune_line(family="resnet1d", model_size="tiny", method="finetune", ensemble=3),
+            FinetuneLine(family="resnet1d", model_size="tiny", method="finetune", ensemble=3),
         ),
         "ensemble5-tiny": (
             "5 x 1-D ResNet tiny from scratch, averaged (recipe search)",
-            finetune_line(family="resnet1d", model_size="tiny", method="finetune", ensemble=5),
+            FinetuneLine(family="resnet1d", model_size="tiny", method="finetune", ensemble=5),
         ),
         "ensemble-base": (
             "3 x 1-D ResNet (resnet1d_wang) from scratch, averaged",
-            finetune_line(family="resnet1d", model_size="base", method="finetune", ensemble=3),
+            FinetuneLine(family="resnet1d", model_size="base", method="finetune", ensemble=3),
         ),
         "clinical": ("clinical measurements + logistic regression", clinical_line),
     }
@@ -296,46 +349,46 @@ def lines() -> dict[str, tuple[str, Callable]]:
         for family, size, name in randoms:
             table[name if epochs is None else f"{name}-probe{epochs}"] = (
                 f"{family} {size} at random init + linear probe{longer}",
-                finetune_line(family=family, model_size=size, method="linear_probe", epochs=epochs),
+                FinetuneLine(family=family, model_size=size, method="linear_probe", epochs=epochs),
             )
         for method, size, name, model in encoders:
             table[f"{name}-probe{epochs or ''}"] = (
                 f"{method} {size} pretrained, frozen + linear probe{longer}",
-                finetune_line(model=model, method="linear_probe", epochs=epochs),
+                FinetuneLine(model=model, method="linear_probe", epochs=epochs),
             )
     for method, size, name, model in encoders:
         table[f"{name}-knn"] = (
             f"{method} {size} pretrained, frozen + kNN (k=20, cosine)",
-            finetune_line(model=model, method="linear_probe", read="knn"),
+            FinetuneLine(model=model, method="linear_probe", read="knn"),
         )
         table[f"{name}-finetune"] = (
             f"{method} {size} pretrained, fine-tuned (default recipe)",
-            finetune_line(model=model, method="finetune"),
+            FinetuneLine(model=model, method="finetune"),
         )
     for lr in ("1e-2", "3e-3", "1e-3"):
         table[f"simclr-finetune-lr{lr}"] = (
             f"simclr tiny pretrained, fine-tuned at lr {lr} (recipe search)",
-            finetune_line(model="simclr", method="finetune", learning_rate=float(lr)),
+            FinetuneLine(model="simclr", method="finetune", learning_rate=float(lr)),
         )
     for decay in (0.5, 0.7):
         table[f"simclr-finetune-ld{decay}"] = (
             f"simclr tiny pretrained, fine-tuned with layer-wise lr decay {decay} (recipe search)",
-            finetune_line(model="simclr", method="finetune", layer_decay=decay),
+            FinetuneLine(model="simclr", method="finetune", layer_decay=decay),
         )
     table["simclr-finetune-noprobe"] = (
         "simclr tiny pretrained, fine-tuned without LP-FT (recipe search)",
-        finetune_line(model="simclr", method="finetune", probe_first=False),
+        FinetuneLine(model="simclr", method="finetune", probe_first=False),
     )
     table["simclr-finetune-lpft-ld0.7"] = (
         "simclr tiny pretrained, LP-FT with layer-wise lr decay 0.7 (recipe search)",
-        finetune_line(model="simclr", method="finetune", probe_first=True, layer_decay=0.7),
+        FinetuneLine(model="simclr", method="finetune", probe_first=True, layer_decay=0.7),
     )
     table["simclr-ensemble"] = (
         "3 x simclr tiny pretrained, fine-tuned, averaged (recipe search)",
-        finetune_line(model="simclr", method="finetune", ensemble=3),
+        FinetuneLine(model="simclr", method="finetune", ensemble=3),
     )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
-    table["best"] = (f"the service's best default recipe ({described})", finetune_line(**BEST))
+    table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))
     return table
 
 
@@ -347,6 +400,83 @@ def core_lines() -> list[str]:
     randoms = [f"random-{family}" for family in RANDOM]
     methods = [f"{method}-{line}" for method in SSL for line in ("probe", "knn", "finetune")]
     return [*baselines, *randoms, *methods, "best"]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a run: an encoder's pretraining (``line`` None), or a line on one test fold, which needs
+    its ``encoder`` (if any) pretrained first."""
+
+    line: str | None
+    fold: int = 0
+    encoder: str | None = None
+
+
+def run_unit(unit: Unit, args: argparse.Namespace) -> dict:
+    if unit.line is None:
+        return pretrained(unit.encoder, args.pretrain_epochs, args.work, args.pretrain_seed)
+    return lines()[unit.line][1](unit.fold, args)
+
+
+def report(unit: Unit, r: dict) -> None:
+    val, crossfit = (r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc"))
+    print(
+        f"  fold {unit.fold} {unit.line}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
+        f"{crossfit:.3f} ({r['seconds']:.0f} s)",
+        flush=True,
+    )
+
+
+def _start_process(args: argparse.Namespace) -> None:
+    environment(args.work, Path(args.data), args.threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every chosen line on every fold; each line's results in fold order.
+
+    ``--processes 1``: one unit after the other in this process, fold after fold (an interrupted run has
+    every line on the same folds). More: that many processes of ``--threads`` torch threads each take the
+    next unit that can start: the encoders' pretraining first, in the methods' order (the longest first),
+    then the lines fold after fold, each once its encoder is there. A unit whose job another process is
+    running (a probe line and its kNN line read one job) waits and is tried again (``Busy``)."""
+    available = lines()
+    encoders = dict.fromkeys(e for n in chosen if (e := getattr(available[n][1], "encoder", None)))
+    units = [Unit(None, encoder=e) for e in encoders]
+    units += [Unit(n, f, getattr(available[n][1], "encoder", None)) for f in folds for n in chosen]
+    results: dict[str, dict[int, dict]] = {name: {} for name in chosen}
+    if args.processes == 1:
+        for unit in units[len(encoders) :]:  # (an encoder is pretrained by its first line)
+            results[unit.line][unit.fold] = r = run_unit(unit, args)
+            report(unit, r)
+        return {name: [results[name][f] for f in folds] for name in chosen}
+
+    made: set[str] = set()
+    retry_at: dict[Unit, float] = {}
+    running: dict[Future, Unit] = {}
+    spawn = multiprocessing.get_context("spawn")  # (not fork: the parent has torch's threads)
+    with ProcessPoolExecutor(args.processes, spawn, initializer=_start_process, initargs=(args,)) as pool:
+        while units or running:
+            now = time.monotonic()
+            ready = [u for u in units if u.line is None or u.encoder in made | {None}]
+            for unit in [u for u in ready if retry_at.get(u, 0) <= now][: args.processes - len(running)]:
+                units.remove(unit)
+                running[pool.submit(run_unit, unit, args)] = unit
+            finished, _ = wait(running, timeout=2, return_when=FIRST_COMPLETED)
+            for future in finished:
+                unit = running.pop(future)
+                try:
+                    r = future.result()
+                except Busy:
+                    units.append(unit)
+                    retry_at[unit] = time.monotonic() + 5
+                    continue
+                if unit.line is None:
+                    made.add(unit.encoder)
+                else:
+                    results[unit.line][unit.fold] = r
+                    report(unit, r)
+    return {name: [results[name][f] for f in folds] for name in chosen}
 
 
 def summary(name: str, description: str, runs: list[dict]) -> dict:
@@ -459,7 +589,16 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, help="override the methods' default epochs")
     parser.add_argument("--work", help="working folder (kept: resumes; default a new temporary one)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="jobs run at once, each in its own process (default 2, or 1 on one core; 1: one after the "
+        "other in this process)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per process (0: the cores shared out)"
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -485,9 +624,10 @@ def main() -> None:
         args.pretrain_epochs = 10
     args.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ecgssl-benchmark-"))
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.processes < 1:
+        raise SystemExit(f"--processes {args.processes}: at least 1")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
     environment(args.work, Path(args.data), args.threads)
-    import logging
-
     logging.basicConfig(level=logging.WARNING)
     available = lines()
     chosen = list(available) if args.lines == "all" else args.lines.split(",") if args.lines else core_lines()
@@ -498,19 +638,7 @@ def main() -> None:
         raise SystemExit(f"--paired {args.paired}: not one of this run's lines ({', '.join(chosen)})")
 
     started = time.perf_counter()
-    runs: dict[str, list[dict]] = {name: [] for name in chosen}
-    for fold in folds:  # fold after fold, so that an interrupted run has every line on the same folds
-        for name in chosen:  # each line reads its jobs' cache (``shared_job``), so an interrupted run resumes
-            r = available[name][1](fold, args)
-            runs[name].append(r)
-            val, crossfit = (
-                r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc")
-            )
-            print(
-                f"  fold {fold} {name}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
-                f"{crossfit:.3f} ({r['seconds']:.0f} s)",
-                flush=True,
-            )
+    runs = run_all(chosen, folds, args)
     rows = [summary(name, available[name][0], runs[name]) for name in chosen]
     for r in rows:
         print(

@@ -2,7 +2,11 @@
 README and the shipped model's card show its rows as it holds them."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from reports.benchmark import CLASSES, merged_table, paired_markdown, table_markdown, table_rows
 
@@ -137,3 +141,24 @@ def test_a_cached_job_runs_again_when_the_recipe_its_parameters_resolve_to_has_c
     current = current | {"learning_rate": 1e-2}  # the default moved
     assert benchmark.shared_job(params, tmp_path, current)["result"]["recipe"]["learning_rate"] == 1e-2
     assert ran == [1e-3, 1e-2] and len(list(tmp_path.glob("job-*.json"))) == 1
+
+
+def test_two_processes_of_a_run_never_make_one_thing_at_once(tmp_path: Path) -> None:
+    """A job's output (or an encoder) is made under its lock: another process finds it Busy, and tries it
+    again later (reports.benchmark.run_all) instead of making it twice; the lock goes with its holder."""
+    from reports.benchmark import Busy, claimed
+
+    made = tmp_path / "job-0123.json"
+    holder = "from pathlib import Path; from reports.benchmark import claimed\n"
+    holder += f"with claimed(Path({str(made)!r})): print('held', flush=True); input()"
+    other = subprocess.Popen([sys.executable, "-c", holder], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match="job-0123.json"), claimed(made):
+            pass
+    finally:
+        other.communicate("\n", timeout=60)
+    # released when its holder let go; and one process holding it finds it busy too
+    with claimed(made), pytest.raises(Busy), claimed(made):
+        pass

@@ -14,12 +14,13 @@ from services.datasets.kinds import open_dataset
 from services.db.models import ModelVersion
 from services.db.session import session_scope
 from services.jobs.downstream import BestEpoch, LayerDecayLoss
-from services.jobs.params import FinetuneParams, PretrainParams
+from services.jobs.params import PROBE_RECIPE, FinetuneParams, PretrainParams
 from services.jobs.pretrain import build_objective, input_spec
 from services.models import ecg_jepa, resnet1d, st_mem
 from services.models.checkpoints import load_saved_encoder, save_encoder
 from services.models.families import FAMILIES, family_of
 from services.models.heads import DiagnosisModel, LinearHead
+from services.models.methods import catalogue
 from tests.test_api import wfdb_files
 from tests.test_downstream import finished, post_job
 
@@ -92,6 +93,24 @@ def test_layer_decay_and_probe_first_are_off_from_scratch_unless_given() -> None
     assert (r["layer_decay"], r["probe_first"]) == (0.5, True)
     probe = FinetuneParams(model="m@1", dataset="x", method="linear_probe").recipe("resnet1d", "tiny")
     assert probe["probe_first"] is False and probe["learning_rate"] == 1e-2
+
+
+def test_the_linear_probe_trains_its_head_as_long_as_the_family_and_size_recipe_says() -> None:
+    """ECG-JEPA tiny's probe head trains 40 epochs (chosen on the validation folds), every other 10; given
+    epochs win; LP-FT's first stage and the other downstream methods keep the probe recipe's 10."""
+
+    def epochs(family: str, size: str, method: str = "linear_probe", **given: int) -> int:
+        return FinetuneParams(model="m@1", dataset="x", method=method, **given).recipe(family, size)["epochs"]
+
+    assert epochs("ecg_jepa", "tiny") == 40
+    others = [("ecg_jepa", "base"), ("st_mem", "tiny"), ("resnet1d", "tiny"), ("resnet1d", "base")]
+    assert [epochs(family, size) for family, size in others] == [10] * 4
+    assert epochs("ecg_jepa", "tiny", epochs=5) == 5
+    assert epochs("ecg_jepa", "tiny", method="finetune") == 30
+    assert epochs("ecg_jepa", "tiny", method="triplet") == 10
+    assert [m["finetune_recipe"]["linear_probe_epochs"] for f in catalogue() if f["name"] == "ecg_jepa"
+            for m in f["sizes"]] == [40, 10]  # fmt: skip
+    assert PROBE_RECIPE["epochs"] == 10
 
 
 def test_probe_first_starts_fine_tuning_from_a_head_fitted_on_the_frozen_encoder(client: TestClient) -> None:

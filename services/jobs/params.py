@@ -471,9 +471,9 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
     def recipe(self, family: str, size: str) -> dict:
         """The training settings the job runs with: what was given, the rest from the defaults (``finetune``:
         the family's recipe for the size)."""
+        recipes = SPECS[family].finetune_recipes
+        r = recipes.get(size) or next(iter(recipes.values()))  # a custom size: the first size's
         if self.method == "finetune":
-            recipes = SPECS[family].finetune_recipes
-            r = recipes.get(size) or next(iter(recipes.values()))  # a custom size: the first size's
             batch = self.batch_size or r.batch_size
             defaults = {
                 "epochs": r.epochs,
@@ -492,6 +492,7 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             lr = PROBE_RECIPE["learning_rate"] if self.method == "linear_probe" else 1e-3
             defaults = {
                 **PROBE_RECIPE,
+                "epochs": r.linear_probe_epochs if self.method == "linear_probe" else PROBE_RECIPE["epochs"],
                 "learning_rate": lr,
                 "layer_decay": 1.0,
                 "augment": False,
