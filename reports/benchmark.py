@@ -413,12 +413,14 @@ class Unit:
 
 
 def run_unit(unit: Unit, args: argparse.Namespace) -> dict:
+    """Run ``unit`` here: the encoder's pretraining record, or the line's figures on its fold."""
     if unit.line is None:
         return pretrained(unit.encoder, args.pretrain_epochs, args.work, args.pretrain_seed)
     return lines()[unit.line][1](unit.fold, args)
 
 
 def report(unit: Unit, r: dict) -> None:
+    """Print a line's figures on one fold as they come."""
     val, crossfit = (r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc"))
     print(
         f"  fold {unit.fold} {unit.line}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
@@ -428,6 +430,7 @@ def report(unit: Unit, r: dict) -> None:
 
 
 def _start_process(args: argparse.Namespace) -> None:
+    """A new process of the run: the same embedded database, artifacts and torch threads as the others."""
     environment(args.work, Path(args.data), args.threads)
     logging.basicConfig(level=logging.WARNING)
 

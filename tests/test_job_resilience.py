@@ -126,7 +126,7 @@ def test_two_writers_of_the_same_epoch_metrics_do_not_collide(database: str) -> 
 
 @pytest.mark.parametrize("first_use", [True, False], ids=["new name", "registered name"])
 def test_jobs_registering_one_name_at_once_get_consecutive_versions(database: str, first_use: bool) -> None:
-    """Two jobs finishing together (two workers, e.g. ``--scale worker=2``) publish under one name: each
+    """Two jobs finishing together (two workers, e.g. on two GPU machines) publish under one name: each
     registers, with the next number; neither fails on the unique constraint after its training.
 
     Each registration holds its transaction open a while after writing its row, so the other one reads
