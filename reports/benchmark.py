@@ -112,6 +112,13 @@ def claimed(made: Path) -> Iterator[None]:
         yield
 
 
+def write_json(path: Path, value: dict) -> None:
+    """Write ``path`` whole or not at all (another process may read it meanwhile, outside its lock)."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(value))
+    os.replace(partial, path)
+
+
 def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | FinetuneParams)
     """Queue-less: write the job row and run it as the worker would; its row's result (exit on failure)."""
     from services.datasets.registry import dataset_for_job
@@ -154,6 +161,7 @@ def pretrained(model: str, epochs: int | None, work: Path, seed: int = 0) -> dic
 
 
 def _pretrain(method: str, size: str, epochs: int | None, seed: int, known: Path) -> dict:
+    """Run the pretraining job and keep what it made in ``known``."""
     from services.jobs.params import PretrainParams
 
     params = PretrainParams(
@@ -171,7 +179,7 @@ def _pretrain(method: str, size: str, epochs: int | None, seed: int, known: Path
     )
     out = run_job("pretrain", params)
     made = {"version": out["version"], "seconds": out["seconds"], "params": params.model_dump(mode="json")}
-    known.write_text(json.dumps(made))
+    write_json(known, made)
     print(f"  {out['version']} in {out['seconds'] / 60:.1f} min", flush=True)
     return made
 
@@ -191,7 +199,7 @@ def shared_job(params, work: Path, recipe: dict) -> dict:  # noqa: ANN001  (Fine
         return ran
     with claimed(path):
         if (ran := kept()) is None:  # (not run meanwhile by another process)
-            path.write_text(json.dumps(run_job("finetune", params)))
+            write_json(path, run_job("finetune", params))
             ran = json.loads(path.read_text())
     return ran
 
@@ -258,7 +266,7 @@ def clinical_line(fold: int, args: argparse.Namespace) -> dict:
         return json.loads(done.read_text())
     with claimed(done):
         if not done.is_file():
-            done.write_text(json.dumps(_clinical(fold)))
+            write_json(done, _clinical(fold))
     return json.loads(done.read_text())
 
 

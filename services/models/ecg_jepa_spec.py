@@ -64,7 +64,7 @@ _PAPER = "the paper's recipe (Kim 2024), not measured here"
 _FINETUNE = FinetuneRecipe(1e-3, 32, 30, 0.05, 3, 0.75, False, "reports/benchmark.py (validation folds)")
 # the tiny encoder's probe head trained 40 epochs instead of 10: 10-fold validation mean 0.815 against 0.800,
 # and 0.814 against 0.800 on a second pretraining run (reports/recipe_history.md); every other family's
-# probe lost validation AUROC at 40 (its head overfits 353 training records), ECG-JEPA's 64-wide one did not
+# probe lost validation AUROC at 40 epochs (its head overfits the 353 training records)
 _FINETUNE_TINY = replace(_FINETUNE, linear_probe_epochs=40)
 
 SPEC = FamilySpec(
