@@ -5,9 +5,10 @@ Each of the 10 ``strat_fold``s is the test fold once, the next fold validates (t
 the probe's C), the other eight train (``FinetuneParams.test_fold``). Pretraining never sees ptbxl-500: each
 self-supervised method is pretrained once, by a real pretraining job (``services.jobs.pretrain``, the method's
 default recipe) on ptbxl-unlabelled (1,320 records), and that encoder serves all ten folds. Every other line
-is a real fine-tuning job (``services.jobs.finetune``: train, evaluate, export to ONNX, parity,
-register) run in this process on a temporary embedded database, except the clinical-features baseline
-(the service's NeuroKit2 measurements, ``services.ecg.clinical``, with scikit-learn's logistic regression).
+is a real fine-tuning job (``services.jobs.finetune``: train, evaluate, export to ONNX, parity, register)
+run by the benchmark's own processes on a temporary embedded database, except the clinical-features
+baseline (the service's NeuroKit2 measurements, ``services.ecg.clinical``, with scikit-learn's logistic
+regression).
 
 Lines (``--lines``, comma-separated names, or ``all``; default the core lines, ``core_lines()``: the
 baselines, every method's probe, kNN and fine-tune at its default size, and ``best``):
