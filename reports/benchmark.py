@@ -113,11 +113,25 @@ def claimed(made: Path) -> Iterator[None]:
         yield
 
 
-def write_json(path: Path, value: dict) -> None:
-    """Write ``path`` whole or not at all (another process may read it meanwhile, outside its lock)."""
-    partial = path.with_suffix(".partial")
-    partial.write_text(json.dumps(value))
-    os.replace(partial, path)
+def made_once(
+    path: Path, make: Callable[[], dict], fresh: Callable[[dict], bool] = lambda kept: True
+) -> dict:
+    """What ``path`` keeps (when there and ``fresh``), else ``make()`` it under the path's lock (``claimed``:
+    once across a run's processes) and keep it, written whole (another process may read it outside the lock).
+    """
+
+    def kept() -> dict | None:
+        value = json.loads(path.read_text()) if path.is_file() else None
+        return value if value is not None and fresh(value) else None
+
+    if (value := kept()) is None:
+        with claimed(path):
+            if kept() is None:  # (not made meanwhile by another process)
+                partial = path.with_suffix(".partial")
+                partial.write_text(json.dumps(make()))
+                os.replace(partial, path)
+        value = json.loads(path.read_text())
+    return value
 
 
 def run_job(kind: str, params) -> dict:  # noqa: ANN001  (PretrainParams | FinetuneParams)
@@ -153,16 +167,11 @@ def pretrained(model: str, epochs: int | None, work: Path, seed: int = 0) -> dic
     size = size or SSL[method]
     suffix = ("" if size == SSL[method] else f"-{size}") + (f"-seed{seed}" if seed else "")
     known = work / f"pretrained-{method}{suffix}.json"
-    if known.is_file():
-        return json.loads(known.read_text())
-    with claimed(known):
-        if known.is_file():  # made meanwhile by another process
-            return json.loads(known.read_text())
-        return _pretrain(method, size, epochs, seed, known)
+    return made_once(known, lambda: _pretrain(method, size, epochs, seed))
 
 
-def _pretrain(method: str, size: str, epochs: int | None, seed: int, known: Path) -> dict:
-    """Run the pretraining job and keep what it made in ``known``."""
+def _pretrain(method: str, size: str, epochs: int | None, seed: int) -> dict:
+    """Run the pretraining job: its registered version, seconds and parameters."""
     from services.jobs.params import PretrainParams
 
     params = PretrainParams(
@@ -179,30 +188,19 @@ def _pretrain(method: str, size: str, epochs: int | None, seed: int, known: Path
         flush=True,
     )
     out = run_job("pretrain", params)
-    made = {"version": out["version"], "seconds": out["seconds"], "params": params.model_dump(mode="json")}
-    write_json(known, made)
     print(f"  {out['version']} in {out['seconds'] / 60:.1f} min", flush=True)
-    return made
+    return {"version": out["version"], "seconds": out["seconds"], "params": params.model_dump(mode="json")}
 
 
 def shared_job(params, work: Path, recipe: dict) -> dict:  # noqa: ANN001  (FinetuneParams)
     """A fine-tuning job's output, run once per distinct parameters in ``work``: run again when the recipe
     the parameters resolve to now (``recipe``: a family's defaults may have changed) is not the one it ran."""
     key = hashlib.sha256(params.model_dump_json().encode()).hexdigest()[:16]
-    path = work / f"job-{key}.json"
-
-    def kept() -> dict | None:
-        ran = json.loads(path.read_text()) if path.is_file() else None
-        fresh = ran and {k: ran["result"].get("recipe", {}).get(k) for k in recipe} == recipe
-        return ran if fresh else None
-
-    if (ran := kept()) is not None:
-        return ran
-    with claimed(path):
-        if (ran := kept()) is None:  # (not run meanwhile by another process)
-            write_json(path, run_job("finetune", params))
-            ran = json.loads(path.read_text())
-    return ran
+    return made_once(
+        work / f"job-{key}.json",
+        lambda: run_job("finetune", params),
+        fresh=lambda ran: {k: ran["result"].get("recipe", {}).get(k) for k in recipe} == recipe,
+    )
 
 
 def family_and_size(fields: dict) -> tuple[str, str]:
@@ -262,13 +260,7 @@ class FinetuneLine:
 def clinical_line(fold: int, args: argparse.Namespace) -> dict:
     """The service's clinical measurements (normalised on the training folds, missing flags) + logistic
     regression per class, C in 0.01 / 0.1 / 1 chosen by the validation fold's macro AUROC."""
-    done = args.work / f"clinical-fold{fold}.json"  # kept, as a job's output is
-    if done.is_file():
-        return json.loads(done.read_text())
-    with claimed(done):
-        if not done.is_file():
-            write_json(done, _clinical(fold))
-    return json.loads(done.read_text())
+    return made_once(args.work / f"clinical-fold{fold}.json", lambda: _clinical(fold))  # kept like a job's
 
 
 def _clinical(fold: int) -> dict:
@@ -453,9 +445,10 @@ def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> di
     then the lines fold after fold, each once its encoder is there. A unit whose job another process is
     running (a probe line and its kNN line read one job) waits and is tried again (``Busy``)."""
     available = lines()
-    encoders = dict.fromkeys(e for n in chosen if (e := getattr(available[n][1], "encoder", None)))
+    encoder_of = {name: getattr(available[name][1], "encoder", None) for name in chosen}  # (clinical: none)
+    encoders = dict.fromkeys(e for e in encoder_of.values() if e)
     units = [Unit(None, encoder=e) for e in encoders]
-    units += [Unit(n, f, getattr(available[n][1], "encoder", None)) for f in folds for n in chosen]
+    units += [Unit(name, fold, encoder_of[name]) for fold in folds for name in chosen]
     results: dict[str, dict[int, dict]] = {name: {} for name in chosen}
     if args.processes == 1:
         for unit in units[len(encoders) :]:  # (an encoder is pretrained by its first line)
