@@ -24,7 +24,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
     best              the service's best default diagnosis recipe (see ``BEST``)
     and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -ld0.5,
-    -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base
+    -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base, and <line>-aug (supervised,
+    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
@@ -42,6 +43,8 @@ same number), so compare lines within one run or with ``--paired``.
     .venv/bin/python reports/benchmark.py --lines supervised,simclr-finetune --folds 1,2 --work /tmp/b
     .venv/bin/python reports/benchmark.py --lines supervised-tiny,simclr-finetune --paired supervised-tiny
                                                            # + differences fold by fold, with standard errors
+    .venv/bin/python reports/benchmark.py --lines supervised,best --seed 0,1,2 --paired supervised
+                                                           # each fold the mean over 3 fine-tuning seeds
 """
 
 import argparse
@@ -388,6 +391,17 @@ def lines() -> dict[str, tuple[str, Callable]]:
         "3 x simclr tiny pretrained, fine-tuned, averaged (recipe search)",
         FinetuneLine(model="simclr", method="finetune", ensemble=3),
     )
+    # ST-MEM's RandAugment on the CNN's training windows (the recipe's default is without)
+    for name, fields in {
+        "supervised": {"family": "resnet1d", "model_size": "base"},
+        "supervised-tiny": {"family": "resnet1d", "model_size": "tiny"},
+        "ensemble-tiny": {"family": "resnet1d", "model_size": "tiny", "ensemble": 3},
+        "simclr-finetune": {"model": "simclr"},
+    }.items():
+        table[f"{name}-aug"] = (
+            f"{table[name][0]}, with RandAugment (recipe search)",
+            FinetuneLine(**fields, method="finetune", augment=True),
+        )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))
     return table
@@ -406,25 +420,27 @@ def core_lines() -> list[str]:
 @dataclass(frozen=True)
 class Unit:
     """One piece of a run: an encoder's pretraining (``line`` None), or a line on one test fold, which needs
-    its ``encoder`` (if any) pretrained first."""
+    its ``encoder`` (if any) pretrained first, with one fine-tuning ``seed``."""
 
     line: str | None
     fold: int = 0
     encoder: str | None = None
+    seed: int = 0  # the fine-tuning job's
 
 
 def run_unit(unit: Unit, args: argparse.Namespace) -> dict:
     """Run ``unit`` here: the encoder's pretraining record, or the line's figures on its fold."""
     if unit.line is None:
         return pretrained(unit.encoder, args.pretrain_epochs, args.work, args.pretrain_seed)
-    return lines()[unit.line][1](unit.fold, args)
+    return lines()[unit.line][1](unit.fold, argparse.Namespace(**{**vars(args), "seed": unit.seed}))
 
 
 def report(unit: Unit, r: dict) -> None:
     """Print a line's figures on one fold as they come."""
     val, crossfit = (r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc"))
+    seed = f" seed {unit.seed}" if unit.seed else ""
     print(
-        f"  fold {unit.fold} {unit.line}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
+        f"  fold {unit.fold} {unit.line}{seed}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
         f"{crossfit:.3f} ({r['seconds']:.0f} s)",
         flush=True,
     )
@@ -437,7 +453,8 @@ def _start_process(args: argparse.Namespace) -> None:
 
 
 def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Every chosen line on every fold; each line's results in fold order.
+    """Every chosen line on every fold at every fine-tuning seed (``args.seeds``); each line's results in
+    fold order, each fold's the mean over the seeds (``averaged_over_seeds``).
 
     ``--processes 1``: one unit after the other in this process, fold after fold (an interrupted run has
     every line on the same folds). More: that many processes of ``--threads`` torch threads each take the
@@ -448,13 +465,20 @@ def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> di
     encoder_of = {name: getattr(available[name][1], "encoder", None) for name in chosen}  # (clinical: none)
     encoders = dict.fromkeys(e for e in encoder_of.values() if e)
     units = [Unit(None, encoder=e) for e in encoders]
-    units += [Unit(name, fold, encoder_of[name]) for fold in folds for name in chosen]
-    results: dict[str, dict[int, dict]] = {name: {} for name in chosen}
+    units += [Unit(name, f, encoder_of[name], s) for s in args.seeds for f in folds for name in chosen]
+    results: dict[str, dict[tuple[int, int], dict]] = {name: {} for name in chosen}  # (seed, fold) ->
+
+    def by_fold() -> dict[str, list[dict]]:
+        return {
+            name: [averaged_over_seeds([results[name][s, f] for s in args.seeds]) for f in folds]
+            for name in chosen
+        }
+
     if args.processes == 1:
         for unit in units[len(encoders) :]:  # (an encoder is pretrained by its first line)
-            results[unit.line][unit.fold] = r = run_unit(unit, args)
+            results[unit.line][unit.seed, unit.fold] = r = run_unit(unit, args)
             report(unit, r)
-        return {name: [results[name][f] for f in folds] for name in chosen}
+        return by_fold()
 
     made: set[str] = set()
     retry_at: dict[Unit, float] = {}
@@ -479,9 +503,29 @@ def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> di
                 if unit.line is None:
                     made.add(unit.encoder)
                 else:
-                    results[unit.line][unit.fold] = r
+                    results[unit.line][unit.seed, unit.fold] = r
                     report(unit, r)
-    return {name: [results[name][f] for f in folds] for name in chosen}
+    return by_fold()
+
+
+def averaged_over_seeds(runs: list[dict]) -> dict:
+    """One line's figures on one fold at several fine-tuning seeds as one: the mean of each figure (a
+    figure missing at any seed stays missing), the seconds of them all."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def mean(key: str) -> float | None:
+        values = [r.get(key) for r in runs]
+        return None if None in values else float(np.mean(values))
+
+    return {
+        "macro_auroc": mean("macro_auroc"),
+        "per_class": {c: float(np.mean([r["per_class"][c] for r in runs])) for c in runs[0]["per_class"]},
+        "val_macro_auroc": mean("val_macro_auroc"),
+        "crossfit_val_macro_auroc": mean("crossfit_val_macro_auroc"),
+        "seconds": sum(r["seconds"] for r in runs),
+        "recipe": runs[0].get("recipe"),
+    }
 
 
 def summary(name: str, description: str, runs: list[dict]) -> dict:
@@ -606,9 +650,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
-        default=0,
-        help="the fine-tuning jobs' seed (pretraining has its own, --pretrain-seed)",
+        default="0",
+        help="the fine-tuning jobs' seed, or several (0,1,2): each line runs at each, and each fold reads "
+        "the mean over them (pretraining has its own, --pretrain-seed)",
     )
     parser.add_argument(
         "--pretrain-seed",
@@ -625,6 +669,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     folds = [1, 2, 3] if args.quick else [int(f) for f in args.folds.split(",")]
+    try:
+        args.seeds = [int(s) for s in args.seed.split(",")]
+    except ValueError:
+        raise SystemExit(f"--seed {args.seed}: a seed or comma-separated seeds, e.g. 0 or 0,1,2") from None
     if args.quick and args.pretrain_epochs is None:
         args.pretrain_epochs = 10
     args.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ecgssl-benchmark-"))
@@ -660,7 +708,8 @@ def main() -> None:
     machine = machine_description()
     command = (
         f"Command: `.venv/bin/python reports/benchmark.py {' '.join(sys.argv[1:])}`; {machine}; "
-        f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, seed {args.seed}"
+        f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, "
+        f"{f'seed {args.seeds[0]}' if len(args.seeds) == 1 else f'seeds {args.seeds} (each fold their mean)'}"
         f"{f', pretraining seed {args.pretrain_seed}' if args.pretrain_seed else ''}."
     )
     if args.merge and args.out and Path(args.out).is_file():

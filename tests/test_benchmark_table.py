@@ -1,6 +1,7 @@
 """The benchmark's table grows over runs (a run's rows replace the same lines' rows, others are kept), and the
 README and the shipped model's card show its rows as it holds them."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from reports import benchmark
 from reports.benchmark import CLASSES, merged_table, paired_markdown, table_markdown, table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,6 +118,56 @@ def test_paired_differences_are_fold_by_fold_with_their_standard_error() -> None
     # differences 0.02, 0.01, -0.01, 0.02: mean 0.01, sd 0.01414, se 0.00707
     assert rows["pretrained"][1:] == ["+0.010 ± 0.007", "3 of 4", "+0.020 ± 0.009"]
     assert rows["probe"][1:] == ["+0.010 ± 0.021", "2 of 4", ""]  # -0.04, 0.06, 0, 0.02
+
+
+def test_several_seeds_run_each_line_at_each_and_each_fold_reads_their_mean(monkeypatch) -> None:
+    """``--seed 0,1``: every line runs on every fold at both fine-tuning seeds (the seed reaches the line),
+    and a fold's figures are the two runs' means, a figure missing at one seed missing, their seconds
+    summed; one seed reads its run as it is."""
+    ran: list[tuple[str, int, int]] = []
+
+    def line(name: str, crossfit: bool):  # noqa: ANN202
+        def run(fold: int, args: argparse.Namespace) -> dict:
+            ran.append((name, fold, args.seed))
+            score = 0.8 + 0.01 * fold + 0.02 * args.seed
+            return {
+                "macro_auroc": score,
+                "per_class": dict.fromkeys(CLASSES, score - 0.1),
+                "val_macro_auroc": score + 0.05,
+                "crossfit_val_macro_auroc": score + 0.03 if crossfit or args.seed == 0 else None,
+                "seconds": 10.0 + args.seed,
+                "recipe": {"seed": args.seed},
+            }
+
+        return run
+
+    monkeypatch.setattr(
+        benchmark, "lines", lambda: {"a": ("line a", line("a", True)), "b": ("line b", line("b", False))}
+    )
+    args = argparse.Namespace(seeds=[0, 1], seed="0,1", processes=1)
+    runs = benchmark.run_all(["a", "b"], [3, 4], args)
+
+    assert sorted(ran) == sorted((n, f, s) for n in "ab" for f in (3, 4) for s in (0, 1))
+    a3 = runs["a"][0]  # fold 3: 0.83 at seed 0, 0.85 at seed 1
+    assert a3["macro_auroc"] == pytest.approx(0.84)
+    assert a3["per_class"] == pytest.approx(dict.fromkeys(CLASSES, 0.74))
+    assert (a3["val_macro_auroc"], a3["crossfit_val_macro_auroc"]) == pytest.approx((0.89, 0.87))
+    assert a3["seconds"] == 21.0
+    assert runs["a"][1]["macro_auroc"] == pytest.approx(0.85)  # fold 4
+    assert runs["b"][0]["crossfit_val_macro_auroc"] is None  # missing at seed 1
+
+    one = benchmark.run_all(["a"], [3], argparse.Namespace(seeds=[1], seed="1", processes=1))
+    assert one["a"][0]["macro_auroc"] == pytest.approx(0.85) and one["a"][0]["recipe"] == {"seed": 1}
+
+
+def test_a_seed_that_is_not_a_number_is_refused_naming_what_was_expected() -> None:
+    done = subprocess.run(
+        [sys.executable, "reports/benchmark.py", "--lines", "clinical", "--seed", "0,x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "--seed 0,x: a seed or comma-separated seeds" in done.stderr
 
 
 def test_a_cached_job_runs_again_when_the_recipe_its_parameters_resolve_to_has_changed(
