@@ -13,7 +13,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, false, make_url, text
+from sqlalchemy import Engine, Insert, create_engine, delete, event, false, make_url, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,6 +63,13 @@ def _engine(url: str, busy_timeout_s: float) -> Engine:
 @lru_cache(maxsize=4)
 def _session_factory(url: str, busy_timeout_s: float) -> sessionmaker[Session]:
     return sessionmaker(bind=_engine(url, busy_timeout_s), expire_on_commit=False)
+
+
+def conflict_insert(session: Session) -> Callable[..., Insert] | None:
+    """The ``insert`` of the session's database that takes ``ON CONFLICT`` clauses (PostgreSQL, SQLite), or
+    None for another database."""
+    dialect = session.get_bind().dialect.name
+    return {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(dialect)
 
 
 @contextmanager

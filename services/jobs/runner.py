@@ -30,13 +30,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, joinedload
 
 from services.config import get_settings
 from services.db.models import FINISHED, Job, JobMetric, JobStatus, ModelVersion, utcnow
-from services.db.session import retry_transient, session_scope
+from services.db.session import conflict_insert, retry_transient, session_scope
 from services.errors import ClientError
 from services.jobs.workers import live_instances
 from services.observability.logs import log_epoch
@@ -210,7 +208,9 @@ def upsert_metrics(session: Session, job_id: uuid.UUID, epoch: int, values: dict
     two writers of the same row cannot both insert it)."""
     if not values:
         return
-    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}[session.get_bind().dialect.name]
+    insert = conflict_insert(session)
+    if insert is None:
+        raise RuntimeError(f"metrics need PostgreSQL or SQLite, not {session.get_bind().dialect.name}")
     now = utcnow()
     rows = [
         {"job_id": job_id, "epoch": epoch, "name": n, "value": v, "created_at": now}

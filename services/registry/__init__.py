@@ -18,12 +18,11 @@ import uuid
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from services.config import get_settings
 from services.db.models import Model, ModelAlias, ModelVersion
+from services.db.session import conflict_insert
 from services.errors import ClientError, NotFoundError
 from services.registry.shipped import shipped_model_name
 
@@ -90,8 +89,7 @@ def _locked_model(session: Session, name: str, method: str) -> Model:
     """Model ``name``'s row (created on first use), locked until the transaction ends: registrations of one
     name by two jobs at once take their version numbers one after the other. Insert-if-absent, then lock: in
     PostgreSQL the second waits for the first's commit, then reads its version; SQLite lets one writer in."""
-    dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(dialect)
+    insert = conflict_insert(session)
     if insert is not None:
         statement = insert(Model).values(name=name, method=method)
         session.execute(statement.on_conflict_do_nothing(index_elements=["name"]))
@@ -235,8 +233,7 @@ def set_alias(session: Session, name: str, alias: str, number: int) -> tuple[Mod
         )
     # Insert-if-absent, then lock the row and move it: two requests creating the same alias at once do not
     # hit the unique constraint (the second waits for the first in PostgreSQL, then moves its alias).
-    dialect = session.get_bind().dialect.name
-    insert = {"postgresql": postgresql_insert, "sqlite": sqlite_insert}.get(dialect)
+    insert = conflict_insert(session)
     created = False
     if insert is not None:
         statement = insert(ModelAlias).values(model_id=model.id, name=alias, version_id=target.id)
