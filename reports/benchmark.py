@@ -25,7 +25,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     best              the service's best default diagnosis recipe (see ``BEST``)
     and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -ld0.5,
     -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base, and <line>-aug (supervised,
-    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows)
+    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows) and
+    supervised-tiny-<change> (``SCRATCH_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
@@ -310,6 +311,15 @@ def _clinical(fold: int) -> dict:
     return result
 
 
+# changes to the tiny CNN's recipe from scratch, searched on the validation folds: "supervised-tiny-<key>"
+SCRATCH_SEARCH = {
+    "ep60": ("60 epochs", {"epochs": 60}),
+    "wd0.1": ("weight decay 0.1", {"weight_decay": 0.1}),
+    "lr3e-3": ("lr 3e-3", {"learning_rate": 3e-3}),
+    "lr3e-2": ("lr 3e-2", {"learning_rate": 3e-2}),
+    "bs32": ("batch 32 (lr 5e-3)", {"batch_size": 32}),
+}
+
 # The service's best default diagnosis recipe, chosen by the 10-fold cross-fit validation mean (the epoch
 # chosen and read on different halves of each validation fold): 3 tiny 1-D ResNets from scratch 0.873, against
 # 0.870 for 3 SimCLR-pretrained ones (LP-FT at lr 1e-3) and 0.867 / 0.863 for one network with / without
@@ -401,6 +411,12 @@ def lines() -> dict[str, tuple[str, Callable]]:
         table[f"{name}-aug"] = (
             f"{table[name][0]}, with RandAugment (recipe search)",
             FinetuneLine(**fields, method="finetune", augment=True),
+        )
+    # the tiny network from scratch (lr 1e-2, batch 64, 30 epochs, weight decay 1e-2), one change each
+    for suffix, (change, given) in SCRATCH_SEARCH.items():
+        table[f"supervised-tiny-{suffix}"] = (
+            f"1-D ResNet tiny from scratch, {change} (recipe search)",
+            FinetuneLine(family="resnet1d", model_size="tiny", method="finetune", **given),
         )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))
