@@ -402,21 +402,17 @@ def lines() -> dict[str, tuple[str, Callable]]:
         FinetuneLine(model="simclr", method="finetune", ensemble=3),
     )
     # ST-MEM's RandAugment on the CNN's training windows (the recipe's default is without)
-    for name, fields in {
-        "supervised": {"family": "resnet1d", "model_size": "base"},
-        "supervised-tiny": {"family": "resnet1d", "model_size": "tiny"},
-        "ensemble-tiny": {"family": "resnet1d", "model_size": "tiny", "ensemble": 3},
-        "simclr-finetune": {"model": "simclr"},
-    }.items():
+    for name in ("supervised", "supervised-tiny", "ensemble-tiny", "simclr-finetune"):
+        description, line = table[name]
         table[f"{name}-aug"] = (
-            f"{table[name][0]}, with RandAugment (recipe search)",
-            FinetuneLine(**fields, method="finetune", augment=True),
+            f"{description}, with RandAugment (recipe search)",
+            FinetuneLine(**line.fields, augment=True),
         )
     # the tiny network from scratch (lr 1e-2, batch 64, 30 epochs, weight decay 1e-2), one change each
     for suffix, (change, given) in SCRATCH_SEARCH.items():
         table[f"supervised-tiny-{suffix}"] = (
             f"1-D ResNet tiny from scratch, {change} (recipe search)",
-            FinetuneLine(family="resnet1d", model_size="tiny", method="finetune", **given),
+            FinetuneLine(**table["supervised-tiny"][1].fields, **given),
         )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))
