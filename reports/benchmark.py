@@ -101,17 +101,6 @@ def environment(work: Path, data: Path, threads: int) -> None:
     command.upgrade(config, "head")
 
 
-def register_datasets() -> None:
-    """Register the benchmark's datasets in the run's database before its processes start: each process
-    would register them on first use, and two processes doing so at once collide."""
-    from services.datasets.registry import dataset_for_job
-    from services.db.session import session_scope
-
-    with session_scope() as s:
-        for name in (LABELLED, UNLABELLED):
-            dataset_for_job(s, name)
-
-
 class Busy(Exception):
     """What a unit of a run makes (an encoder, a job's output) is being made by another of its processes."""
 
@@ -705,7 +694,6 @@ def main() -> None:
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
     environment(args.work, Path(args.data), args.threads)
     logging.basicConfig(level=logging.WARNING)
-    register_datasets()
     available = lines()
     chosen = list(available) if args.lines == "all" else args.lines.split(",") if args.lines else core_lines()
     unknown = [n for n in chosen if n not in available]

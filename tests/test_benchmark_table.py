@@ -215,18 +215,3 @@ def test_two_processes_of_a_run_never_make_one_thing_at_once(tmp_path: Path) -> 
     with claimed(made), pytest.raises(Busy), claimed(made):
         pass
 
-
-def test_a_run_registers_its_datasets_once_before_its_processes_start(tmp_path: Path) -> None:
-    """Each process would register ptbxl-500 and ptbxl-unlabelled on first use, and two at once collide on
-    the unique name (a fresh --work without pretraining lines failed so); the run registers them first."""
-    import sqlite3
-
-    code = (
-        "from pathlib import Path; from reports import benchmark as b\n"
-        f"b.environment(Path({str(tmp_path)!r}), b.ROOT.parent / 'shared' / 'data', 1)\n"
-        "b.register_datasets(); b.register_datasets()\n"  # (again: found, not registered twice)
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, text=True)
-    with sqlite3.connect(tmp_path / "benchmark.db") as db:
-        names = sorted(name for (name,) in db.execute("SELECT name FROM datasets"))
-    assert names == sorted([benchmark.LABELLED, benchmark.UNLABELLED])

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from services.db.models import Job, JobMetric, Model, ModelVersion
+from services.db.models import Dataset, Job, JobMetric, Model, ModelVersion
 from services.db.session import get_engine, is_transient, session_scope
 from services.jobs.params import FinetuneParams, PretrainParams
 from services.jobs.runner import JobReporter, run_job
@@ -162,6 +162,35 @@ def test_jobs_registering_one_name_at_once_get_consecutive_versions(database: st
     with session_scope() as s:
         numbers = s.scalars(select(ModelVersion.version).join(Model).where(Model.name == name)).all()
     assert sorted(numbers) == list(range(1, first + 3))
+
+
+def test_two_jobs_on_one_new_dataset_path_at_once_both_get_its_row(database: str, data_dir: Path) -> None:
+    """A dataset path is registered on its first use by a job; two requests using it at once (two users, or
+    two processes of a benchmark) both get the one row. The first holds its registration uncommitted while
+    the second looks the path up and registers it too: the race is there every run."""
+    from services.datasets.registry import dataset_for_job
+
+    path = "ptbxl-500"  # a folder under the data root (data_dir), registered by no one in this database
+    found, errors = [], []
+
+    def second() -> None:
+        try:
+            with session_scope() as s:
+                found.append(dataset_for_job(s, path).id)
+        except Exception as exc:  # reported below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    with session_scope() as s:
+        first = dataset_for_job(s, path)
+        s.flush()
+        other = threading.Thread(target=second)
+        other.start()
+        time.sleep(1.0)  # the second request reads no row (this one is uncommitted) and inserts its own
+        first_id = first.id
+    other.join(timeout=60)
+    assert errors == [] and found == [first_id]
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Dataset)) == 1
 
 
 # --------------------------------------------------------------------------------------------------

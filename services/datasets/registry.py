@@ -13,6 +13,7 @@ from services.datasets import DataPath, relative_to_root, resolve_data_path
 from services.datasets.base import EcgDataset
 from services.datasets.kinds import detect_dataset_kind, open_dataset
 from services.db.models import Dataset
+from services.db.session import conflict_insert
 from services.errors import ConflictError, DatasetError, NotFoundError
 
 DatasetKind = Literal["ptbxl", "wfdb_folder", "cinc", "npz", "synthetic"]
@@ -57,20 +58,31 @@ def dataset_path(path: str) -> Path:
     return resolved
 
 
-def register_dataset(session: Session, request: DatasetRequest) -> Dataset:
-    """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken."""
+def register_dataset(session: Session, request: DatasetRequest, exist_ok: bool = False) -> Dataset:
+    """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken.
+
+    ``exist_ok`` (a path's first use by a job): a name taken meanwhile by another request registering the
+    same path gives that row (insert-if-absent: in PostgreSQL the insert waits for the other's commit;
+    SQLite lets one writer in)."""
     taken = ConflictError(f"a dataset named '{request.name}' is already registered")
     if session.scalar(select(Dataset).where(Dataset.name == request.name)) is not None:
         raise taken
     path = _resolve(request.kind, request.path)
     dataset = open_dataset(request.kind, path, request.options)
-    row = Dataset(
-        name=request.name,
-        kind=request.kind,
-        path=str(path) if path else None,
-        options=request.options,
-        summary=dataset.summary(),
-    )
+    values = {
+        "name": request.name,
+        "kind": request.kind,
+        "path": str(path) if path else None,
+        "options": request.options,
+        "summary": dataset.summary(),
+    }
+    insert = conflict_insert(session) if exist_ok else None
+    if insert is not None:
+        session.execute(insert(Dataset).values(**values).on_conflict_do_nothing(index_elements=["name"]))
+        return session.scalar(
+            select(Dataset).where(Dataset.name == request.name).execution_options(populate_existing=True)
+        )
+    row = Dataset(**values)
     session.add(row)
     try:
         session.flush()
@@ -94,7 +106,8 @@ def get_dataset(session: Session, ref: int | str) -> Dataset:
 
 
 def dataset_for_job(session: Session, ref: str) -> Dataset:
-    """A registered dataset by name, or a path under the data root registered on first use."""
+    """A registered dataset by name, or a path under the data root registered on first use (two first uses
+    at once get the one row)."""
     row = session.scalar(select(Dataset).where(Dataset.name == ref))
     if row is not None:
         return row
@@ -106,7 +119,7 @@ def dataset_for_job(session: Session, ref: str) -> Dataset:
     request = DatasetRequest.model_construct(
         name=name, kind=detect_dataset_kind(path), path=str(path), options={}
     )
-    return register_dataset(session, request)
+    return register_dataset(session, request, exist_ok=True)
 
 
 def open_registered(row: Dataset) -> tuple[EcgDataset, dict]:
