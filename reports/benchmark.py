@@ -279,11 +279,17 @@ def _clinical(fold: int) -> dict:
     from services.jobs.runner import JobReporter
     from services.models.resnet1d import INPUT_SPEC
 
+    class OutsideAJob(JobReporter):
+        """The line runs outside any job: nothing is written, and there is no job row to poll for a cancel
+        (while it builds the preprocessed cache, which no job of the run may have built yet)."""
+
+        def should_cancel(self) -> bool:
+            return False
+
     started = time.perf_counter()
     with session_scope() as s:
         row = dataset_for_job(s, LABELLED)
-        reporter = JobReporter(uuid.uuid4(), writes=False)
-        data = open_labelled(row, INPUT_SPEC, None, reporter, test_fold=fold)
+        data = open_labelled(row, INPUT_SPEC, None, OutsideAJob(uuid.uuid4(), writes=False), test_fold=fold)
     raw = clinical_features_for(
         data.dataset, data.source_index, Path(get_settings().artifact_dir) / "cache", identity=data.identity
     )

@@ -215,3 +215,15 @@ def test_two_processes_of_a_run_never_make_one_thing_at_once(tmp_path: Path) -> 
     with claimed(made), pytest.raises(Busy), claimed(made):
         pass
 
+
+def test_the_clinical_line_runs_first_on_a_new_work_folder(tmp_path: Path) -> None:
+    """The clinical line builds the labelled cache itself when no job of the run has (it polled the cancel
+    flag of a job row that does not exist, and failed); its test fold reads a real macro AUROC."""
+    done = subprocess.run(
+        [sys.executable, "reports/benchmark.py", "--lines", "clinical", "--folds", "1", "--processes", "1",
+         "--work", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    kept = json.loads((tmp_path / "clinical-fold1.json").read_text())
+    assert 0.55 < kept["macro_auroc"] < 1.0 and set(kept["per_class"]) == set(CLASSES)
