@@ -61,11 +61,13 @@ def dataset_path(path: str) -> Path:
 def register_dataset(session: Session, request: DatasetRequest, exist_ok: bool = False) -> Dataset:
     """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken.
 
-    ``exist_ok`` (a path's first use by a job): a name taken meanwhile by another request registering the
-    same path gives that row (insert-if-absent: in PostgreSQL the insert waits for the other's commit;
+    ``exist_ok`` (a path's first use by a job): a name taken, also meanwhile by another request registering
+    the same path, gives that row (insert-if-absent: in PostgreSQL the insert waits for the other's commit;
     SQLite lets one writer in)."""
     taken = ConflictError(f"a dataset named '{request.name}' is already registered")
-    if session.scalar(select(Dataset).where(Dataset.name == request.name)) is not None:
+    if (row := session.scalar(select(Dataset).where(Dataset.name == request.name))) is not None:
+        if exist_ok:
+            return row
         raise taken
     path = _resolve(request.kind, request.path)
     dataset = open_dataset(request.kind, path, request.options)
