@@ -193,6 +193,34 @@ def test_two_jobs_on_one_new_dataset_path_at_once_both_get_its_row(database: str
         assert s.scalar(select(func.count()).select_from(Dataset)) == 1
 
 
+def test_registering_a_name_another_request_is_registering_is_a_409(database: str, data_dir: Path) -> None:
+    """POST /datasets of a name that another request registers at the same moment (still uncommitted when
+    this one looks) is refused as taken, once the other commits, not a 500 on the unique constraint."""
+    from services.datasets.registry import DatasetRequest, dataset_for_job, register_dataset
+    from services.errors import ConflictError
+
+    errors: list[Exception] = []
+
+    def second() -> None:
+        try:
+            with session_scope() as s:
+                register_dataset(s, DatasetRequest(name="ptbxl-500", kind="ptbxl", path="ptbxl-500"))
+        except Exception as exc:  # reported below: a thread's exception would otherwise vanish
+            errors.append(exc)
+
+    with session_scope() as s:
+        dataset_for_job(s, "ptbxl-500")
+        s.flush()
+        other = threading.Thread(target=second)
+        other.start()
+        time.sleep(1.0)  # the second request reads no row (this one is uncommitted) and inserts its own
+    other.join(timeout=60)
+    assert [type(e) for e in errors] == [ConflictError], errors
+    assert "a dataset named 'ptbxl-500' is already registered" in str(errors[0])
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Dataset)) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # transient database errors: retried in the job, 503 in the API
 

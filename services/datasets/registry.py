@@ -59,13 +59,12 @@ def dataset_path(path: str) -> Path:
 
 
 def register_dataset(session: Session, request: DatasetRequest, exist_ok: bool = False) -> Dataset:
-    """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken.
-
-    ``exist_ok`` (a path's first use by a job): a name taken, also meanwhile by another request registering
-    the same path, gives that row (insert-if-absent: in PostgreSQL the insert waits for the other's commit;
-    SQLite lets one writer in)."""
+    """Validate the dataset (opening it and summarising it) and store it; 409 if the name is taken, also
+    meanwhile by another request (insert-if-absent: in PostgreSQL the insert waits for the other's commit;
+    SQLite lets one writer in). ``exist_ok`` (a path's first use by a job): a taken name gives its row."""
     taken = ConflictError(f"a dataset named '{request.name}' is already registered")
-    if (row := session.scalar(select(Dataset).where(Dataset.name == request.name))) is not None:
+    by_name = select(Dataset).where(Dataset.name == request.name)
+    if (row := session.scalar(by_name)) is not None:
         if exist_ok:
             return row
         raise taken
@@ -78,13 +77,13 @@ def register_dataset(session: Session, request: DatasetRequest, exist_ok: bool =
         "options": request.options,
         "summary": dataset.summary(),
     }
-    insert = conflict_insert(session) if exist_ok else None
+    insert = conflict_insert(session)
     if insert is not None:
-        session.execute(insert(Dataset).values(**values).on_conflict_do_nothing(index_elements=["name"]))
-        return session.scalar(
-            select(Dataset).where(Dataset.name == request.name).execution_options(populate_existing=True)
-        )
-    row = Dataset(**values)
+        statement = insert(Dataset).values(**values).on_conflict_do_nothing(index_elements=["name"])
+        if session.scalar(statement.returning(Dataset.id)) is None and not exist_ok:
+            raise taken
+        return session.scalar(by_name.execution_options(populate_existing=True))
+    row = Dataset(**values)  # another database: the plain ORM insert
     session.add(row)
     try:
         session.flush()
