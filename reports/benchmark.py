@@ -25,9 +25,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     best              the service's best default diagnosis recipe (see ``BEST``)
     and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -ld0.5,
     -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base, and <line>-aug (supervised,
-    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows),
-    <line>-st (the same three, self-trained on ptbxl-unlabelled: ``unlabelled``) and supervised-tiny-<change>
-    (``SCRATCH_SEARCH``)
+    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows) and
+    supervised-tiny-<change> (``SCRATCH_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
@@ -420,13 +419,6 @@ def lines() -> dict[str, tuple[str, Callable]]:
         table[f"supervised-tiny-{suffix}"] = (
             f"1-D ResNet tiny from scratch, {change} (recipe search)",
             FinetuneLine(**table["supervised-tiny"][1].fields, **given),
-        )
-    # self-training on ptbxl-unlabelled: the trained model labels its records, then trains again on both
-    for name in ("supervised-tiny", "ensemble-tiny", "simclr-finetune"):
-        description, line = table[name]
-        table[f"{name}-st"] = (
-            f"{description}, self-trained on ptbxl-unlabelled's records (recipe search)",
-            FinetuneLine(**line.fields, unlabelled=UNLABELLED),
         )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))

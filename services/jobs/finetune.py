@@ -60,15 +60,13 @@ from services.jobs.labelled import (
     LabelledData,
     features_of,
     open_labelled,
-    open_unlabelled,
     record_features,
     split_labels,
-    three_crop,
     torch_fn,
 )
 from services.jobs.params import PROBE_RECIPE, FinetuneParams
 from services.jobs.runner import JobReporter, member_prefix, run_job
-from services.jobs.store import artifacts_dir, job_dir, list_artifacts, unlabelled_dataset
+from services.jobs.store import artifacts_dir, job_dir, list_artifacts
 from services.models.checkpoints import ENCODER_FILE, load_saved_encoder
 from services.models.families import FAMILIES, size_of
 from services.models.heads import DiagnosisModel, Embedder, EnsembleDiagnosis, LinearHead
@@ -77,7 +75,7 @@ from services.models.vqvae import VqConfig, VqVae
 from services.registry import register_model_version, resolve_model_version
 from services.registry.publish import Published, publish
 from services.training.augment import Augmented, RandAugment
-from services.training.loop import CropConcat, CropDataset, TrainConfig, pick_device, train
+from services.training.loop import CropDataset, TrainConfig, pick_device, train
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +121,10 @@ def finetune(job_id: uuid.UUID, params: FinetuneParams, reporter: JobReporter) -
         job = s.get(Job, job_id)
         base = _base(s, params)
         row = job.dataset if job.dataset is not None else dataset_for_job(s, params.dataset)
-        unlabelled_row = None if params.unlabelled is None else unlabelled_dataset(s, params, row)
     encoder, family = _encoder(base, params)
     recipe = {**params.recipe(family, size_of(FAMILIES[family], encoder.cfg)),
               "amp": FAMILIES[family].amp(device.type)}  # fmt: skip
     data = open_labelled(row, base.spec, params.record_limit, reporter, params.test_fold)
-    if unlabelled_row is not None:
-        data.unlabelled = open_unlabelled(unlabelled_row, base.spec, reporter)
     folder, work = artifacts_dir(job_id), job_dir(job_id)
     reporter.phase(
         f"training ({params.method}) on {device.type}: {data.counts()['train']} records, "
@@ -254,79 +249,34 @@ def _finetune(
     device: torch.device, checkpoint: Path, reporter: JobReporter,
 ) -> Trained:  # fmt: skip
     """Encoder + linear head trained together; with ``ensemble`` K > 1, K such members (seeds seed..seed+K-1;
-    a family trained from scratch is also initialised anew per member) served as one model.
-
-    Self-training (``data.unlabelled``): those members are the teacher; its probabilities (3-crop mean) are
-    the soft labels of the unlabelled segments; K students, each initialised again as its teacher member
-    was, then train on the labelled and the soft-labelled windows together, and the students are served."""
+    a family trained from scratch is also initialised anew per member) served as one model."""
     initial = copy.deepcopy(encoder.state_dict())
-    members, extra = _members(encoder, initial, family, data, params, recipe, device, checkpoint, reporter)
-    if data.unlabelled is not None:
-        teacher = _served(members)
-        segments = np.arange(len(data.unlabelled.signals))
-        reporter.phase(f"self-training: the teacher labels {len(segments)} unlabelled segments")
-        soft = three_crop(
-            torch_fn(teacher.probabilities, device), data.unlabelled.signals, segments, data.spec.samples
-        )  # (S, K) the teacher's probabilities
-        reporter.check_cancel("after labelling the unlabelled records")
-        pseudo = (data.unlabelled.signals, soft)
-        members, student = _members(
-            encoder, initial, family, data, params, recipe, device, checkpoint, reporter, pseudo
-        )
-        student["self_training"] = {
-            "unlabelled_records": len(data.unlabelled.record_ids),
-            "unlabelled_segments": len(segments),
-            "soft_label_mean": dict(zip(data.class_names, map(float, soft.mean(axis=0)), strict=True)),
-            "teacher": {k: extra[k] for k in ("members", "crossfit_val_macro_auroc") if k in extra},
-        }
-        extra = student
-    model = _served(members)
-    return Trained(model, HEAD_OUTPUTS, model.embed, members[0].encoder, extra.pop("history"),
-                   model.probabilities, extra=extra)  # fmt: skip
-
-
-def _served(members: list[DiagnosisModel]) -> nn.Module:
-    return members[0] if len(members) == 1 else EnsembleDiagnosis(members)
-
-
-def _members(
-    encoder: nn.Module, initial: dict, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
-    device: torch.device, checkpoint: Path, reporter: JobReporter,
-    pseudo: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[list[DiagnosisModel], dict]:  # fmt: skip
-    """The ``ensemble`` members trained (the students, with ``pseudo``: unlabelled segments and their soft
-    labels added to the training split), and what they kept: per member, the first's at the top level, its
-    history, and the cross-fit validation figure."""
     members, histories, extra, val_scores = [], [], {"members": []}, []
-    role = "member" if pseudo is None else "student"
     for i in range(recipe["ensemble"]):
         torch.manual_seed(params.seed + i)
-        if (i or pseudo is not None) and params.model is None:  # from scratch: initialised anew
+        if i and params.model is None:  # from scratch: each member its own initialisation
             encoder = FAMILIES[family].encoder_class(encoder.cfg)
-        elif i or pseudo is not None:
+        elif i:
             encoder = copy.deepcopy(encoder)
             encoder.load_state_dict(initial)
-        first_teacher = i == 0 and pseudo is None
-        suffix = "" if first_teacher else f"-{i + 1}" if pseudo is None else f"-student{i + 1}"
-        member_reporter = reporter
-        if not first_teacher:
-            prefix = member_prefix(i + 1) if pseudo is None else f"student{i + 1}_"
-            member_reporter = MemberReporter(reporter, prefix)
+        suffix = "" if i == 0 else f"-{i + 1}"
+        member_reporter = reporter if i == 0 else MemberReporter(reporter, member_prefix(i + 1))
         model, history, kept, scores = _finetune_one(
             encoder, family, data, params, recipe, device, checkpoint.with_name(f"checkpoint{suffix}.pt"),
-            member_reporter, seed=params.seed + i, pseudo=pseudo,
+            member_reporter, seed=params.seed + i,
         )  # fmt: skip
         members.append(model)
         histories.append(history)
         extra["members"].append(kept)
         val_scores.append(scores if params.keep_best else scores[-1:])
-        reporter.check_cancel(f"after {role} {i + 1}")
+        reporter.check_cancel(f"after ensemble member {i + 1}")
     extra.update(extra["members"][0])
-    extra["history"] = histories[0]
     if all(len(scores) for scores in val_scores):  # the figure to compare recipes by (validation only)
         val_labels = data.labels[data.records["val"]]
         extra["crossfit_val_macro_auroc"] = crossfit_selected_auroc(val_labels, val_scores)
-    return members, extra
+    model = members[0] if len(members) == 1 else EnsembleDiagnosis(members)
+    return Trained(model, HEAD_OUTPUTS, model.embed, members[0].encoder, histories[0], model.probabilities,
+                   extra=extra)  # fmt: skip
 
 
 class MemberReporter:
@@ -348,21 +298,14 @@ class MemberReporter:
 def _finetune_one(
     encoder: nn.Module, family: str, data: LabelledData, params: FinetuneParams, recipe: dict,
     device: torch.device, checkpoint: Path, reporter: JobReporter, seed: int,
-    pseudo: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[DiagnosisModel, list[dict[str, float]], dict, np.ndarray]:  # fmt: skip
     """One member: the model (its best validation epoch's weights with ``keep_best``), its history, what
-    was kept, and its validation scores at each epoch this run scored, (E, val records, classes).
-    ``pseudo``: (signals (S, C, T), soft labels (S, K)) trained on beside the training split's segments."""
+    was kept, and its validation scores at each epoch this run scored, (E, val records, classes)."""
     head, probe = LinearHead(_width(encoder), len(data.class_names)), {}
     if recipe["probe_first"]:
         head, probe = _probe_head(encoder, data, params, recipe, device, checkpoint, reporter)
     model = DiagnosisModel(encoder, head)
     windows = _crops(data, "train", random=True, seed=seed)
-    labels = data.segment_labels(data.segments("train"))
-    if pseudo is not None:
-        signals, soft = pseudo
-        windows = CropConcat([windows, CropDataset(signals, data.spec.samples, random_crop=True, seed=seed)])
-        labels = np.concatenate([labels, soft])
     if recipe["augment"]:
         windows = Augmented(windows, RandAugment(), seed=seed)
     val_labels = data.labels[data.records["val"]]
@@ -385,7 +328,7 @@ def _finetune_one(
         best.update(model, epoch, log.history[-1])
 
     config = replace(_config(params, recipe), seed=seed)
-    _train(objective, LabelledRecords(windows, labels), config, device, checkpoint,
+    _train(objective, _labelled(data, "train", windows), config, device, checkpoint,
            _labelled(data, "val", _crops(data, "val", False, seed)), log, reporter, on_epoch)  # fmt: skip
     kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch", **probe}
     if params.keep_best and best.restore(model):

@@ -44,7 +44,6 @@ class LabelledData:
     labels: np.ndarray  # (R, K) multi-hot per cache record
     source_index: np.ndarray  # (R,) each cache record's index in the dataset
     records: dict[str, np.ndarray]
-    unlabelled: PreprocessedCache | None = None  # a self-training job's records without labels, same spec
 
     def segments(self, split: str) -> np.ndarray:
         """Rows of ``cache.signals`` (segments) of the split's records."""
@@ -130,20 +129,6 @@ def open_labelled(
         labels=np.asarray(cache.labels, dtype=np.float32),
         source_index=np.array([source[rid] for rid in cache.record_ids.tolist()], dtype=np.int64),
         records=records,
-    )
-
-
-def open_unlabelled(row: DatasetRow, spec: InputSpec, reporter: JobReporter) -> PreprocessedCache:
-    """A self-training job's unlabelled dataset: every record, its cache built for ``spec``."""
-    dataset, identity = open_registered(row)
-    return preprocessed(
-        dataset,
-        identity,
-        spec,
-        Path(get_settings().artifact_dir) / "cache",
-        on_progress=lambda done, total: reporter.cancellable_phase(
-            f"preprocessing unlabelled records: {done}/{total}"
-        ),
     )
 
 

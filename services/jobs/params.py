@@ -397,14 +397,6 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
         description="finetune: train this many members (seeds seed, seed + 1, ...) and serve the mean of "
         "their probabilities (the embedding: theirs side by side); default: the recipe's",
     )
-    unlabelled: DataPath | None = Field(
-        None,
-        description="finetune: self-training on a dataset of unlabelled records (a registered name or a path "
-        "under the data root, not the labelled dataset): the model trained on the labelled records (the "
-        "teacher) labels each of them with its probabilities, then the job trains its model again, anew, on "
-        "the labelled records plus these soft labels (the student), and serves the student",
-        examples=["ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz"],
-    )
     map_method: Literal["tsne", "pca"] = Field(
         "pca",
         description="2-D map of the test embeddings (t-SNE took over a minute of a 2-minute job on 2 cores)",
@@ -459,16 +451,6 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 "leave it out or give 1"
             )
         return ensemble
-
-    @field_validator("unlabelled")
-    @classmethod
-    def _self_training_of_a_finetune(cls, unlabelled: str | None, info: ValidationInfo) -> str | None:
-        method = info.data.get("method")
-        if unlabelled is not None and method is not None and method != "finetune":
-            raise ValueError(
-                f"'unlabelled' (self-training) goes with method 'finetune' only, not '{method}': leave it out"
-            )
-        return unlabelled
 
     @model_validator(mode="after")
     def _options_match_the_method(self) -> "FinetuneParams":

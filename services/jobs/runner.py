@@ -42,7 +42,7 @@ from services.training.loop import Cancelled, Progress
 
 log = logging.getLogger(__name__)
 
-_MEMBER_PREFIX = re.compile(r"(?:member|student)\d+_")
+_MEMBER_PREFIX = re.compile(r"member\d+_")
 
 
 class JobReporter:

@@ -173,22 +173,7 @@ def new_finetune_job(session: Session, params: FinetuneParams) -> Job:
         resolve_model_version(session, params.model)
     dataset = dataset_for_job(session, params.dataset)
     check_labelled(dataset)
-    if params.unlabelled is not None:
-        unlabelled_dataset(session, params, dataset)
     return create_job(session, "finetune", params, epochs=params.epochs or 0, dataset=dataset)
-
-
-def unlabelled_dataset(session: Session, params: FinetuneParams, labelled: Dataset) -> Dataset:
-    """A self-training job's unlabelled dataset (a path is registered on first use); refused when it is the
-    labelled dataset's data, whose validation and test records no training step may see."""
-    row = dataset_for_job(session, params.unlabelled)
-    if (row.kind, row.path, row.options) == (labelled.kind, labelled.path, labelled.options):
-        raise ClientError(
-            f"'unlabelled' ('{params.unlabelled}') is the same data as 'dataset' ('{params.dataset}', "
-            f"registered as '{labelled.name}'): self-training would train on its validation and test "
-            "records; give a dataset of other records (e.g. ptbxl-unlabelled/ptbxl_unlabelled_250hz.npz)"
-        )
-    return row
 
 
 def new_evaluate_job(session: Session, params: EvaluateParams) -> Job:
