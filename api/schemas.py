@@ -399,6 +399,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                         "augment": False,
                         "ensemble": 1,
                         "probe_first": True,
+                        "ema_decay": 0.0,
                         "scratch_learning_rate": 0.01,
                         "evidence": _BENCHMARK,
                     },
@@ -437,6 +438,9 @@ class FinetuneRecipeOut(PretrainRecipeOut):
     )
     augment: bool = Field(description="ST-MEM's RandAugment on the training windows")
     ensemble: int = Field(description="members trained (seeds seed, seed + 1, ...), served as their mean")
+    ema_decay: float = Field(
+        description="decay of the per-step moving average of the weights that is validated and kept (0: off)"
+    )
     probe_first: bool = Field(
         description="LP-FT: the head fitted on the frozen encoder first (from a pretrained encoder only)"
     )

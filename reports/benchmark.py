@@ -25,8 +25,9 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     best              the service's best default diagnosis recipe (see ``BEST``)
     and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -ld0.5,
     -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base, and <line>-aug (supervised,
-    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows) and
-    supervised-tiny-<change> (``SCRATCH_SEARCH``)
+    supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows),
+    supervised-tiny-ema<decay> and ensemble-tiny-ema<decay> (the weights' moving average kept, ``EMA_SEARCH``)
+    and supervised-tiny-<change> (``SCRATCH_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
@@ -326,6 +327,8 @@ SCRATCH_SEARCH = {
     "bs32": ("batch 32 (lr 5e-3)", {"batch_size": 32}),
 }
 
+EMA_SEARCH = (0.9, 0.97)  # decays of the weights' moving average searched on the validation folds
+
 # The service's best default diagnosis recipe, chosen by the 10-fold cross-fit validation mean (the epoch
 # chosen and read on different halves of each validation fold): 3 tiny 1-D ResNets from scratch 0.873, against
 # 0.870 for 3 SimCLR-pretrained ones (LP-FT at lr 1e-3) and 0.867 / 0.863 for one network with / without
@@ -420,6 +423,14 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"1-D ResNet tiny from scratch, {change} (recipe search)",
             FinetuneLine(**table["supervised-tiny"][1].fields, **given),
         )
+    # the kept weights an exponential moving average of the trained ones (the recipes' default is without)
+    for name in ("supervised-tiny", "ensemble-tiny"):
+        description, line = table[name]
+        for decay in EMA_SEARCH:
+            table[f"{name}-ema{decay}"] = (
+                f"{description}, weights' moving average at decay {decay} (recipe search)",
+                FinetuneLine(**line.fields, ema_decay=decay),
+            )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))
     return table

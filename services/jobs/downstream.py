@@ -2,7 +2,8 @@
 with extra validation metrics, kNN / clustering with their plots, and kNN reference sets."""
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,15 +83,52 @@ class BestEpoch:
         return True
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights: after every step, each floating-point tensor of its
+    state (parameters and BatchNorm's running statistics) moves to ``decay * average + (1 - decay) * value``;
+    integer buffers (BatchNorm's step counter) are copied. ``swapped_in`` lends the average to the model.
+
+    The average lives beside the loop's checkpoint, not in it: a job resumed from a checkpoint starts it
+    again from the resumed weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.model, self.decay = model, decay
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                self.average[name].lerp_(value.detach(), 1.0 - self.decay)
+            else:
+                self.average[name].copy_(value)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the average inside the block, its trained weights again after it."""
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
+
+
 class LayerDecayLoss(MultiLabelLoss):
     """``MultiLabelLoss`` whose AdamW groups apply layer-wise lr decay to a transformer encoder: block i of n
     (0-based) trains at lr * decay ** (n - i), the embeddings before the blocks at decay ** (n + 1), the final
     norm and the head at the full lr; no weight decay on biases and 1-D parameters. ``blocks`` empty or
-    ``decay`` 1: one group at the full lr, as without it."""
+    ``decay`` 1: one group at the full lr, as without it. ``average``: updated after every step."""
 
-    def __init__(self, model: nn.Module, blocks: list[nn.Module], decay: float):
+    def __init__(
+        self, model: nn.Module, blocks: list[nn.Module], decay: float, average: WeightAverage | None = None
+    ):
         super().__init__(model)
-        self.blocks, self.decay = blocks, decay
+        self.blocks, self.decay, self.average = blocks, decay, average
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        if self.average is not None:
+            self.average.update()
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]

@@ -24,6 +24,7 @@ import copy
 import logging
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from services.jobs.downstream import (
     BestEpoch,
     EpochLog,
     LayerDecayLoss,
+    WeightAverage,
     classification_plots,
     clustering_protocol,
     fit_linear_head,
@@ -320,12 +322,14 @@ def _finetune_one(
         return {"val_macro_auroc": scores_auroc(val_labels, probs)}
 
     blocks = FAMILIES[family].blocks(encoder)
-    objective = LayerDecayLoss(model, blocks, recipe["layer_decay"])
+    average = WeightAverage(model, recipe["ema_decay"]) if recipe["ema_decay"] else None
+    objective = LayerDecayLoss(model, blocks, recipe["layer_decay"], average)
     log = EpochLog(reporter, _evaluating(model, val_auroc))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        log(epoch, metrics)
-        best.update(model, epoch, log.history[-1])
+        with average.swapped_in() if average is not None else nullcontext():  # validate what is kept
+            log(epoch, metrics)
+            best.update(model, epoch, log.history[-1])
 
     config = replace(_config(params, recipe), seed=seed)
     _train(objective, _labelled(data, "train", windows), config, device, checkpoint,
@@ -333,6 +337,10 @@ def _finetune_one(
     kept = {"best_epoch": best.epoch, "best_val_macro_auroc": best.value, "kept": "last epoch", **probe}
     if params.keep_best and best.restore(model):
         kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
+    elif average is not None:
+        model.load_state_dict(average.average)
+    if average is not None:
+        kept["kept"] += f", the weights' moving average (decay {recipe['ema_decay']:g})"
     return model.cpu().eval(), log.history, kept, np.array(val_scores)
 
 

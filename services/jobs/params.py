@@ -390,6 +390,14 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
         description="finetune: LP-FT, fit the linear head on the frozen encoder first (as a linear_probe "
         "job), then train encoder and head from there; default: the recipe's (off from scratch)",
     )
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="finetune: validate and keep an exponential moving average of the weights, updated every "
+        "step with this decay (e.g. 0.97: about the last 33 steps), instead of the weights themselves; 0 "
+        "off; default: the recipe's",
+    )
     ensemble: int | None = Field(
         None,
         ge=1,
@@ -441,6 +449,17 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             )
         return size
 
+    @field_validator("ema_decay")
+    @classmethod
+    def _average_of_a_finetune(cls, decay: float | None, info: ValidationInfo) -> float | None:
+        method = info.data.get("method")
+        if decay not in (None, 0) and method is not None and method != "finetune":
+            raise ValueError(
+                f"'ema_decay' goes with method 'finetune' only, not '{method}' ({decay} asked): leave it out "
+                "or give 0"
+            )
+        return decay
+
     @field_validator("ensemble")
     @classmethod
     def _ensemble_of_finetunes(cls, ensemble: int | None, info: ValidationInfo) -> int | None:
@@ -484,6 +503,7 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 "augment": r.augment,
                 "ensemble": r.ensemble,
                 "probe_first": r.probe_first,
+                "ema_decay": r.ema_decay,
             }
             if self.model is None:  # from scratch: no pretrained features to keep or to probe first
                 defaults.update(layer_decay=1.0, probe_first=False, learning_rate=r.scratch_lr_for(batch))
@@ -498,6 +518,7 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 "augment": False,
                 "ensemble": 1,
                 "probe_first": False,
+                "ema_decay": 0.0,
             }
         given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
         return {**defaults, **given, "batch_size": batch}

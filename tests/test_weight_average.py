@@ -1,0 +1,74 @@
+"""The fine-tuning option ``ema_decay``: a moving average of the weights is what each epoch validates and what
+the job keeps and serves."""
+
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch import nn
+
+from services.db.models import ModelVersion
+from services.db.session import session_scope
+from services.jobs.downstream import WeightAverage
+from services.jobs.store import job_dir
+from tests.test_downstream import finished, post_job
+
+
+def test_the_average_moves_by_one_minus_decay_each_step_and_is_only_lent_to_the_model() -> None:
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+    average = WeightAverage(model, decay=0.75)
+    for value in (4.0, 8.0):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+        model[1].num_batches_tracked += 3
+        average.update()
+    # 0 -> 0.75 * 0 + 0.25 * 4 = 1 -> 0.75 * 1 + 0.25 * 8 = 2.75; the integer counter is copied
+    assert torch.allclose(average.average["0.weight"], torch.full((1, 2), 2.75))
+    assert int(average.average["1.num_batches_tracked"]) == 6
+    with average.swapped_in():
+        assert torch.allclose(model[0].weight, torch.full((1, 2), 2.75))
+    assert torch.allclose(model[0].weight, torch.full((1, 2), 8.0))  # the trained weights again
+
+
+def test_a_finetune_with_ema_decay_keeps_and_serves_the_average(client: TestClient) -> None:
+    body = {"family": "resnet1d", "model_size": "tiny", "dataset": "ptbxl-500", "method": "finetune",
+            "record_limit": 100, "epochs": 3, "ema_decay": 0.9, "seed": 2}  # fmt: skip
+    job = finished(client, post_job(client, "finetune", body))
+    result = job["result"]
+    assert result["recipe"]["ema_decay"] == 0.9
+    assert result["kept"].endswith("the weights' moving average (decay 0.9)"), result["kept"]
+    with session_scope() as s:
+        version = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one()
+        folder = Path(version.onnx_path).parent
+    served = torch.load(folder / "downstream.pt", weights_only=True)["state_dict"]
+    work = job_dir(uuid.UUID(job["id"]))
+    kept = torch.load(work / "best.pt", weights_only=True)["state_dict"]  # the best epoch's average
+    trained = torch.load(work / "checkpoint.pt", weights_only=False)["model"]  # the loop's last weights
+    assert set(served) == set(kept) and all(torch.equal(served[n], v) for n, v in kept.items())
+    weight = "encoder.stem.0.weight" if "encoder.stem.0.weight" in served else next(iter(served))
+    assert not torch.equal(served[weight], trained[f"model.{weight}"].cpu())
+
+
+def test_every_default_recipe_keeps_the_trained_weights(client: TestClient) -> None:
+    families = client.get("/methods").json()["families"]
+    decays = {(f["name"], s["name"]): s["finetune_recipe"]["ema_decay"] for f in families for s in f["sizes"]
+              if s["finetune_recipe"]}  # fmt: skip
+    assert ("resnet1d", "tiny") in decays and set(decays.values()) == {0.0}
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"method": "finetune", "ema_decay": 1.0}, "ema_decay"),
+        ({"method": "finetune", "ema_decay": -0.1}, "ema_decay"),
+        ({"method": "linear_probe", "ema_decay": 0.9}, "'ema_decay' goes with method 'finetune' only"),
+    ],
+)
+def test_a_bad_ema_decay_is_a_422_naming_it(client: TestClient, body: dict, expected: str) -> None:
+    response = client.post("/jobs/finetune", json={"family": "resnet1d", "dataset": "ptbxl-500", **body})
+    assert response.status_code == 422, response.text
+    assert expected in response.text
