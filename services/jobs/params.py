@@ -339,6 +339,9 @@ class DownstreamCommon(Params):
     knn_metric: Literal["cosine", "euclidean"] = Field("cosine", description="kNN distance")
 
 
+# options of method finetune alone, and the value that means the same for another method
+FINETUNE_ONLY = {"ensemble": 1, "ema_decay": 0}
+
 # A linear head on frozen features: the linear_probe job's recipe, and a probe_first fine-tune's first stage.
 PROBE_RECIPE = {
     "epochs": 10,
@@ -449,27 +452,16 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             )
         return size
 
-    @field_validator("ema_decay")
+    @field_validator("ema_decay", "ensemble")
     @classmethod
-    def _average_of_a_finetune(cls, decay: float | None, info: ValidationInfo) -> float | None:
-        method = info.data.get("method")
-        if decay not in (None, 0) and method is not None and method != "finetune":
+    def _options_of_a_finetune(cls, value: float | None, info: ValidationInfo) -> float | None:
+        method, off = info.data.get("method"), FINETUNE_ONLY[info.field_name]
+        if value not in (None, off) and method is not None and method != "finetune":
             raise ValueError(
-                f"'ema_decay' goes with method 'finetune' only, not '{method}' ({decay} asked): leave it out "
-                "or give 0"
+                f"'{info.field_name}' goes with method 'finetune' only, not '{method}' ({value} asked): "
+                f"leave it out or give {off}"
             )
-        return decay
-
-    @field_validator("ensemble")
-    @classmethod
-    def _ensemble_of_finetunes(cls, ensemble: int | None, info: ValidationInfo) -> int | None:
-        method = info.data.get("method")
-        if ensemble not in (None, 1) and method is not None and method != "finetune":
-            raise ValueError(
-                f"'ensemble' goes with method 'finetune' only, not '{method}' ({ensemble} members asked): "
-                "leave it out or give 1"
-            )
-        return ensemble
+        return value
 
     @model_validator(mode="after")
     def _options_match_the_method(self) -> "FinetuneParams":
