@@ -29,9 +29,15 @@ def test_the_average_moves_by_one_minus_decay_each_step_and_is_only_lent_to_the_
     # 0 -> 0.75 * 0 + 0.25 * 4 = 1 -> 0.75 * 1 + 0.25 * 8 = 2.75; the integer counter is copied
     assert torch.allclose(average.average["0.weight"], torch.full((1, 2), 2.75))
     assert int(average.average["1.num_batches_tracked"]) == 6
+    model.to(torch.float64)  # the model moves after the average was made (the loop puts it on its device)
+    average.update()  # 0.75 * 2.75 + 0.25 * 8 = 4.0625, kept where the model now is
+    assert average.average["0.weight"].dtype == torch.float64
+    assert torch.allclose(average.average["0.weight"], torch.full((1, 2), 4.0625, dtype=torch.float64))
     with average.swapped_in():
-        assert torch.allclose(model[0].weight, torch.full((1, 2), 2.75))
-    assert torch.allclose(model[0].weight, torch.full((1, 2), 8.0))  # the trained weights again
+        assert torch.allclose(model[0].weight, torch.full((1, 2), 4.0625, dtype=torch.float64))
+    assert torch.allclose(
+        model[0].weight, torch.full((1, 2), 8.0, dtype=torch.float64)
+    )  # the trained weights again
 
 
 def test_a_finetune_with_ema_decay_keeps_and_serves_the_average(client: TestClient) -> None:

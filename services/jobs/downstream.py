@@ -98,10 +98,13 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         for name, value in self.model.state_dict().items():
+            average = self.average[name]
+            if (average.device, average.dtype) != (value.device, value.dtype):  # the model moved since
+                average = self.average[name] = average.to(value)  # (the loop puts it on its device)
             if value.is_floating_point():
-                self.average[name].lerp_(value.detach(), 1.0 - self.decay)
+                average.lerp_(value.detach(), 1.0 - self.decay)
             else:
-                self.average[name].copy_(value)
+                average.copy_(value)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
