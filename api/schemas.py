@@ -401,6 +401,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                         "probe_first": True,
                         "ema_decay": 0.0,
                         "scratch_learning_rate": 0.01,
+                        "scratch_ema_decay": 0.97,
                         "evidence": _BENCHMARK,
                     },
                 }
@@ -447,6 +448,9 @@ class FinetuneRecipeOut(PretrainRecipeOut):
     scratch_learning_rate: float | None = Field(
         description="peak lr at this batch_size for the family trained from scratch (no base model); "
         "null: learning_rate"
+    )
+    scratch_ema_decay: float | None = Field(
+        description="ema_decay for the family trained from scratch (no base model); null: ema_decay"
     )
 
 

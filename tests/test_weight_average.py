@@ -59,11 +59,33 @@ def test_a_finetune_with_ema_decay_keeps_and_serves_the_average(client: TestClie
     assert not torch.equal(served[weight], trained[f"model.{weight}"].cpu())
 
 
-def test_every_default_recipe_keeps_the_trained_weights(client: TestClient) -> None:
+def test_the_moving_average_is_the_default_only_where_it_was_shown_to_help(client: TestClient) -> None:
+    """On by default for the tiny 1-D ResNet trained from scratch (the ``-ema`` benchmark lines), off for
+    every encoder fine-tuned from pretraining and every other size; GET /methods shows what jobs run with."""
+    from services.jobs.params import FinetuneParams
+    from services.models.families import SPECS
+
     families = client.get("/methods").json()["families"]
-    decays = {(f["name"], s["name"]): s["finetune_recipe"]["ema_decay"] for f in families for s in f["sizes"]
-              if s["finetune_recipe"]}  # fmt: skip
-    assert ("resnet1d", "tiny") in decays and set(decays.values()) == {0.0}
+    shown = {(f["name"], s["name"]): s["finetune_recipe"] for f in families for s in f["sizes"]
+             if s["finetune_recipe"]}  # fmt: skip
+    resolved = {}
+    for family, size in shown:
+        common = {"dataset": "ptbxl-500", "method": "finetune"}
+        scratch = FinetuneParams(**common, family=family, model_size=size).recipe(family, size)
+        pretrained = FinetuneParams(**common, model=f"{SPECS[family].method}@1").recipe(family, size)
+        resolved[family, size] = (scratch["ema_decay"], pretrained["ema_decay"])
+        listed = shown[family, size]
+        assert listed["ema_decay"] == pretrained["ema_decay"]
+        from_scratch = (
+            listed["ema_decay"] if listed["scratch_ema_decay"] is None else listed["scratch_ema_decay"]
+        )
+        assert from_scratch == scratch["ema_decay"]
+    assert resolved.pop(("resnet1d", "tiny")) == (0.97, 0.0)
+    assert resolved and set(resolved.values()) == {(0.0, 0.0)}
+    off = FinetuneParams(
+        dataset="ptbxl-500", method="finetune", family="resnet1d", model_size="tiny", ema_decay=0
+    )
+    assert off.recipe("resnet1d", "tiny")["ema_decay"] == 0.0  # a job can still turn it off
 
 
 @pytest.mark.parametrize(

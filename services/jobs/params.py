@@ -499,6 +499,8 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             }
             if self.model is None:  # from scratch: no pretrained features to keep or to probe first
                 defaults.update(layer_decay=1.0, probe_first=False, learning_rate=r.scratch_lr_for(batch))
+                if r.scratch_ema_decay is not None:
+                    defaults["ema_decay"] = r.scratch_ema_decay
         else:
             batch = self.batch_size or PROBE_RECIPE["batch_size"]
             lr = PROBE_RECIPE["learning_rate"] if self.method == "linear_probe" else 1e-3

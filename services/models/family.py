@@ -48,7 +48,7 @@ class FinetuneRecipe(_LinearLrScaling):
     ``layer_decay``: layer-wise lr decay (block i of n trains at lr * decay ** (n - i); a CNN's blocks are its
     stem and stages). ``augment``: ST-MEM's RandAugment on the training windows. ``layer_decay`` and
     ``probe_first`` keep pretrained features: a job that trains a family from scratch runs without them, and
-    at ``scratch_learning_rate`` where one is given.
+    at ``scratch_learning_rate`` and ``scratch_ema_decay`` where they are given.
     """
 
     learning_rate: float
@@ -62,6 +62,7 @@ class FinetuneRecipe(_LinearLrScaling):
     ensemble: int = 1  # members (seeds seed, seed + 1, ...) served as the mean of their probabilities
     probe_first: bool = False  # LP-FT: the head fitted on the frozen encoder first (pretrained encoders only)
     scratch_learning_rate: float | None = None  # peak lr at batch_size from scratch (None: learning_rate)
+    scratch_ema_decay: float | None = None  # ema_decay from scratch (None: ema_decay)
     # an exponential moving average of the weights, updated every step, is what each epoch validates and
     # what is kept (0: off, the trained weights themselves)
     ema_decay: float = 0.0
