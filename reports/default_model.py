@@ -162,7 +162,7 @@ def main() -> None:
     family, size = family_and_size(BEST)
     trained = f"pretrained by {method} and fine-tuned" if "model" in BEST else "trained from scratch"
     provenance = {
-        "command": "reports/default_model.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["reports/default_model.py", *sys.argv[1:]]),
         "params": params.model_dump(mode="json", exclude_defaults=True),
         "recipe": result["recipe"],
         "description": f"{result['recipe'].get('ensemble', 1)} {family} {size} encoder(s) {trained} with the "
