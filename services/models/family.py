@@ -62,10 +62,10 @@ class FinetuneRecipe(_LinearLrScaling):
     ensemble: int = 1  # members (seeds seed, seed + 1, ...) served as the mean of their probabilities
     probe_first: bool = False  # LP-FT: the head fitted on the frozen encoder first (pretrained encoders only)
     scratch_learning_rate: float | None = None  # peak lr at batch_size from scratch (None: learning_rate)
-    scratch_ema_decay: float | None = None  # ema_decay from scratch (None: ema_decay)
     # an exponential moving average of the weights, updated every step, is what each epoch validates and
     # what is kept (0: off, the trained weights themselves)
     ema_decay: float = 0.0
+    scratch_ema_decay: float | None = None  # ema_decay from scratch (None: ema_decay)
     # the linear_probe job's head epochs on this size's frozen encoder (LP-FT's first stage keeps the
     # probe recipe's, services.jobs.params.PROBE_RECIPE)
     linear_probe_epochs: int = 10
