@@ -26,8 +26,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -ld0.5,
     -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base, and <line>-aug (supervised,
     supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training windows),
-    supervised-tiny-, ensemble-tiny- and simclr-finetune-ema<decay> (the weights' moving average kept,
-    ``EMA_SEARCH``)
+    supervised-, supervised-tiny-, ensemble-tiny- and simclr-finetune-ema<decay> (the weights' moving average
+    kept, ``EMA_SEARCH``)
     and supervised-tiny-<change> (``SCRATCH_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
@@ -427,7 +427,7 @@ def lines() -> dict[str, tuple[str, Callable]]:
         )
     # the kept weights an exponential moving average of the trained ones (the tiny recipe's default from
     # scratch since it was searched here, so those two lines now repeat supervised-tiny and ensemble-tiny)
-    for name in ("supervised-tiny", "ensemble-tiny", "simclr-finetune"):
+    for name in ("supervised", "supervised-tiny", "ensemble-tiny", "simclr-finetune"):
         description, line = table[name]
         for decay in EMA_SEARCH:
             table[f"{name}-ema{decay}"] = (
