@@ -343,9 +343,9 @@ BEST = {"family": "resnet1d", "model_size": "tiny", "method": "finetune", "ensem
 
 def lines() -> dict[str, tuple[str, Callable]]:
     table: dict[str, tuple[str, Callable]] = {
-        "supervised": (
+        "supervised": (  # the field's recipe (Strodthoff et al.), without the service's moving average
             "1-D ResNet from scratch (supervised baseline)",
-            FinetuneLine(family="resnet1d", model_size="base", method="finetune"),
+            FinetuneLine(family="resnet1d", model_size="base", method="finetune", ema_decay=0.0),
         ),
         "supervised-tiny": (
             "1-D ResNet tiny from scratch (the SSL CNN's network)",
@@ -425,14 +425,14 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"1-D ResNet tiny from scratch, {change} (recipe search)",
             FinetuneLine(**table["supervised-tiny"][1].fields, **given),
         )
-    # the kept weights an exponential moving average of the trained ones (the tiny recipe's default from
-    # scratch since it was searched here, so those two lines now repeat supervised-tiny and ensemble-tiny)
+    # the kept weights an exponential moving average of the trained ones (the family's default from scratch
+    # since it was searched here, so the tiny network's lines now repeat supervised-tiny and ensemble-tiny)
     for name in ("supervised", "supervised-tiny", "ensemble-tiny", "simclr-finetune"):
         description, line = table[name]
         for decay in EMA_SEARCH:
             table[f"{name}-ema{decay}"] = (
                 f"{description}, weights' moving average at decay {decay} (recipe search)",
-                FinetuneLine(**line.fields, ema_decay=decay),
+                FinetuneLine(**{**line.fields, "ema_decay": decay}),
             )
     described = ", ".join(f"{k} {v}" for k, v in BEST.items())
     table["best"] = (f"the service's best default recipe ({described})", FinetuneLine(**BEST))

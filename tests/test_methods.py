@@ -66,7 +66,8 @@ def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> Non
     assert {k: shown[k] for k in resolved} == pytest.approx(resolved)
     scratch = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")
     differs = {k for k, v in scratch.recipe("resnet1d", scratch.model_size).items() if v != resolved[k]}
-    assert differs == {"probe_first"} and shown["probe_first"] is True  # LP-FT only from a pretrained encoder
+    assert differs == {"probe_first", "ema_decay"} and shown["probe_first"] is True  # LP-FT: pretrained only
+    assert (shown["ema_decay"], shown["scratch_ema_decay"]) == (0.0, 0.97)  # the average: from scratch only
     # tiny: a pretrained encoder fine-tunes at a tenth of the from-scratch lr, both shown, both per batch
     shown = size_of(listed, "resnet1d", "tiny")["finetune_recipe"]
     tiny = {"dataset": "ptbxl-500", "method": "finetune", "batch_size": 32}

@@ -60,8 +60,8 @@ def test_a_finetune_with_ema_decay_keeps_and_serves_the_average(client: TestClie
 
 
 def test_the_moving_average_is_the_default_only_where_it_was_shown_to_help(client: TestClient) -> None:
-    """On by default for the tiny 1-D ResNet trained from scratch (the ``-ema`` benchmark lines), off for
-    every encoder fine-tuned from pretraining and every other size; GET /methods shows what jobs run with."""
+    """On by default for the 1-D ResNet trained from scratch (the ``-ema`` benchmark lines), off for every
+    encoder fine-tuned from pretraining and for the transformers; GET /methods shows what jobs run with."""
     from services.jobs.params import FinetuneParams
     from services.models.families import SPECS
 
@@ -80,7 +80,7 @@ def test_the_moving_average_is_the_default_only_where_it_was_shown_to_help(clien
             listed["ema_decay"] if listed["scratch_ema_decay"] is None else listed["scratch_ema_decay"]
         )
         assert from_scratch == scratch["ema_decay"]
-    assert resolved.pop(("resnet1d", "tiny")) == (0.97, 0.0)
+    assert (resolved.pop(("resnet1d", "tiny")), resolved.pop(("resnet1d", "base"))) == ((0.97, 0.0),) * 2
     assert resolved and set(resolved.values()) == {(0.0, 0.0)}
     off = FinetuneParams(
         dataset="ptbxl-500", method="finetune", family="resnet1d", model_size="tiny", ema_decay=0
