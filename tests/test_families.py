@@ -180,6 +180,18 @@ def test_the_cnn_reads_millivolts_and_per_lead_z_scored_records_alike() -> None:
     torch.testing.assert_close(encoder(x), encoder(z), atol=1e-4, rtol=1e-4)
 
 
+def test_simclr_lead_masking_flattens_a_share_of_leads_and_keeps_the_rest_of_the_view(data_dir: Path) -> None:
+    signals = np.load(data_dir / "ptbxl-unlabelled" / "ptbxl_unlabelled_250hz.npz")["signals"]
+    windows = torch.from_numpy(signals[:64, :, :250].astype(np.float32))  # real pretraining records, 1 s each
+    plain = resnet1d.augment(windows, resnet1d.SimClrConfig(lead_mask=0.0), torch.Generator().manual_seed(3))
+    masked = resnet1d.augment(windows, resnet1d.SimClrConfig(), torch.Generator().manual_seed(3))  # 0.2
+    flat = masked.abs().amax(dim=-1) == 0  # (64, 12)
+    assert 0.15 < flat.float().mean() < 0.25, flat.float().mean()  # 768 leads at p 0.2: sd 0.014
+    assert not (plain.abs().amax(dim=-1) == 0).any()
+    torch.testing.assert_close(masked[~flat], plain[~flat])  # the same view where a lead is kept
+    assert (resnet1d.standardise_leads(masked)[flat] == 0).all()  # the encoder sees a flat lead as zeros
+
+
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
