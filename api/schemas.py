@@ -400,6 +400,7 @@ METHODS_EXAMPLE = {  # resnet1d tiny as the service lists it (tests/test_methods
                         "ensemble": 1,
                         "probe_first": True,
                         "ema_decay": 0.0,
+                        "wise_ft": 1.0,
                         "scratch_learning_rate": 0.01,
                         "scratch_ema_decay": 0.97,
                         "evidence": _BENCHMARK,
@@ -444,6 +445,10 @@ class FinetuneRecipeOut(PretrainRecipeOut):
     )
     probe_first: bool = Field(
         description="LP-FT: the head fitted on the frozen encoder first (from a pretrained encoder only)"
+    )
+    wise_ft: float = Field(
+        description="WiSE-FT: the weights validated and kept are (1 - a) * LP-FT's start + a * the "
+        "fine-tuned ones (1: the fine-tuned ones; from a pretrained encoder only)"
     )
     scratch_learning_rate: float | None = Field(
         description="peak lr at this batch_size for the family trained from scratch (no base model); "

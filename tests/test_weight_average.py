@@ -1,5 +1,5 @@
-"""The fine-tuning option ``ema_decay``: a moving average of the weights is what each epoch validates and what
-the job keeps and serves."""
+"""Which weights a fine-tune validates, keeps and serves, besides the trained ones: their moving average
+(``ema_decay``) or WiSE-FT's interpolation from LP-FT's start (``wise_ft``)."""
 
 import uuid
 from pathlib import Path
@@ -11,8 +11,9 @@ from torch import nn
 
 from services.db.models import ModelVersion
 from services.db.session import session_scope
-from services.jobs.downstream import WeightAverage
+from services.jobs.downstream import WeightAverage, WeightInterpolation
 from services.jobs.store import job_dir
+from services.models.checkpoints import load_saved_encoder
 from tests.test_downstream import finished, post_job
 
 
@@ -100,3 +101,75 @@ def test_a_bad_ema_decay_is_a_422_naming_it(client: TestClient, body: dict, expe
     response = client.post("/jobs/finetune", json={"family": "resnet1d", "dataset": "ptbxl-500", **body})
     assert response.status_code == 422, response.text
     assert expected in response.text
+
+
+def test_the_interpolation_lerps_from_the_start_and_is_only_lent_to_the_model() -> None:
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(2.0)
+    wise = WeightInterpolation(model, alpha=0.25)  # the start: 2
+    with torch.no_grad():
+        model[0].weight.fill_(6.0)
+    model[1].num_batches_tracked += 5
+    wise.update()  # (nothing per step)
+    assert torch.allclose(wise.average["0.weight"], torch.full((1, 2), 0.75 * 2.0 + 0.25 * 6.0))
+    assert int(wise.average["1.num_batches_tracked"]) == 5  # integer buffers: the trained ones
+    with wise.swapped_in():
+        assert torch.allclose(model[0].weight, torch.full((1, 2), 3.0))
+    assert torch.allclose(model[0].weight, torch.full((1, 2), 6.0))  # the trained weights again
+
+
+def test_a_finetune_with_wise_ft_serves_the_interpolation_from_the_pretrained_one(client: TestClient) -> None:
+    """One epoch, so the kept epoch is the loop's last: the served encoder is exactly halfway between the
+    pretrained one and the trained one, and LP-FT ran first although the job did not ask for it."""
+    pretrain = {"dataset": "ptbxl-500", "method": "simclr", "model_size": "tiny", "epochs": 1,
+                "batch_size": 16, "record_limit": 40, "model_name": f"w-{uuid.uuid4().hex[:6]}"}  # fmt: skip
+    base = finished(client, post_job(client, "pretrain", pretrain))["model_version"]
+    body = {"model": base, "dataset": "ptbxl-500", "method": "finetune", "record_limit": 100, "epochs": 1,
+            "wise_ft": 0.5, "learning_rate": 1e-2, "warmup_epochs": 0, "seed": 2}  # fmt: skip
+    job = finished(client, post_job(client, "finetune", body))
+    result = job["result"]
+    assert (result["recipe"]["wise_ft"], result["recipe"]["probe_first"]) == (0.5, True)
+    assert "probe_val_macro_auroc" in result
+    assert result["kept"].endswith("WiSE-FT: 0.5 x LP-FT's start + 0.5 x the fine-tuned weights"), result
+    with session_scope() as s:
+        folder = {v.ref: Path(v.onnx_path).parent for v in s.query(ModelVersion)}
+        served_ref = s.query(ModelVersion).filter_by(source_job_id=uuid.UUID(job["id"])).one().ref
+    served = torch.load(folder[served_ref] / "downstream.pt", weights_only=True)["state_dict"]
+    trained = torch.load(job_dir(uuid.UUID(job["id"])) / "checkpoint.pt", weights_only=False)["model"]
+    pretrained, _ = load_saved_encoder(folder[base] / "encoder.pt")
+    weight = "stem.0.0.weight"  # the first convolution
+    start, end = pretrained.state_dict()[weight], trained[f"model.encoder.{weight}"].cpu()
+    assert (start - end).abs().max() > 1e-3  # the epoch moved it
+    torch.testing.assert_close(served[f"encoder.{weight}"], (start + end) / 2)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"model": "simclr-tiny", "wise_ft": 0}, "wise_ft"),
+        ({"model": "simclr-tiny", "wise_ft": 1.5}, "wise_ft"),
+        ({"family": "resnet1d", "wise_ft": 0.5}, "it needs 'model' (a pretrained version)"),
+        (
+            {"model": "simclr-tiny", "wise_ft": 0.5, "probe_first": False},
+            "leave 'probe_first' out or give true",
+        ),
+        ({"model": "simclr-tiny", "wise_ft": 0.5, "ema_decay": 0.9}, "or 'ema_decay' (0.9), not both"),
+        (
+            {"model": "simclr-tiny", "method": "linear_probe", "wise_ft": 0.5},
+            "goes with method 'finetune' only",
+        ),
+    ],
+)
+def test_a_bad_wise_ft_is_a_422_naming_it(client: TestClient, body: dict, expected: str) -> None:
+    response = client.post("/jobs/finetune", json={"dataset": "ptbxl-500", "method": "finetune", **body})
+    assert response.status_code == 422, response.text
+    assert expected in response.text
+
+
+def test_wise_ft_gives_way_to_a_moving_average_the_job_asks_for_when_it_is_only_the_default() -> None:
+    from services.jobs.params import FinetuneParams
+
+    asked = FinetuneParams(model="m@1", dataset="x", method="finetune", ema_decay=0.9, probe_first=False)
+    recipe = asked.recipe("resnet1d", "tiny")
+    assert (recipe["ema_decay"], recipe["probe_first"]) == (0.9, False) and recipe["wise_ft"] == 1.0

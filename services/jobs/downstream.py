@@ -117,6 +117,30 @@ class WeightAverage:
             self.model.load_state_dict(trained)
 
 
+class WeightInterpolation:
+    """WiSE-FT (Wortsman et al. 2022): the weights ``(1 - alpha) * start + alpha * trained`` of each
+    floating-point tensor of a model's state, where ``start`` is the state before fine-tuning (LP-FT: the
+    pretrained encoder with the probe's head); integer buffers are the trained ones. It stands where a
+    ``WeightAverage`` stands: ``swapped_in`` lends the interpolation to the model, ``average`` is it."""
+
+    def __init__(self, model: nn.Module, alpha: float):
+        self.model, self.alpha = model, alpha
+        self.start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(self) -> None:
+        """Nothing to do after a step: the interpolation is taken when it is asked for."""
+
+    @property
+    def average(self) -> dict[str, torch.Tensor]:
+        trained = self.model.state_dict()
+        return {
+            k: torch.lerp(self.start[k].to(v), v.detach(), self.alpha) if v.is_floating_point() else v.clone()
+            for k, v in trained.items()
+        }
+
+    swapped_in = WeightAverage.swapped_in
+
+
 class LayerDecayLoss(MultiLabelLoss):
     """``MultiLabelLoss`` whose AdamW groups apply layer-wise lr decay to a transformer encoder: block i of n
     (0-based) trains at lr * decay ** (n - i), the embeddings before the blocks at decay ** (n + 1), the final
@@ -124,7 +148,11 @@ class LayerDecayLoss(MultiLabelLoss):
     ``decay`` 1: one group at the full lr, as without it. ``average``: updated after every step."""
 
     def __init__(
-        self, model: nn.Module, blocks: list[nn.Module], decay: float, average: WeightAverage | None = None
+        self,
+        model: nn.Module,
+        blocks: list[nn.Module],
+        decay: float,
+        average: WeightAverage | WeightInterpolation | None = None,
     ):
         super().__init__(model)
         self.blocks, self.decay, self.average = blocks, decay, average

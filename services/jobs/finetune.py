@@ -50,6 +50,7 @@ from services.jobs.downstream import (
     EpochLog,
     LayerDecayLoss,
     WeightAverage,
+    WeightInterpolation,
     classification_plots,
     clustering_protocol,
     fit_linear_head,
@@ -322,7 +323,13 @@ def _finetune_one(
         return {"val_macro_auroc": scores_auroc(val_labels, probs)}
 
     blocks = FAMILIES[family].blocks(encoder)
-    average = WeightAverage(model, recipe["ema_decay"]) if recipe["ema_decay"] else None
+    # what each epoch validates and the job keeps: the weights, their moving average, or WiSE-FT's
+    # interpolation from LP-FT's start (the pretrained encoder with the probe's head, before any step)
+    average: WeightAverage | WeightInterpolation | None = None
+    if recipe["ema_decay"]:
+        average = WeightAverage(model, recipe["ema_decay"])
+    elif recipe["wise_ft"] < 1:
+        average = WeightInterpolation(model, recipe["wise_ft"])
     objective = LayerDecayLoss(model, blocks, recipe["layer_decay"], average)
     log = EpochLog(reporter, _evaluating(model, val_auroc))
 
@@ -339,8 +346,11 @@ def _finetune_one(
         kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
     elif average is not None:
         model.load_state_dict(average.average)
-    if average is not None:
+    if isinstance(average, WeightAverage):
         kept["kept"] += f", the weights' moving average (decay {recipe['ema_decay']:g})"
+    elif average is not None:
+        a = average.alpha
+        kept["kept"] += f", WiSE-FT: {1 - a:g} x LP-FT's start + {a:g} x the fine-tuned weights"
     return model.cpu().eval(), log.history, kept, np.array(val_scores)
 
 

@@ -340,7 +340,7 @@ class DownstreamCommon(Params):
 
 
 # options of method finetune alone, and the value that means the same for another method
-FINETUNE_ONLY = {"ensemble": 1, "ema_decay": 0}
+FINETUNE_ONLY = {"ensemble": 1, "ema_decay": 0, "wise_ft": 1}
 
 # A linear head on frozen features: the linear_probe job's recipe, and a probe_first fine-tune's first stage.
 PROBE_RECIPE = {
@@ -401,6 +401,14 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
         "step with this decay (e.g. 0.97: about the last 33 steps), instead of the weights themselves; 0 "
         "off; default: the recipe's",
     )
+    wise_ft: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="finetune from a pretrained model: WiSE-FT, validate and keep the weights (1 - a) * "
+        "start + a * fine-tuned, where the start is LP-FT's first stage (the pretrained encoder with the "
+        "probe's head; so it implies probe_first); 1 off; default: the recipe's",
+    )
     ensemble: int | None = Field(
         None,
         ge=1,
@@ -452,7 +460,7 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             )
         return size
 
-    @field_validator("ema_decay", "ensemble")
+    @field_validator("ema_decay", "wise_ft", "ensemble")
     @classmethod
     def _options_of_a_finetune(cls, value: float | None, info: ValidationInfo) -> float | None:
         method, off = info.data.get("method"), FINETUNE_ONLY[info.field_name]
@@ -475,6 +483,23 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 f"'family' (a new encoder trained from scratch: one of {', '.join(SPECS)}): "
                 "neither was given"
             )
+        if self.wise_ft not in (None, 1):  # WiSE-FT starts from LP-FT's first stage
+            if self.family is not None:
+                raise ValueError(
+                    f"'wise_ft' ({self.wise_ft}) interpolates between a pretrained encoder with the probe's "
+                    "head and its fine-tuned weights: it needs 'model' (a pretrained version), and a "
+                    f"{self.family} trained from scratch has no such start; leave it out or give 1"
+                )
+            if self.probe_first is False:
+                raise ValueError(
+                    f"'wise_ft' ({self.wise_ft}) starts from LP-FT's first stage (the probe's head on the "
+                    "frozen encoder): leave 'probe_first' out or give true, or give wise_ft 1"
+                )
+            if self.ema_decay not in (None, 0):
+                raise ValueError(
+                    f"give 'wise_ft' ({self.wise_ft}) or 'ema_decay' ({self.ema_decay}), not both: each "
+                    "decides which weights are validated and kept"
+                )
         if self.family is not None:  # (its size was checked by _size_of_the_family)
             self.model_size = self.model_size or ("base" if self.family == "resnet1d" else "tiny")
         return self
@@ -496,9 +521,12 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 "ensemble": r.ensemble,
                 "probe_first": r.probe_first,
                 "ema_decay": r.ema_decay,
+                "wise_ft": r.wise_ft,
             }
             if self.model is None:  # from scratch: no pretrained features to keep or to probe first
-                defaults.update(layer_decay=1.0, probe_first=False, learning_rate=r.scratch_lr_for(batch))
+                defaults.update(
+                    layer_decay=1.0, probe_first=False, wise_ft=1.0, learning_rate=r.scratch_lr_for(batch)
+                )
                 if r.scratch_ema_decay is not None:
                     defaults["ema_decay"] = r.scratch_ema_decay
         else:
@@ -513,9 +541,16 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
                 "ensemble": 1,
                 "probe_first": False,
                 "ema_decay": 0.0,
+                "wise_ft": 1.0,
             }
         given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
-        return {**defaults, **given, "batch_size": batch}
+        recipe = {**defaults, **given, "batch_size": batch}
+        if recipe["wise_ft"] < 1:  # (a default WiSE-FT gives way to a moving average the job asks for)
+            if recipe["ema_decay"] and self.wise_ft is None:
+                recipe["wise_ft"] = 1.0
+            else:  # its start is LP-FT's first stage
+                recipe["probe_first"] = True
+        return recipe
 
     def registry_name(self, base_name: str) -> str:
         return self.model_name or f"{base_name}-{self.method}"[:100]

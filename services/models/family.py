@@ -66,6 +66,8 @@ class FinetuneRecipe(_LinearLrScaling):
     # what is kept (0: off, the trained weights themselves)
     ema_decay: float = 0.0
     scratch_ema_decay: float | None = None  # ema_decay from scratch (None: ema_decay)
+    # WiSE-FT: the kept weights (1 - a) * LP-FT's start + a * the fine-tuned ones (1: off; needs probe_first)
+    wise_ft: float = 1.0
     # the linear_probe job's head epochs on this size's frozen encoder (LP-FT's first stage keeps the
     # probe recipe's, services.jobs.params.PROBE_RECIPE)
     linear_probe_epochs: int = 10
