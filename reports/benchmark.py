@@ -28,7 +28,7 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     (supervised, supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training
     windows),
     supervised-, supervised-tiny-, ensemble-tiny- and simclr-finetune-ema<decay> (the weights' moving average
-    kept, ``EMA_SEARCH``)
+    kept, ``EMA_SEARCH``), simclr-finetune-wise<a> (WiSE-FT's interpolation kept, ``WISE_SEARCH``)
     and supervised-tiny-<change> (``SCRATCH_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
@@ -49,6 +49,9 @@ same number), so compare lines within one run or with ``--paired``.
                                                            # + differences fold by fold, with standard errors
     .venv/bin/python reports/benchmark.py --lines supervised,best --seed 0,1,2 --paired supervised
                                                            # each fold the mean over 3 fine-tuning seeds
+    .venv/bin/python reports/benchmark.py --lines supervised-tiny,simclr-finetune --pretrain-seed 0,1,2
+                                                           # each fold of simclr-finetune the mean over three
+                                                           # encoders, pretrained at seeds 0, 1 and 2
 """
 
 import argparse
@@ -330,6 +333,7 @@ SCRATCH_SEARCH = {
 }
 
 EMA_SEARCH = (0.9, 0.97)  # decays of the weights' moving average searched on the validation folds
+WISE_SEARCH = (0.5, 0.7)  # WiSE-FT's share of the fine-tuned weights, searched on the validation folds
 
 # The service's best default diagnosis recipe, chosen by the 10-fold cross-fit validation mean (the epoch
 # chosen and read on different halves of each validation fold): 3 tiny 1-D ResNets from scratch 0.873, against
@@ -409,6 +413,11 @@ def lines() -> dict[str, tuple[str, Callable]]:
         "simclr tiny pretrained, LP-FT with layer-wise lr decay 0.7 (recipe search)",
         FinetuneLine(model="simclr", method="finetune", probe_first=True, layer_decay=0.7),
     )
+    for alpha in WISE_SEARCH:
+        table[f"simclr-finetune-wise{alpha}"] = (
+            f"simclr tiny pretrained, LP-FT, WiSE-FT weights at {alpha} (recipe search)",
+            FinetuneLine(model="simclr", method="finetune", wise_ft=alpha),
+        )
     table["simclr-ensemble"] = (
         "3 x simclr tiny pretrained, fine-tuned, averaged (recipe search)",
         FinetuneLine(model="simclr", method="finetune", ensemble=3),
@@ -459,19 +468,22 @@ class Unit:
     fold: int = 0
     encoder: str | None = None
     seed: int = 0  # the fine-tuning job's
+    pretrain_seed: int = 0  # the encoder's pretraining job's
 
 
 def run_unit(unit: Unit, args: argparse.Namespace) -> dict:
     """Run ``unit`` here: the encoder's pretraining record, or the line's figures on its fold."""
     if unit.line is None:
-        return pretrained(unit.encoder, args.pretrain_epochs, args.work, args.pretrain_seed)
-    return lines()[unit.line][1](unit.fold, argparse.Namespace(**{**vars(args), "seed": unit.seed}))
+        return pretrained(unit.encoder, args.pretrain_epochs, args.work, unit.pretrain_seed)
+    given = {**vars(args), "seed": unit.seed, "pretrain_seed": unit.pretrain_seed}
+    return lines()[unit.line][1](unit.fold, argparse.Namespace(**given))
 
 
 def report(unit: Unit, r: dict) -> None:
     """Print a line's figures on one fold as they come."""
     val, crossfit = (r.get(k) or float("nan") for k in ("val_macro_auroc", "crossfit_val_macro_auroc"))
     seed = f" seed {unit.seed}" if unit.seed else ""
+    seed += f" pretraining seed {unit.pretrain_seed}" if unit.pretrain_seed else ""
     print(
         f"  fold {unit.fold} {unit.line}{seed}: test {r['macro_auroc']:.3f}, val {val:.3f}, val cross-fit "
         f"{crossfit:.3f} ({r['seconds']:.0f} s)",
@@ -486,8 +498,9 @@ def _start_process(args: argparse.Namespace) -> None:
 
 
 def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Every chosen line on every fold at every fine-tuning seed (``args.seeds``); each line's results in
-    fold order, each fold's the mean over the seeds (``averaged_over_seeds``).
+    """Every chosen line on every fold at every fine-tuning seed (``args.seeds``) and, for a line that starts
+    from a pretrained encoder, every pretraining seed (``args.pretrain_seeds``: one encoder each); each
+    line's results in fold order, each fold's the mean over its runs (``averaged_over_seeds``).
 
     ``--processes 1``: one unit after the other in this process, fold after fold (an interrupted run has
     every line on the same folds). More: that many processes of ``--threads`` torch threads each take the
@@ -497,30 +510,39 @@ def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> di
     available = lines()
     encoder_of = {name: getattr(available[name][1], "encoder", None) for name in chosen}  # (clinical: none)
     encoders = dict.fromkeys(e for e in encoder_of.values() if e)
-    units = [Unit(None, encoder=e) for e in encoders]
-    units += [Unit(name, f, encoder_of[name], s) for s in args.seeds for f in folds for name in chosen]
-    results: dict[str, dict[tuple[int, int], dict]] = {name: {} for name in chosen}  # (seed, fold) ->
+    units = [Unit(None, encoder=e, pretrain_seed=p) for e in encoders for p in args.pretrain_seeds]
+    pretrained_first = len(units)
+    units += [
+        Unit(name, f, encoder_of[name], s, p)
+        for p in args.pretrain_seeds
+        for s in args.seeds
+        for f in folds
+        for name in chosen
+        if encoder_of[name] or p == args.pretrain_seeds[0]  # (a line without an encoder runs once)
+    ]
+    # (pretraining seed, seed, fold) -> figures
+    results: dict[str, dict[tuple[int, int, int], dict]] = {name: {} for name in chosen}
 
     def by_fold() -> dict[str, list[dict]]:
         return {
-            name: [averaged_over_seeds([results[name][s, f] for s in args.seeds]) for f in folds]
-            for name in chosen
+            name: [averaged_over_seeds([r for k, r in sorted(runs.items()) if k[2] == f]) for f in folds]
+            for name, runs in results.items()
         }
 
     if args.processes == 1:
-        for unit in units[len(encoders) :]:  # (an encoder is pretrained by its first line)
-            results[unit.line][unit.seed, unit.fold] = r = run_unit(unit, args)
+        for unit in units[pretrained_first:]:  # (an encoder is pretrained by its first line)
+            results[unit.line][unit.pretrain_seed, unit.seed, unit.fold] = r = run_unit(unit, args)
             report(unit, r)
         return by_fold()
 
-    made: set[str] = set()
+    made: set[tuple[str, int]] = set()  # (encoder, pretraining seed)
     retry_at: dict[Unit, float] = {}
     running: dict[Future, Unit] = {}
     spawn = multiprocessing.get_context("spawn")  # (not fork: the parent has torch's threads)
     with ProcessPoolExecutor(args.processes, spawn, initializer=_start_process, initargs=(args,)) as pool:
         while units or running:
             now = time.monotonic()
-            ready = [u for u in units if u.line is None or u.encoder in made | {None}]
+            ready = [u for u in units if u.line is None or (u.encoder, u.pretrain_seed) in made | {(None, 0)}]
             for unit in [u for u in ready if retry_at.get(u, 0) <= now][: args.processes - len(running)]:
                 units.remove(unit)
                 running[pool.submit(run_unit, unit, args)] = unit
@@ -534,16 +556,25 @@ def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> di
                     retry_at[unit] = time.monotonic() + 5
                     continue
                 if unit.line is None:
-                    made.add(unit.encoder)
+                    made.add((unit.encoder, unit.pretrain_seed))
                 else:
-                    results[unit.line][unit.seed, unit.fold] = r
+                    results[unit.line][unit.pretrain_seed, unit.seed, unit.fold] = r
                     report(unit, r)
     return by_fold()
 
 
+def pretraining_seeds(seeds: list[int]) -> str:
+    """The command line's note of the pretraining seeds ("" for the default, 0)."""
+    if seeds == [0]:
+        return ""
+    if len(seeds) == 1:
+        return f", pretraining seed {seeds[0]}"
+    return f", pretraining seeds {seeds} (each fold of a pretrained line their mean)"
+
+
 def averaged_over_seeds(runs: list[dict]) -> dict:
-    """One line's figures on one fold at several fine-tuning seeds as one: the mean of each figure (a
-    figure missing at any seed stays missing), the seconds of them all."""
+    """One line's figures on one fold at several seeds (fine-tuning, pretraining) as one: the mean of each
+    figure (a figure missing at any seed stays missing), the seconds of them all."""
     if len(runs) == 1:
         return runs[0]
 
@@ -689,9 +720,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--pretrain-seed",
-        type=int,
-        default=0,
-        help="the pretraining jobs' seed (default 0, as the jobs): another seed, another pretraining run",
+        default="0",
+        help="the pretraining jobs' seed (default 0, as the jobs): another seed, another pretraining run; "
+        "or several (0,1,2): each encoder pretrained at each, and each fold of a line that starts from one "
+        "reads the mean over them",
     )
     parser.add_argument("--out", help="write the Markdown table here (e.g. reports/benchmark.md)")
     parser.add_argument(
@@ -702,10 +734,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     folds = [1, 2, 3] if args.quick else [int(f) for f in args.folds.split(",")]
-    try:
-        args.seeds = [int(s) for s in args.seed.split(",")]
-    except ValueError:
-        raise SystemExit(f"--seed {args.seed}: a seed or comma-separated seeds, e.g. 0 or 0,1,2") from None
+    for option in ("seed", "pretrain_seed"):
+        given = getattr(args, option)
+        try:
+            setattr(args, f"{option}s", [int(s) for s in given.split(",")])
+        except ValueError:
+            flag = "--" + option.replace("_", "-")
+            raise SystemExit(f"{flag} {given}: a seed or comma-separated seeds, e.g. 0 or 0,1,2") from None
     if args.quick and args.pretrain_epochs is None:
         args.pretrain_epochs = 10
     args.work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="ecgssl-benchmark-"))
@@ -743,7 +778,7 @@ def main() -> None:
         f"Command: `.venv/bin/python reports/benchmark.py {' '.join(sys.argv[1:])}`; {machine}; "
         f"{minutes:.1f} min this run (cached lines not re-run); folds {folds}, "
         f"{f'seed {args.seeds[0]}' if len(args.seeds) == 1 else f'seeds {args.seeds} (each fold their mean)'}"
-        f"{f', pretraining seed {args.pretrain_seed}' if args.pretrain_seed else ''}."
+        f"{pretraining_seeds(args.pretrain_seeds)}."
     )
     if args.merge and args.out and Path(args.out).is_file():
         text = merged_table(Path(args.out).read_text(), command, rows)

@@ -144,7 +144,7 @@ def test_several_seeds_run_each_line_at_each_and_each_fold_reads_their_mean(monk
     monkeypatch.setattr(
         benchmark, "lines", lambda: {"a": ("line a", line("a", True)), "b": ("line b", line("b", False))}
     )
-    args = argparse.Namespace(seeds=[0, 1], seed="0,1", processes=1)
+    args = argparse.Namespace(seeds=[0, 1], seed="0,1", pretrain_seeds=[0], processes=1)
     runs = benchmark.run_all(["a", "b"], [3, 4], args)
 
     assert sorted(ran) == sorted((n, f, s) for n in "ab" for f in (3, 4) for s in (0, 1))
@@ -156,8 +156,45 @@ def test_several_seeds_run_each_line_at_each_and_each_fold_reads_their_mean(monk
     assert runs["a"][1]["macro_auroc"] == pytest.approx(0.85)  # fold 4
     assert runs["b"][0]["crossfit_val_macro_auroc"] is None  # missing at seed 1
 
-    one = benchmark.run_all(["a"], [3], argparse.Namespace(seeds=[1], seed="1", processes=1))
+    one = benchmark.run_all(
+        ["a"], [3], argparse.Namespace(seeds=[1], seed="1", pretrain_seeds=[0], processes=1)
+    )
     assert one["a"][0]["macro_auroc"] == pytest.approx(0.85) and one["a"][0]["recipe"] == {"seed": 1}
+
+
+def test_several_pretraining_seeds_average_a_pretrained_line_and_run_a_line_from_scratch_once(
+    monkeypatch,
+) -> None:
+    """``--pretrain-seed 0,2``: a line that starts from a pretrained encoder runs on every fold from the
+    encoder of each pretraining seed and reads their mean; a line without one runs once per fold."""
+    ran: list[tuple[str, int, int]] = []
+
+    class Line:
+        def __init__(self, name: str, encoder: str | None):
+            self.name, self.encoder = name, encoder
+
+        def __call__(self, fold: int, args: argparse.Namespace) -> dict:
+            ran.append((self.name, fold, args.pretrain_seed))
+            score = 0.8 + 0.01 * fold + 0.01 * args.pretrain_seed
+            return {"macro_auroc": score, "per_class": dict.fromkeys(CLASSES, score), "seconds": 1.0}
+
+    table = {
+        "pretrained": ("from an encoder", Line("pretrained", "simclr")),
+        "scratch": ("", Line("scratch", None)),
+    }
+    monkeypatch.setattr(benchmark, "lines", lambda: table)
+    args = argparse.Namespace(seeds=[0], seed="0", pretrain_seeds=[0, 2], processes=1)
+    runs = benchmark.run_all(["pretrained", "scratch"], [3, 4], args)
+
+    assert sorted(ran) == sorted(
+        [("pretrained", f, p) for f in (3, 4) for p in (0, 2)] + [("scratch", 3, 0), ("scratch", 4, 0)]
+    )
+    assert [r["macro_auroc"] for r in runs["pretrained"]] == pytest.approx([0.84, 0.85])  # (0.83 + 0.85) / 2
+    assert [r["macro_auroc"] for r in runs["scratch"]] == pytest.approx([0.83, 0.84])
+    assert runs["pretrained"][0]["seconds"] == 2.0
+    assert benchmark.pretraining_seeds(
+        [0]
+    ) == "" and "pretraining seeds [0, 2]" in benchmark.pretraining_seeds([0, 2])
 
 
 def test_a_seed_that_is_not_a_number_is_refused_naming_what_was_expected() -> None:
@@ -168,6 +205,13 @@ def test_a_seed_that_is_not_a_number_is_refused_naming_what_was_expected() -> No
         text=True,
     )
     assert done.returncode != 0 and "--seed 0,x: a seed or comma-separated seeds" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "reports/benchmark.py", "--lines", "clinical", "--pretrain-seed", "1,,2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "--pretrain-seed 1,,2: a seed or comma-separated seeds" in done.stderr
 
 
 def test_a_cached_job_runs_again_when_the_recipe_its_parameters_resolve_to_has_changed(
