@@ -192,26 +192,19 @@ def test_several_pretraining_seeds_average_a_pretrained_line_and_run_a_line_from
     assert [r["macro_auroc"] for r in runs["pretrained"]] == pytest.approx([0.84, 0.85])  # (0.83 + 0.85) / 2
     assert [r["macro_auroc"] for r in runs["scratch"]] == pytest.approx([0.83, 0.84])
     assert runs["pretrained"][0]["seconds"] == 2.0
-    assert benchmark.pretraining_seeds(
-        [0]
-    ) == "" and "pretraining seeds [0, 2]" in benchmark.pretraining_seeds([0, 2])
+    assert benchmark.pretraining_seeds([0]) == ""
+    assert "pretraining seeds [0, 2]" in benchmark.pretraining_seeds([0, 2])
 
 
-def test_a_seed_that_is_not_a_number_is_refused_naming_what_was_expected() -> None:
+@pytest.mark.parametrize(("flag", "given"), [("--seed", "0,x"), ("--pretrain-seed", "1,,2")])
+def test_a_seed_that_is_not_a_number_is_refused_naming_what_was_expected(flag: str, given: str) -> None:
     done = subprocess.run(
-        [sys.executable, "reports/benchmark.py", "--lines", "clinical", "--seed", "0,x"],
+        [sys.executable, "reports/benchmark.py", "--lines", "clinical", flag, given],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    assert done.returncode != 0 and "--seed 0,x: a seed or comma-separated seeds" in done.stderr
-    done = subprocess.run(
-        [sys.executable, "reports/benchmark.py", "--lines", "clinical", "--pretrain-seed", "1,,2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode != 0 and "--pretrain-seed 1,,2: a seed or comma-separated seeds" in done.stderr
+    assert done.returncode != 0 and f"{flag} {given}: a seed or comma-separated seeds" in done.stderr
 
 
 def test_a_cached_job_runs_again_when_the_recipe_its_parameters_resolve_to_has_changed(
