@@ -121,7 +121,7 @@ def test_the_interpolation_lerps_from_the_start_and_is_only_lent_to_the_model() 
 
 def test_a_finetune_with_wise_ft_serves_the_interpolation_from_the_pretrained_one(client: TestClient) -> None:
     """One epoch, so the kept epoch is the loop's last: the served encoder is exactly halfway between the
-    pretrained one and the trained one, and LP-FT ran first although the job did not ask for it."""
+    pretrained one (with the probe's head: LP-FT ran first) and the trained one."""
     pretrain = {"dataset": "ptbxl-500", "method": "simclr", "model_size": "tiny", "epochs": 1,
                 "batch_size": 16, "record_limit": 40, "model_name": f"w-{uuid.uuid4().hex[:6]}"}  # fmt: skip
     base = finished(client, post_job(client, "pretrain", pretrain))["model_version"]
@@ -167,9 +167,11 @@ def test_a_bad_wise_ft_is_a_422_naming_it(client: TestClient, body: dict, expect
     assert expected in response.text
 
 
-def test_wise_ft_gives_way_to_a_moving_average_the_job_asks_for_when_it_is_only_the_default() -> None:
+def test_wise_ft_implies_lp_ft_where_the_familys_recipe_runs_without_it() -> None:
     from services.jobs.params import FinetuneParams
 
-    asked = FinetuneParams(model="m@1", dataset="x", method="finetune", ema_decay=0.9, probe_first=False)
-    recipe = asked.recipe("resnet1d", "tiny")
-    assert (recipe["ema_decay"], recipe["probe_first"]) == (0.9, False) and recipe["wise_ft"] == 1.0
+    def recipe(**given: float) -> dict:
+        return FinetuneParams(model="m@1", dataset="x", method="finetune", **given).recipe("st_mem", "tiny")
+
+    assert (recipe()["probe_first"], recipe()["wise_ft"]) == (False, 1.0)  # ST-MEM fine-tunes without LP-FT
+    assert recipe(wise_ft=0.5)["probe_first"] is True

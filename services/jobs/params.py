@@ -545,11 +545,8 @@ class FinetuneParams(DownstreamCommon, TrainingParams):
             }
         given = {k: getattr(self, k) for k in defaults if getattr(self, k) is not None}
         recipe = {**defaults, **given, "batch_size": batch}
-        if recipe["wise_ft"] < 1:  # (a default WiSE-FT gives way to a moving average the job asks for)
-            if recipe["ema_decay"] and self.wise_ft is None:
-                recipe["wise_ft"] = 1.0
-            else:  # its start is LP-FT's first stage
-                recipe["probe_first"] = True
+        if recipe["wise_ft"] < 1:  # WiSE-FT's start is LP-FT's first stage
+            recipe["probe_first"] = True
         return recipe
 
     def registry_name(self, base_name: str) -> str:
