@@ -536,13 +536,18 @@ def run_all(chosen: list[str], folds: list[int], args: argparse.Namespace) -> di
         return by_fold()
 
     made: set[tuple[str, int]] = set()  # (encoder, pretraining seed)
+
+    def can_start(unit: Unit) -> bool:
+        """An encoder's pretraining, or a line whose encoder (if it has one) is made at its seed."""
+        return unit.line is None or unit.encoder is None or (unit.encoder, unit.pretrain_seed) in made
+
     retry_at: dict[Unit, float] = {}
     running: dict[Future, Unit] = {}
     spawn = multiprocessing.get_context("spawn")  # (not fork: the parent has torch's threads)
     with ProcessPoolExecutor(args.processes, spawn, initializer=_start_process, initargs=(args,)) as pool:
         while units or running:
             now = time.monotonic()
-            ready = [u for u in units if u.line is None or (u.encoder, u.pretrain_seed) in made | {(None, 0)}]
+            ready = [u for u in units if can_start(u)]
             for unit in [u for u in ready if retry_at.get(u, 0) <= now][: args.processes - len(running)]:
                 units.remove(unit)
                 running[pool.submit(run_unit, unit, args)] = unit

@@ -264,3 +264,15 @@ def test_the_clinical_line_runs_first_on_a_new_work_folder(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-2000:]
     kept = json.loads((tmp_path / "clinical-fold1.json").read_text())
     assert 0.55 < kept["macro_auroc"] < 1.0 and set(kept["per_class"]) == set(CLASSES)
+
+
+def test_a_line_without_an_encoder_runs_in_processes_whatever_the_pretraining_seeds(tmp_path: Path) -> None:
+    """With ``--pretrain-seed 1,2`` a line that needs no encoder (clinical) starts in the process pool at
+    once: it waits for no pretraining (it waited forever for a seed-0 encoder before)."""
+    done = subprocess.run(
+        [sys.executable, "reports/benchmark.py", "--lines", "clinical", "--folds", "1", "--processes", "2",
+         "--threads", "1", "--pretrain-seed", "1,2", "--work", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pretraining seeds [1, 2]" in done.stdout and (tmp_path / "clinical-fold1.json").is_file()
