@@ -83,7 +83,30 @@ class BestEpoch:
         return True
 
 
-class WeightAverage:
+class KeptWeights:
+    """Weights derived from a model's trained ones, which each epoch validates and the job keeps instead of
+    them (``average``: a full state dict); ``update`` runs after every step, ``description`` ends the job's
+    ``kept`` note."""
+
+    model: nn.Module
+    average: dict[str, torch.Tensor]
+    description: str
+
+    def update(self) -> None:
+        """Nothing to do after a step unless a subclass follows the steps."""
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the kept weights inside the block, its trained weights again after it."""
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
+
+
+class WeightAverage(KeptWeights):
     """An exponential moving average of a model's weights: after every step, each floating-point tensor of its
     state (parameters and BatchNorm's running statistics) moves to ``decay * average + (1 - decay) * value``;
     integer buffers (BatchNorm's step counter) are copied. ``swapped_in`` lends the average to the model.
@@ -94,6 +117,7 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         self.model, self.decay = model, decay
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.description = f"the weights' moving average (decay {decay:g})"
 
     @torch.no_grad()
     def update(self) -> None:
@@ -106,29 +130,17 @@ class WeightAverage:
             else:
                 average.copy_(value)
 
-    @contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """The model holds the average inside the block, its trained weights again after it."""
-        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self.average)
-        try:
-            yield
-        finally:
-            self.model.load_state_dict(trained)
 
-
-class WeightInterpolation:
+class WeightInterpolation(KeptWeights):
     """WiSE-FT (Wortsman et al. 2022): the weights ``(1 - alpha) * start + alpha * trained`` of each
     floating-point tensor of a model's state, where ``start`` is the state before fine-tuning (LP-FT: the
-    pretrained encoder with the probe's head); integer buffers are the trained ones. It stands where a
-    ``WeightAverage`` stands: ``swapped_in`` lends the interpolation to the model, ``average`` is it."""
+    pretrained encoder with the probe's head); integer buffers are the trained ones. Taken when it is asked
+    for (``average``), so nothing follows the steps."""
 
     def __init__(self, model: nn.Module, alpha: float):
         self.model, self.alpha = model, alpha
         self.start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def update(self) -> None:
-        """Nothing to do after a step: the interpolation is taken when it is asked for."""
+        self.description = f"WiSE-FT: {1 - alpha:g} x LP-FT's start + {alpha:g} x the fine-tuned weights"
 
     @property
     def average(self) -> dict[str, torch.Tensor]:
@@ -137,8 +149,6 @@ class WeightInterpolation:
             k: torch.lerp(self.start[k].to(v), v.detach(), self.alpha) if v.is_floating_point() else v.clone()
             for k, v in trained.items()
         }
-
-    swapped_in = WeightAverage.swapped_in
 
 
 class LayerDecayLoss(MultiLabelLoss):
@@ -152,7 +162,7 @@ class LayerDecayLoss(MultiLabelLoss):
         model: nn.Module,
         blocks: list[nn.Module],
         decay: float,
-        average: WeightAverage | WeightInterpolation | None = None,
+        average: KeptWeights | None = None,
     ):
         super().__init__(model)
         self.blocks, self.decay, self.average = blocks, decay, average

@@ -48,6 +48,7 @@ from services.jobs.downstream import (
     DOWNSTREAM_BETAS,
     BestEpoch,
     EpochLog,
+    KeptWeights,
     LayerDecayLoss,
     WeightAverage,
     WeightInterpolation,
@@ -325,7 +326,7 @@ def _finetune_one(
     blocks = FAMILIES[family].blocks(encoder)
     # what each epoch validates and the job keeps: the weights, their moving average, or WiSE-FT's
     # interpolation from LP-FT's start (the pretrained encoder with the probe's head, before any step)
-    average: WeightAverage | WeightInterpolation | None = None
+    average: KeptWeights | None = None
     if recipe["ema_decay"]:
         average = WeightAverage(model, recipe["ema_decay"])
     elif recipe["wise_ft"] < 1:
@@ -346,11 +347,8 @@ def _finetune_one(
         kept["kept"] = f"best validation epoch ({best.epoch} of {recipe['epochs']})"
     elif average is not None:
         model.load_state_dict(average.average)
-    if isinstance(average, WeightAverage):
-        kept["kept"] += f", the weights' moving average (decay {recipe['ema_decay']:g})"
-    elif average is not None:
-        a = average.alpha
-        kept["kept"] += f", WiSE-FT: {1 - a:g} x LP-FT's start + {a:g} x the fine-tuned weights"
+    if average is not None:
+        kept["kept"] += f", {average.description}"
     return model.cpu().eval(), log.history, kept, np.array(val_scores)
 
 
