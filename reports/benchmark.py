@@ -23,8 +23,9 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     <line>-probe40    random-<family> or <method>, the probe head trained 40 epochs (``PROBE_EPOCHS_SEARCH``)
     <method>-finetune the pretrained encoder fine-tuned with the family's default recipe
     best              the service's best default diagnosis recipe (see ``BEST``)
-    and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -lr3e-4,
-    -ld0.5, -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble, ensemble5-tiny, ensemble-base, and <line>-aug
+    and the recipe-search lines (``all`` runs them too): simclr-finetune-lr1e-2, -lr3e-3, -lr1e-3, -lr3e-4
+    (and simclr-base-finetune-lr<lr>), simclr-finetune-ld0.5, -ld0.7, -noprobe, -lpft-ld0.7, simclr-ensemble,
+    ensemble5-tiny, ensemble-base, and <line>-aug
     (supervised, supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training
     windows),
     supervised-, supervised-tiny-, ensemble-tiny- and simclr-finetune-ema<decay> (the weights' moving average
@@ -395,11 +396,12 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{method} {size} pretrained, fine-tuned (default recipe)",
             FinetuneLine(model=model, method="finetune"),
         )
-    for lr in ("1e-2", "3e-3", "1e-3", "3e-4"):
-        table[f"simclr-finetune-lr{lr}"] = (
-            f"simclr tiny pretrained, fine-tuned at lr {lr} (recipe search)",
-            FinetuneLine(model="simclr", method="finetune", learning_rate=float(lr)),
-        )
+    for _, size, name, model in (e for e in encoders if e[0] == "simclr"):  # each size's lr search
+        for lr in ("1e-2", "3e-3", "1e-3", "3e-4"):
+            table[f"{name}-finetune-lr{lr}"] = (
+                f"simclr {size} pretrained, fine-tuned at lr {lr} (recipe search)",
+                FinetuneLine(model=model, method="finetune", learning_rate=float(lr)),
+            )
     for decay in (0.5, 0.7):
         table[f"simclr-finetune-ld{decay}"] = (
             f"simclr tiny pretrained, fine-tuned with layer-wise lr decay {decay} (recipe search)",
