@@ -66,15 +66,18 @@ def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> Non
     assert {k: shown[k] for k in resolved} == pytest.approx(resolved)
     scratch = FinetuneParams(dataset="ptbxl-500", method="finetune", family="resnet1d")
     differs = {k for k, v in scratch.recipe("resnet1d", scratch.model_size).items() if v != resolved[k]}
-    assert differs == {"probe_first", "ema_decay"} and shown["probe_first"] is True  # LP-FT: pretrained only
+    assert differs == {"probe_first", "ema_decay", "learning_rate"} and shown["probe_first"] is True  # LP-FT
     assert (shown["ema_decay"], shown["scratch_ema_decay"]) == (0.0, 0.97)  # the average: from scratch only
-    # tiny: a pretrained encoder fine-tunes at a tenth of the from-scratch lr, both shown, both per batch
-    shown = size_of(listed, "resnet1d", "tiny")["finetune_recipe"]
-    tiny = {"dataset": "ptbxl-500", "method": "finetune", "batch_size": 32}
-    pretrained = FinetuneParams(**tiny, model="simclr@1").recipe("resnet1d", "tiny")
-    scratch = FinetuneParams(**tiny, family="resnet1d", model_size="tiny").recipe("resnet1d", "tiny")
-    assert (shown["learning_rate"], shown["scratch_learning_rate"], shown["batch_size"]) == (1e-3, 1e-2, 64)
-    assert (pretrained["learning_rate"], scratch["learning_rate"]) == pytest.approx((5e-4, 5e-3))
+    # both sizes: a pretrained encoder fine-tunes at a tenth of the from-scratch lr; both shown, per batch
+    for size in ("base", "tiny"):
+        shown = size_of(listed, "resnet1d", size)["finetune_recipe"]
+        given = {"dataset": "ptbxl-500", "method": "finetune", "batch_size": 32}
+        model = "simclr@1" if size == "tiny" else "simclr-base@1"
+        pretrained = FinetuneParams(**given, model=model).recipe("resnet1d", size)
+        scratch = FinetuneParams(**given, family="resnet1d", model_size=size).recipe("resnet1d", size)
+        lrs = (shown["learning_rate"], shown["scratch_learning_rate"], shown["batch_size"])
+        assert lrs == (1e-3, 1e-2, 64)
+        assert (pretrained["learning_rate"], scratch["learning_rate"]) == pytest.approx((5e-4, 5e-3))
 
 
 @pytest.mark.parametrize(("family", "size"), [("st_mem", "tiny"), ("ecg_jepa", "tiny"), ("resnet1d", "base")])

@@ -1,7 +1,7 @@
 """The 1-D ResNet family's spec without torch: its config and sizes, input and recipes
 (``services.models.resnet1d`` holds the model and SimCLR, and builds its ``FAMILY`` on this ``SPEC``)."""
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from services.ecg.preprocess import InputSpec
 from services.models.family import FamilySpec, FinetuneRecipe, PretrainRecipe
@@ -30,21 +30,31 @@ SIZES: dict[str, Resnet1dConfig] = {
 }
 
 _BENCHMARK = "reports/benchmark.py (validation folds of the 10-fold cross-validation)"
-# from a pretrained encoder, LP-FT (the probe first): of the recipes tried on SimCLR tiny (plain, LP-FT, layer
-# decay 0.7, both), the highest validation mean over two seeds (0.895 against 0.893 plain, 0.894 decay 0.7);
-# a network trained from scratch runs without it (FinetuneParams.recipe) and keeps the weights' moving
-# average at decay 0.97: cross-fit +0.013 on the base network (supervised-ema0.97), +0.010 on the tiny one,
-# +0.005 on three tiny ones over three seeds (0.9 read lower); from a pretrained SimCLR tiny encoder it moved
-# nothing (+0.001), so it stays off there
+# One recipe for both sizes, chosen on validation folds only (reports/benchmark.py, recipe search lines).
+# From a pretrained encoder: LP-FT (the probe first) at lr 1e-3. LP-FT had the highest validation mean on
+# SimCLR tiny over two seeds (0.895 against 0.893 plain, 0.894 layer decay 0.7); lr 1e-3 the highest
+# cross-fit validation mean (epoch chosen and read on different halves of the validation fold): tiny 0.867
+# against 0.862 at 3e-3 and 0.857 at 1e-2 (layer decay 0.7 at 1e-2: 0.856); base 0.873 against 0.864 and
+# 0.865 (reports/cnn_pretraining_runs.md). The weights' moving average moved a pretrained tiny fine-tune by
+# +0.001, so it stays off there.
+# From scratch (FinetuneParams.recipe): no LP-FT, lr 1e-2, batch 64, 30 epochs, weight decay 1e-2, no
+# augmentation, and the weights' moving average at decay 0.97 kept (cross-fit +0.013 on the base network,
+# +0.010 on the tiny one, +0.005 on three tiny ones over three seeds; 0.9 read lower). On tiny each of 60
+# epochs, weight decay 0.1, lr 3e-3 or 3e-2, batch 32 and RandAugment moved the cross-fit mean by -0.008 to
+# +0.003 (supervised-tiny-*, -aug lines).
 _FINETUNE = FinetuneRecipe(
-    1e-2, 64, 30, 1e-2, 9, 1.0, False, _BENCHMARK, probe_first=True, scratch_ema_decay=0.97
+    learning_rate=1e-3,
+    batch_size=64,
+    epochs=30,
+    weight_decay=1e-2,
+    warmup_epochs=9,
+    layer_decay=1.0,
+    augment=False,
+    evidence=_BENCHMARK,
+    probe_first=True,
+    scratch_learning_rate=1e-2,
+    scratch_ema_decay=0.97,
 )
-# tiny, from a pretrained encoder at lr 1e-3: the highest cross-fit validation mean (epoch chosen and read on
-# different halves of the validation fold) of LP-FT at 1e-2, 3e-3 and 1e-3, plain and layer decay 0.7 at 1e-2
-# (0.867 against 0.857, 0.862, 0.857, 0.856; reports/benchmark.md); from scratch it trains at 1e-2, batch
-# 64, 30 epochs, weight decay 1e-2, without augmentation: each of 60 epochs, weight decay 0.1, lr 3e-3 or
-# 3e-2, batch 32 and RandAugment moved the cross-fit mean by -0.008 to +0.003 (supervised-tiny-*, -aug lines)
-_FINETUNE_TINY = replace(_FINETUNE, learning_rate=1e-3, scratch_learning_rate=1e-2)
 
 SPEC = FamilySpec(
     name="resnet1d",
@@ -59,6 +69,6 @@ SPEC = FamilySpec(
         "tiny": PretrainRecipe(1e-3, 128, 150, 1e-2, 5, _BENCHMARK),
         "base": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
     },
-    finetune_recipes={"tiny": _FINETUNE_TINY, "base": _FINETUNE},
+    finetune_recipes={"tiny": _FINETUNE, "base": _FINETUNE},
     encoder_parameters={"tiny": 113_024, "base": 439_040},
 )
