@@ -396,7 +396,8 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{method} {size} pretrained, fine-tuned (default recipe)",
             FinetuneLine(model=model, method="finetune"),
         )
-    for _, size, name, model in (e for e in encoders if e[0] == "simclr"):  # each size's lr search
+    simclr_encoders = [(size, name, model) for method, size, name, model in encoders if method == "simclr"]
+    for size, name, model in simclr_encoders:  # each size's lr search
         for lr in ("1e-2", "3e-3", "1e-3", "3e-4"):
             table[f"{name}-finetune-lr{lr}"] = (
                 f"simclr {size} pretrained, fine-tuned at lr {lr} (recipe search)",

@@ -69,9 +69,9 @@ def test_finetune_recipe_is_what_a_finetuning_job_runs_with(listed: dict) -> Non
     assert differs == {"probe_first", "ema_decay", "learning_rate"} and shown["probe_first"] is True  # LP-FT
     assert (shown["ema_decay"], shown["scratch_ema_decay"]) == (0.0, 0.97)  # the average: from scratch only
     # both sizes: a pretrained encoder fine-tunes at a tenth of the from-scratch lr; both shown, per batch
+    given = {"dataset": "ptbxl-500", "method": "finetune", "batch_size": 32}
     for size in ("base", "tiny"):
         shown = size_of(listed, "resnet1d", size)["finetune_recipe"]
-        given = {"dataset": "ptbxl-500", "method": "finetune", "batch_size": 32}
         model = "simclr@1" if size == "tiny" else "simclr-base@1"
         pretrained = FinetuneParams(**given, model=model).recipe("resnet1d", size)
         scratch = FinetuneParams(**given, family="resnet1d", model_size=size).recipe("resnet1d", size)
