@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from services.datasets.npz import NpzDataset
 from services.datasets.ptbxl import PtbxlDataset
 from services.ecg import clinical
 from services.ecg.clinical import (
@@ -112,6 +113,22 @@ def test_ptb_diagnostic_1000_hz_15_channels(ptb_record: Path) -> None:
     at_250 = clinical_features(_at(recording, 250.0))
     assert at_250[F["heart_rate_bpm"]] == pytest.approx(features[F["heart_rate_bpm"]], abs=1.0)
     assert at_250[F["qrs_ms"]] == pytest.approx(features[F["qrs_ms"]], abs=10)
+
+
+def test_a_wave_neurokit2_cannot_match_to_beats_is_missing_not_an_error(data_dir: Path) -> None:
+    """Record 19688 of ptbxl-unlabelled (250 Hz, band-passed, z-scored): NeuroKit2 drops the first beat's P
+    onset (it would fall before the record starts), so its P onsets do not line up with the 13 beats. That
+    raised and failed any job that measured the record (a hybrid pretraining whose training set holds it)."""
+    dataset = NpzDataset(data_dir / "ptbxl-unlabelled" / "ptbxl_unlabelled_250hz.npz")
+    index = next(i for i in range(len(dataset)) if dataset.record_id(i) == "19688")
+    recording = dataset.recording(index)
+    beats = find_beats(recording.signal[STANDARD_LEADS.index("II")].astype(np.float64), recording.fs)
+    _, raw = clinical.nk.ecg_delineate(beats.clean, beats.peaks, sampling_rate=beats.fs, method="prominence")
+    assert len(raw["ECG_P_Onsets"]) != len(beats.peaks)  # the case this test is about
+    features = clinical_features(recording)
+    assert np.isnan(features[F["pr_ms"]])  # from the P onsets: not measured
+    assert 50 < features[F["heart_rate_bpm"]] < 120
+    assert 60 <= features[F["qrs_ms"]] <= 160 and np.isfinite(features[F["qt_ms"]])  # the other waves stand
 
 
 def _twelve(signal: np.ndarray, fs: float) -> Recording:

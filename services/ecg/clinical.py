@@ -166,11 +166,20 @@ def _lead(recording: Recording, name: str) -> np.ndarray | None:
 
 
 def _delineate(beats: Beats) -> dict[str, np.ndarray]:
-    """NeuroKit2 ``prominence`` delineation: wave name -> float sample index per beat (NaN = not found)."""
+    """NeuroKit2 ``prominence`` delineation: wave name -> float sample index per beat (NaN = not found).
+
+    A wave NeuroKit2 returns with fewer or more values than there are beats (it drops a P onset that would
+    fall before the record's start, shifting the rest) cannot be matched to its beats: it is not found."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, waves = nk.ecg_delineate(beats.clean, beats.peaks, sampling_rate=beats.fs, method="prominence")
-    return {key.removeprefix("ECG_"): np.asarray(value, dtype=np.float64) for key, value in waves.items()}
+    beat_count = len(beats.peaks)
+    return {
+        key.removeprefix("ECG_"): (
+            np.asarray(value, dtype=np.float64) if len(value) == beat_count else np.full(beat_count, np.nan)
+        )
+        for key, value in waves.items()
+    }
 
 
 def _qrs_bounds(recording: Recording, beats: Beats) -> tuple[np.ndarray, np.ndarray] | None:
