@@ -28,9 +28,9 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     ensemble5-tiny, ensemble-base, and <line>-aug
     (supervised, supervised-tiny, ensemble-tiny, simclr-finetune with ST-MEM's RandAugment on the training
     windows),
-    supervised-, supervised-tiny-, ensemble-tiny- and simclr-finetune-ema<decay> (the weights' moving average
-    kept, ``EMA_SEARCH``), simclr-finetune-wise<a> (WiSE-FT's interpolation kept, ``WISE_SEARCH``)
-    and supervised-tiny-<change> (``SCRATCH_SEARCH``)
+    supervised-, supervised-tiny-, ensemble-tiny-, simclr-finetune- and simclr-base-finetune-ema<decay> (the
+    weights' moving average kept, ``EMA_SEARCH``), simclr-finetune-wise<a> (WiSE-FT's interpolation kept,
+    ``WISE_SEARCH``) and supervised-tiny-<change> (``SCRATCH_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
@@ -440,7 +440,8 @@ def lines() -> dict[str, tuple[str, Callable]]:
         )
     # the kept weights an exponential moving average of the trained ones (the family's default from scratch
     # since it was searched here, so the tiny network's lines now repeat supervised-tiny and ensemble-tiny)
-    for name in ("supervised", "supervised-tiny", "ensemble-tiny", "simclr-finetune"):
+    simclr_finetunes = [f"{name}-finetune" for _, name, _ in simclr_encoders]
+    for name in ("supervised", "supervised-tiny", "ensemble-tiny", *simclr_finetunes):
         description, line = table[name]
         for decay in EMA_SEARCH:
             table[f"{name}-ema{decay}"] = (

@@ -96,6 +96,17 @@ def test_a_default_run_has_the_baselines_and_every_method_and_leaves_the_recipe_
     assert [name for name in every if "search" in every[name][0]]  # the searches exist, run by --lines all
 
 
+def test_each_simclr_size_has_the_moving_average_search_on_its_own_fine_tune() -> None:
+    from reports.benchmark import EMA_SEARCH, lines
+
+    every = lines()
+    for name in ("simclr-finetune", "simclr-base-finetune"):
+        for decay in EMA_SEARCH:
+            description, line = every[f"{name}-ema{decay}"]
+            assert line.fields == {**every[name][1].fields, "ema_decay": decay}, name
+            assert "search" in description
+
+
 def test_paired_differences_are_fold_by_fold_with_their_standard_error() -> None:
     def runs(test: list[float], crossfit: list[float | None]) -> list[dict]:
         return [
