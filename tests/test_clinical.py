@@ -120,7 +120,7 @@ def test_a_wave_neurokit2_cannot_match_to_beats_is_missing_not_an_error(data_dir
     onset (it would fall before the record starts), so its P onsets do not line up with the 13 beats. That
     raised and failed any job that measured the record (a hybrid pretraining whose training set holds it)."""
     dataset = NpzDataset(data_dir / "ptbxl-unlabelled" / "ptbxl_unlabelled_250hz.npz")
-    index = next(i for i in range(len(dataset)) if dataset.record_id(i) == "19688")
+    index = dataset.record_ids.index("19688")
     recording = dataset.recording(index)
     beats = find_beats(clinical._lead(recording, "II"), recording.fs)  # as clinical_features finds them
     _, raw = clinical.nk.ecg_delineate(beats.clean, beats.peaks, sampling_rate=beats.fs, method="prominence")
