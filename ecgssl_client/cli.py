@@ -227,9 +227,15 @@ def number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def listed(values: dict[str, Any]) -> str:
+    """'train_loss 1.032, val_loss 1.028': a metrics dict on one line."""
+    return ", ".join(f"{k} {number(v)}" for k, v in values.items())
+
+
 def follow_job(job_id: str) -> dict:
-    """Follow the job until it ends: a live bar (epoch, loss, ETA) on a terminal, one line per epoch and
-    phase otherwise. Ctrl-C stops following (the job goes on)."""
+    """Follow the job until it ends: a live bar (epoch, loss, ETA) on a terminal; otherwise a line per
+    status, epoch and phase as the poll sees them, and each finished epoch's metrics. Ctrl-C stops following
+    (the job goes on)."""
     state: dict = {}
     try:
         if console.is_terminal:
@@ -255,7 +261,7 @@ def follow_job(job_id: str) -> dict:
                         phase=escape(p["phase"] or ""),
                     )
         else:
-            said = None
+            said, epochs_shown = None, 0
             for state in client().follow(job_id):
                 p = state["progress"]
                 line = f"{state['status']}: epoch {p['epoch']}/{p['epochs']}"
@@ -267,6 +273,12 @@ def follow_job(job_id: str) -> dict:
                 if key != said:
                     said = key
                     console.print(line, highlight=False)
+                # every finished epoch once, from the job's metrics: a poll can miss an epoch shorter than its
+                # interval, the metrics cannot
+                for m in state["metrics"][epochs_shown:]:
+                    done = f"epoch {m['epoch']}/{p['epochs']} done: {listed(m['values'])}"
+                    console.print(done, highlight=False)
+                epochs_shown = max(epochs_shown, len(state["metrics"]))
     except KeyboardInterrupt:
         err.print(f"stopped following; the job goes on: ecgssl job {job_id[:8]}, ecgssl cancel {job_id[:8]}")
         raise SystemExit(130) from None
@@ -333,12 +345,9 @@ def show_summary(state: dict) -> None:
             pass
     if state.get("metrics"):
         last = state["metrics"][-1]
-        values = ", ".join(f"{k} {number(v)}" for k, v in last["values"].items())
-        console.print(f"epoch {last['epoch']}: {values}", highlight=False)
+        console.print(f"epoch {last['epoch']}: {listed(last['values'])}", highlight=False)
     for section, figures in headline(state.get("result")).items():
-        console.print(
-            f"{section or 'result'}: " + ", ".join(f"{k} {number(v)}" for k, v in figures), highlight=False
-        )
+        console.print(f"{section or 'result'}: {listed(dict(figures))}", highlight=False)
     if state.get("artifacts"):
         console.print(f"artifacts: {', '.join(state['artifacts'])}", highlight=False)
 

@@ -81,13 +81,18 @@ def test_pretrain_follow_prints_progress_then_the_summary(pretrained: tuple) -> 
     assert job["status"] == "succeeded" and job["model_version"] == f"{MODEL}@1"
     assert job["params"]["record_limit"] == 32 and job["params"]["batch_size"] == 8
     lines = run.stdout.splitlines()
-    # progress (not a terminal: one line per epoch and phase), with the loss and ETA once training runs (the
-    # epoch the poll first sees mid-training depends on the machine's speed)
+    # progress (not a terminal: a line per status, epoch and phase the poll sees), with the loss and ETA once
+    # training runs (the epoch the poll first sees mid-training depends on the machine's speed)
     assert any(
         line.startswith("running: epoch ") and ", step" in line and "loss" in line and "ETA" in line
         for line in lines
     ), run.stdout
-    assert any(line.startswith("running: epoch 2/2") for line in lines)
+    # and every finished epoch once, in order, with its metrics, however short the epoch was against the poll
+    done = [line for line in lines if " done: " in line]
+    assert [line.split(" done: ")[0] for line in done] == ["epoch 1/2", "epoch 2/2"], run.stdout
+    for line, epoch in zip(done, job["metrics"], strict=True):
+        assert f"train_loss {epoch['values']['train_loss']:.4g}" in line
+        assert f"val_loss {epoch['values']['val_loss']:.4g}" in line
     assert f"succeeded: pretrain job {job['id']}" in run.stdout
     assert f"model version: {MODEL}@1" in lines
     summary = next(line for line in lines if line.startswith("epoch 2: "))
