@@ -88,7 +88,7 @@ def test_pretrain_follow_prints_progress_then_the_summary(pretrained: tuple) -> 
         for line in lines
     ), run.stdout
     # and every finished epoch once, in order, with its metrics, however short the epoch was against the poll
-    done = [line for line in lines if " done: " in line]
+    done = [line for line in lines if line.startswith("epoch ") and " done: " in line]
     assert [line.split(" done: ")[0] for line in done] == ["epoch 1/2", "epoch 2/2"], run.stdout
     for line, epoch in zip(done, job["metrics"], strict=True):
         assert f"train_loss {epoch['values']['train_loss']:.4g}" in line
