@@ -273,12 +273,13 @@ def follow_job(job_id: str) -> dict:
                 if key != said:
                     said = key
                     console.print(line, highlight=False)
-                # every finished epoch once, from the job's metrics: a poll can miss an epoch shorter than its
-                # interval, the metrics cannot
+                # every finished epoch as the job records it: a poll can miss an epoch shorter than its
+                # interval, the metrics cannot (a job resumed from a checkpoint drops the later epochs' rows,
+                # so their re-runs print again)
                 for m in state["metrics"][epochs_shown:]:
                     done = f"epoch {m['epoch']}/{p['epochs']} done: {listed(m['values'])}"
                     console.print(done, highlight=False)
-                epochs_shown = max(epochs_shown, len(state["metrics"]))
+                epochs_shown = len(state["metrics"])
     except KeyboardInterrupt:
         err.print(f"stopped following; the job goes on: ecgssl job {job_id[:8]}, ecgssl cancel {job_id[:8]}")
         raise SystemExit(130) from None
