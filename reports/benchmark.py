@@ -30,7 +30,8 @@ baselines, every method's probe, kNN and fine-tune at its default size, and ``be
     windows),
     supervised-, supervised-tiny-, ensemble-tiny-, simclr-finetune- and simclr-base-finetune-ema<decay> (the
     weights' moving average kept, ``EMA_SEARCH``), simclr-finetune-wise<a> (WiSE-FT's interpolation kept,
-    ``WISE_SEARCH``) and supervised-tiny-<change> (``SCRATCH_SEARCH``)
+    ``WISE_SEARCH``), supervised-tiny-<change> (``SCRATCH_SEARCH``) and simclr-finetune-<change>
+    (``PRETRAINED_SEARCH``)
 
 It prints, per line, the mean and standard deviation over the test folds of the macro AUROC (and the
 validation folds' means: at the kept epoch, and for fine-tuning lines the cross-fit figure, which is the one
@@ -333,6 +334,12 @@ SCRATCH_SEARCH = {
     "bs32": ("batch 32 (lr 5e-3)", {"batch_size": 32}),
 }
 
+# changes to the pretrained tiny CNN's fine-tuning recipe, searched the same way: "simclr-finetune-<key>"
+PRETRAINED_SEARCH = {
+    "ep60": ("60 epochs", {"epochs": 60}),
+    "bs32": ("batch 32 (lr 5e-4)", {"batch_size": 32}),
+}
+
 EMA_SEARCH = (0.9, 0.97)  # decays of the weights' moving average searched on the validation folds
 WISE_SEARCH = (0.5, 0.7)  # WiSE-FT's share of the fine-tuned weights, searched on the validation folds
 
@@ -437,6 +444,12 @@ def lines() -> dict[str, tuple[str, Callable]]:
         table[f"supervised-tiny-{suffix}"] = (
             f"1-D ResNet tiny from scratch, {change} (recipe search)",
             FinetuneLine(**table["supervised-tiny"][1].fields, **given),
+        )
+    # the pretrained tiny network's LP-FT (lr 1e-3, batch 64, 30 epochs), one change each
+    for suffix, (change, given) in PRETRAINED_SEARCH.items():
+        table[f"simclr-finetune-{suffix}"] = (
+            f"simclr tiny pretrained, fine-tuned, {change} (recipe search)",
+            FinetuneLine(**table["simclr-finetune"][1].fields, **given),
         )
     # the kept weights an exponential moving average of the trained ones (the family's default from scratch
     # since it was searched here, so the tiny network's lines now repeat supervised-tiny and ensemble-tiny)

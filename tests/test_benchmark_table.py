@@ -107,6 +107,19 @@ def test_each_simclr_size_has_the_moving_average_search_on_its_own_fine_tune() -
             assert "search" in description
 
 
+def test_each_searched_change_is_its_line_with_that_one_change() -> None:
+    from reports.benchmark import PRETRAINED_SEARCH, SCRATCH_SEARCH, lines
+
+    every = lines()
+    for base, search in (("supervised-tiny", SCRATCH_SEARCH), ("simclr-finetune", PRETRAINED_SEARCH)):
+        assert search, base
+        for suffix, (change, given) in search.items():
+            description, line = every[f"{base}-{suffix}"]
+            assert line.fields == {**every[base][1].fields, **given}, suffix
+            assert set(given) - set(every[base][1].fields) == set(given)  # a change, not a repeat
+            assert change in description and "search" in description
+
+
 def test_paired_differences_are_fold_by_fold_with_their_standard_error() -> None:
     def runs(test: list[float], crossfit: list[float | None]) -> list[dict]:
         return [

@@ -36,7 +36,8 @@ _BENCHMARK = "reports/benchmark.py (validation folds of the 10-fold cross-valida
 # cross-fit validation mean (epoch chosen and read on different halves of the validation fold): tiny 0.867
 # against 0.862 at 3e-3 and 0.857 at 1e-2 (layer decay 0.7 at 1e-2: 0.856); base 0.873 against 0.864 and
 # 0.865 (reports/cnn_pretraining_runs.md). The weights' moving average moved a pretrained tiny fine-tune by
-# +0.001, so it stays off there.
+# +0.001, so it stays off there; 60 epochs or batch 32 moved its cross-fit mean by -0.001 each
+# (simclr-finetune-ep60, -bs32).
 # From scratch (FinetuneParams.recipe): no LP-FT, lr 1e-2, batch 64, 30 epochs, weight decay 1e-2, no
 # augmentation, and the weights' moving average at decay 0.97 kept (cross-fit +0.013 on the base network,
 # +0.010 on the tiny one, +0.005 on three tiny ones over three seeds; 0.9 read lower). On tiny each of 60
@@ -65,7 +66,8 @@ SPEC = FamilySpec(
     input_spec=lambda cfg: INPUT_SPEC,
     pretrain_recipes={
         # 150 epochs (7 min on 2 cores) over 50: validation probe 0.861 against 0.856, fine-tune 0.894 / 0.892
-        # (400 epochs: 0.859 / 0.891 against 0.866 / 0.898 for 150 with a seeded probe head, so 150 stays)
+        # (400 epochs: 0.859 / 0.891 against 0.866 / 0.898 for 150 with a seeded probe head, so 150 stays;
+        # with lead masking, 300 epochs: validation probe -0.005, fine-tune cross-fit -0.002)
         "tiny": PretrainRecipe(1e-3, 128, 150, 1e-2, 5, _BENCHMARK),
         "base": PretrainRecipe(1e-3, 128, 100, 1e-2, 5, _BENCHMARK),
     },
