@@ -116,7 +116,7 @@ def test_each_searched_change_is_its_line_with_that_one_change() -> None:
         for suffix, (change, given) in search.items():
             description, line = every[f"{base}-{suffix}"]
             assert line.fields == {**every[base][1].fields, **given}, suffix
-            assert set(given) - set(every[base][1].fields) == set(given)  # a change, not a repeat
+            assert not set(given) & set(every[base][1].fields)  # a change, not a repeat
             assert change in description and "search" in description
 
 
