@@ -219,6 +219,27 @@ def test_lr_applied_per_step(signals: np.ndarray, tmp_path: Path):
         assert lr == pytest.approx(lr_at(step - 1, steps, warmup, 2e-3, 1e-4))
 
 
+def test_progress_reports_the_first_step_and_each_epochs_last_step_whatever_the_interval(
+    signals: np.ndarray, tmp_path: Path
+):
+    """Epochs far shorter than the report interval (a tiny job) still end on their own step and loss, so a
+    job's progress never shows epoch 2 done with a step and loss of epoch 1."""
+    cfg = _config(epochs=3)
+    seen: list[tuple[int, int, float]] = []
+    result = train(
+        MaeLoss(),
+        _crops(signals),
+        cfg,
+        CPU,
+        tmp_path / "c.pt",
+        on_progress=lambda p: seen.append((p.epoch, p.step, p.loss)),
+        progress_interval_s=3600.0,
+    )
+    assert [(e, s) for e, s, _ in seen] == [(1, 1), (1, 3), (2, 6), (3, 9)]  # 3 steps an epoch
+    assert all(math.isfinite(loss) for _, _, loss in seen)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
 # --------------------------------------------------------------------------------------------------
 # crops, precision, compile
 

@@ -359,7 +359,7 @@ def _train(
 
     step = (start_epoch - 1) * steps_per_epoch
     after_step = getattr(model, "after_step", None)  # see the module docstring
-    last_report = 0.0
+    last_report = -math.inf  # the first step reports
     lr = lr_at(step, total_steps, warmup_steps, cfg.learning_rate, cfg.min_lr)
     run_started, run_start_step = time.perf_counter(), step
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -387,7 +387,9 @@ def _train(
             seen += len(batch) * ctx.world_size
             losses.append(value)
             now = time.perf_counter()
-            due = now - last_report >= progress_interval_s or step == total_steps
+            # at most every progress_interval_s, and at each epoch's last step: an epoch shorter than the
+            # interval still ends on its own step and loss, as its metrics arrive
+            due = now - last_report >= progress_interval_s or step % steps_per_epoch == 0
             if on_progress is not None and ctx.is_main and due:
                 last_report = now
                 rate = (step - run_start_step) / max(now - run_started, 1e-9)
