@@ -439,18 +439,17 @@ def lines() -> dict[str, tuple[str, Callable]]:
             f"{description}, with RandAugment (recipe search)",
             FinetuneLine(**line.fields, augment=True),
         )
-    # the tiny network from scratch (lr 1e-2, batch 64, 30 epochs, weight decay 1e-2), one change each
-    for suffix, (change, given) in SCRATCH_SEARCH.items():
-        table[f"supervised-tiny-{suffix}"] = (
-            f"1-D ResNet tiny from scratch, {change} (recipe search)",
-            FinetuneLine(**table["supervised-tiny"][1].fields, **given),
-        )
-    # the pretrained tiny network's LP-FT (lr 1e-3, batch 64, 30 epochs), one change each
-    for suffix, (change, given) in PRETRAINED_SEARCH.items():
-        table[f"simclr-finetune-{suffix}"] = (
-            f"simclr tiny pretrained, fine-tuned, {change} (recipe search)",
-            FinetuneLine(**table["simclr-finetune"][1].fields, **given),
-        )
+    # one change each to the tiny network from scratch (lr 1e-2, batch 64, 30 epochs, weight decay 1e-2) and
+    # to the pretrained one's LP-FT (lr 1e-3, batch 64, 30 epochs)
+    for base, described, search in (
+        ("supervised-tiny", "1-D ResNet tiny from scratch", SCRATCH_SEARCH),
+        ("simclr-finetune", "simclr tiny pretrained, fine-tuned", PRETRAINED_SEARCH),
+    ):
+        for suffix, (change, given) in search.items():
+            table[f"{base}-{suffix}"] = (
+                f"{described}, {change} (recipe search)",
+                FinetuneLine(**table[base][1].fields, **given),
+            )
     # the kept weights an exponential moving average of the trained ones (the family's default from scratch
     # since it was searched here, so the tiny network's lines now repeat supervised-tiny and ensemble-tiny)
     simclr_finetunes = [f"{name}-finetune" for _, name, _ in simclr_encoders]
